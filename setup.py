@@ -1,0 +1,10 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="scalecrafter-ldm",
+    version="0.1.0",
+    description="Tuning-free higher-resolution image generation with pretrained latent diffusion models (ScaleCrafter and successors)",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    python_requires=">=3.9",
+    install_requires=[],  # see requirements.txt (torch pins are environment-specific)
+)

@@ -1,0 +1,35 @@
+"""Shared pytest fixtures.
+
+The numeric oracles and key/shape manifests computed with the original CompVis/Stability code live
+outside the repository, in ``../shared/reference`` (override with ``$LDM_REFERENCE_DIR``).
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    env = os.environ.get("LDM_REFERENCE_DIR")
+    path = Path(env) if env else REPO_ROOT.parent / "shared" / "reference"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"reference data not found at {path}; set LDM_REFERENCE_DIR to the folder holding "
+            "the oracles (oracle_unet_v2_tiny.pt, sd21_base_state_dict.json, ...)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def ref_dir() -> Path:
+    return reference_dir()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # two cores on CI; keep results independent of the thread count where it matters
+    torch.manual_seed(0)
+    yield
