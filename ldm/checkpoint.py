@@ -1,0 +1,179 @@
+"""Loading original Stable Diffusion checkpoints (``.ckpt`` and ``.safetensors``), offline and strictly.
+
+Errors say what is wrong and what to do: a missing file names where it comes from, a file that needs
+unsafe unpickling asks for an explicit opt-in, and a config/checkpoint mismatch names the config the
+file looks like it belongs to.
+"""
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from ldm.util import instantiate_from_config
+
+# where users get the original files (the file name is what shellscripts/ and the README expect)
+KNOWN_CHECKPOINTS = {
+    "v2-1_512-ema-pruned.ckpt": "Stable Diffusion 2.1-base (512), stabilityai/stable-diffusion-2-1-base on Hugging Face",
+    "v2-1_768-ema-pruned.ckpt": "Stable Diffusion 2.1 (768-v), stabilityai/stable-diffusion-2-1 on Hugging Face",
+    "v1-5-pruned-emaonly.ckpt": "Stable Diffusion 1.5, the v1-5 release (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 on Hugging Face)",
+    "v1-5-pruned-emaonly.safetensors": "Stable Diffusion 1.5, the v1-5 release (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 on Hugging Face)",
+    "sd_xl_base_1.0.safetensors": "SDXL base 1.0, stabilityai/stable-diffusion-xl-base-1.0 on Hugging Face",
+}
+
+FAMILY_CONFIGS = {
+    "sd1": ("SD 1.x", "configs/stable-diffusion/v1-inference.yaml"),
+    "sd2": ("SD 2.x", "configs/stable-diffusion/v2-inference.yaml (512 base) or "
+                      "configs/stable-diffusion/v2-inference-v.yaml (768-v)"),
+    "sdxl": ("SDXL base", "configs/stable-diffusion/sdxl-base-inference.yaml"),
+}
+
+# buffers derived from the config; files that omit them still load (they are recomputed)
+OPTIONAL_KEYS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "cond_stage_model.transformer.text_model.embeddings.position_ids", "denoiser.sigmas",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used as asked; the message says why and what to do."""
+
+
+def missing_checkpoint_message(path):
+    name = Path(path).name
+    where = KNOWN_CHECKPOINTS.get(name)
+    lines = [f"checkpoint not found: {path}"]
+    if where:
+        lines.append(f"'{name}' is {where}. Download it yourself and place it at {path} (see checkpoints/README.md).")
+    else:
+        known = ", ".join(sorted(KNOWN_CHECKPOINTS))
+        lines.append(f"Expected an original Stable Diffusion file such as one of: {known}; "
+                     "put it in checkpoints/ (see checkpoints/README.md) and pass its path with --ckpt.")
+    return "\n".join(lines)
+
+
+def load_state_dict_file(path, allow_unsafe=False, return_meta=False):
+    """Read a ``.ckpt``/``.pt``/``.pth`` (``weights_only``) or ``.safetensors`` file into a flat state dict."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(missing_checkpoint_message(path))
+    meta = {}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path, device="cpu")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if not allow_unsafe:
+                raise CheckpointError(
+                    f"{path} contains Python objects that torch refuses to load safely ({str(err).splitlines()[0]}). "
+                    "Loading it runs code from the file. If you trust its source, re-run with --unsafe_load "
+                    "(Python API: allow_unsafe=True); better, convert it once to .safetensors.") from None
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(obj, dict) and "state_dict" in obj:
+            meta = {k: obj[k] for k in ("global_step", "epoch") if k in obj}
+            sd = obj["state_dict"]
+        else:
+            sd = obj
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path} does not hold a state dict (found {type(sd).__name__})")
+    return (sd, meta) if return_meta else sd
+
+
+def identify_family(keys):
+    """Guess the model family from state-dict keys: 'sd1', 'sd2', 'sdxl', or None."""
+    keys = set(keys)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.transformer.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    return None
+
+
+def _model_family(model):
+    return identify_family(model.state_dict().keys())
+
+
+def check_state_dict(model, sd, ckpt_name="checkpoint", config_name="config"):
+    """Strict key/shape comparison with an actionable message; returns nothing or raises CheckpointError."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and k not in OPTIONAL_KEYS]
+    unexpected = [k for k in sd if k not in expected and k not in OPTIONAL_KEYS]
+    wrong_shape = [(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in expected
+                   if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or wrong_shape):
+        return
+    lines = [f"{ckpt_name} does not match {config_name}: {len(missing)} missing, {len(unexpected)} unexpected, "
+             f"{len(wrong_shape)} wrong-shape keys."]
+    if missing:
+        lines.append("  first missing: " + ", ".join(missing[:5]))
+    if unexpected:
+        lines.append("  first unexpected: " + ", ".join(unexpected[:5]))
+    for k, got, want in wrong_shape[:5]:
+        lines.append(f"  shape of {k}: file {list(got)}, config {list(want)}")
+    fam_file, fam_model = identify_family(sd.keys()), _model_family(model)
+    if fam_file and fam_file != fam_model:
+        name, cfg = FAMILY_CONFIGS[fam_file]
+        lines.append(f"The file looks like a {name} checkpoint: use {cfg}.")
+    elif fam_file:
+        lines.append(f"The file looks like a {FAMILY_CONFIGS[fam_file][0]} checkpoint but its layout differs "
+                     "from the config (a fine-tuned variant with other sizes?).")
+    else:
+        lines.append("The file does not look like a Stable Diffusion checkpoint of a known family.")
+    raise CheckpointError("\n".join(lines))
+
+
+def _swap_in_ema(sd):
+    """If the file carries EMA weights (full training checkpoints), sample with them, as the original does."""
+    ema = {k[len("model_ema."):]: v for k, v in sd.items() if k.startswith("model_ema.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
+    ema.pop("decay", None)
+    ema.pop("num_updates", None)
+    if not ema:
+        return sd, 0
+    n = 0
+    for k in list(sd):
+        if k.startswith("model.diffusion_model."):
+            ek = k[len("model."):].replace(".", "")
+            if ek in ema:
+                sd[k] = ema[ek]
+                n += 1
+    return sd, n
+
+
+def load_checkpoint_into(model, ckpt, strict=True, use_ema=True, allow_unsafe=False, config_name="config",
+                         ignore_keys=(), verbose=False):
+    """Load a checkpoint file into an already-built model; returns {'ema_tensors': n, 'global_step': ...}."""
+    sd, meta = load_state_dict_file(ckpt, allow_unsafe=allow_unsafe, return_meta=True)
+    if ignore_keys:
+        sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
+    if use_ema:
+        sd, n_ema = _swap_in_ema(sd)
+    else:
+        sd, n_ema = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}, 0
+    if strict:
+        check_state_dict(model, sd, ckpt_name=Path(str(ckpt)).name, config_name=config_name)
+    expected = model.state_dict()
+    sd = {k: v for k, v in sd.items() if k in expected}
+    model.load_state_dict(sd, strict=False)
+    if verbose:
+        print(f"Loaded {ckpt} ({len(sd)} tensors{', EMA weights' if n_ema else ''})")
+    return {"ema_tensors": n_ema, **meta}
+
+
+def load_model_from_config(config, ckpt=None, device="cpu", strict=True, use_ema=True, allow_unsafe=False,
+                           config_name="config", verbose=False):
+    """Build ``config.model`` and load ``ckpt`` into it; the model is returned in eval mode on ``device``."""
+    if ckpt is not None and not os.path.isfile(str(ckpt)):
+        raise CheckpointError(missing_checkpoint_message(ckpt))  # before spending time on construction
+    model_config = config.model if "model" in config else config
+    model = instantiate_from_config(model_config)
+    if ckpt is not None:
+        load_checkpoint_into(model, ckpt, strict=strict, use_ema=use_ema, allow_unsafe=allow_unsafe,
+                             config_name=config_name, verbose=verbose)
+    return model.to(device).eval()

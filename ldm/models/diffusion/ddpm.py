@@ -1,0 +1,237 @@
+"""``LatentDiffusion``: the Stable Diffusion model container (inference subset, plus the simple
+training loss the demo model needs).
+
+State-dict layout is the original's: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*``
+(VAE), ``cond_stage_model.*`` (text encoder) and the 12 DDPM schedule buffers at the root. Unlike the
+original this is a plain ``nn.Module``: inference does not need pytorch-lightning, and the training
+entry point (``main.py``) wraps it in a LightningModule.
+"""
+from contextlib import contextmanager
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import default, instantiate_from_config
+
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+
+
+def disabled_train(self, mode=True):
+    """Frozen submodules stay in eval mode whatever ``.train()`` says."""
+    return self
+
+
+class DiffusionWrapper(nn.Module):
+    """Routes the conditioning to the UNet the way ``conditioning_key`` says (``model.diffusion_model``)."""
+
+    def __init__(self, diff_model_config, conditioning_key):
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm"):
+            raise ValueError(f"unknown conditioning_key {conditioning_key!r}")
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat=None, c_crossattn=None, c_adm=None):
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key == "concat":
+            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t)
+        if key == "crossattn":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+        if key == "hybrid":
+            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1))
+        if key == "hybrid-adm":
+            return self.diffusion_model(torch.cat([x] + c_concat, dim=1), t, context=torch.cat(c_crossattn, 1),
+                                        y=c_adm)
+        if key == "crossattn-adm":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=c_adm)
+        return self.diffusion_model(x, t, y=c_adm[0] if isinstance(c_adm, list) else c_adm)
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, first_stage_config, cond_stage_config, unet_config, num_timesteps_cond=None,
+                 cond_stage_key="image", cond_stage_trainable=False, conditioning_key=None, scale_factor=1.0,
+                 scale_by_std=False, timesteps=1000, beta_schedule="linear", linear_start=1e-4, linear_end=2e-2,
+                 cosine_s=8e-3, given_betas=None, parameterization="eps", use_ema=True, v_posterior=0.0,
+                 image_size=256, channels=3, first_stage_key="image", log_every_t=100, monitor=None,
+                 ckpt_path=None, ignore_keys=(), loss_type="l2", cond_stage_forward=None, **ignored):
+        super().__init__()
+        if parameterization not in ("eps", "x0", "v"):
+            raise ValueError(f"parameterization must be eps, x0 or v, not {parameterization!r}")
+        self.parameterization = parameterization
+        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        self.cond_stage_key = cond_stage_key
+        self.first_stage_key = first_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
+        self.conditioning_key = conditioning_key
+        self.image_size = image_size
+        self.channels = channels
+        self.log_every_t = log_every_t
+        self.loss_type = loss_type
+        self.v_posterior = v_posterior
+        self.cond_stage_forward = cond_stage_forward
+        if monitor is not None:
+            self.monitor = monitor
+        self.use_ema = use_ema  # EMA weights in a checkpoint are applied by the loader (ldm.checkpoint)
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        self.first_stage_model = instantiate_from_config(first_stage_config)
+        self.first_stage_model.eval()
+        self.first_stage_model.train = partial(disabled_train, self.first_stage_model)
+        for p in self.first_stage_model.parameters():
+            p.requires_grad = False
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if self.cond_stage_model is not None and not cond_stage_trainable:
+            self.cond_stage_model.eval()
+            self.cond_stage_model.train = partial(disabled_train, self.cond_stage_model)
+            for p in self.cond_stage_model.parameters():
+                p.requires_grad = False
+        if ckpt_path is not None:
+            from ldm.checkpoint import load_checkpoint_into
+            load_checkpoint_into(self, ckpt_path, ignore_keys=ignore_keys)
+
+    # ------------------------------------------------------------------------------------------
+    # schedule
+
+    def register_schedule(self, given_betas=None, beta_schedule="linear", timesteps=1000, linear_start=1e-4,
+                          linear_end=2e-2, cosine_s=8e-3):
+        betas = np.asarray(given_betas, dtype=np.float64) if given_betas is not None else \
+            make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas, axis=0)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.num_timesteps = int(betas.shape[0])
+        self.linear_start, self.linear_end = linear_start, linear_end
+        to_torch = partial(torch.tensor, dtype=torch.float32)
+        v = self.v_posterior
+        posterior_variance = (1 - v) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) + v * betas
+        values = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+            "posterior_variance": posterior_variance,
+            # the variance is 0 at t=0, hence the clip before the log
+            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        }
+        for name in SCHEDULE_BUFFERS:
+            self.register_buffer(name, to_torch(values[name]))
+        # the original computes these weights from the float32 buffers
+        if self.parameterization == "eps":
+            lvlb = self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas) * (1 - self.alphas_cumprod))
+        elif self.parameterization == "x0":
+            lvlb = 0.5 * torch.sqrt(self.alphas_cumprod) / (2.0 * 1 - self.alphas_cumprod)
+        else:  # v: uniform weights
+            lvlb = torch.ones_like(self.betas)
+        lvlb = lvlb.clone()
+        lvlb[0] = lvlb[1]  # inf at t=0
+        self.register_buffer("lvlb_weights", lvlb, persistent=False)
+
+    # ------------------------------------------------------------------------------------------
+    # conversions between parameterizations
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+
+    def q_sample(self, x_start, t, noise=None):
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def get_v(self, x, noise, t):
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x.shape) * noise
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * x)
+
+    # ------------------------------------------------------------------------------------------
+    # first and conditioning stages
+
+    def get_learned_conditioning(self, c):
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
+            c = self.cond_stage_model.encode(c)
+            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+        return self.cond_stage_model(c)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z, **tiling):
+        """Latents -> images in [-1, 1]. ``tiling`` (tile_size, overlap, sync_gn) selects tiled decoding."""
+        z = z / self.scale_factor
+        if tiling and hasattr(self.first_stage_model, "decode_tiled"):
+            return self.first_stage_model.decode_tiled(z, **tiling)
+        if tiling:
+            raise ValueError(f"{type(self.first_stage_model).__name__} has no tiled decoding")
+        return self.first_stage_model.decode(z)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior, generator=None):
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample(generator=generator)
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise NotImplementedError(f"encoder_posterior of type '{type(encoder_posterior)}' not yet implemented")
+        return self.scale_factor * z
+
+    # ------------------------------------------------------------------------------------------
+    # denoiser
+
+    def apply_model(self, x_noisy, t, cond, return_ids=False):
+        if not isinstance(cond, dict):
+            if not isinstance(cond, list):
+                cond = [cond]
+            key = "c_concat" if self.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond}
+        return self.model(x_noisy, t, **cond)
+
+    def training_loss(self, x_start, cond, t=None, noise=None):
+        """The simple denoising loss (L2 on the model's target), averaged over the batch."""
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device).long()
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        x_noisy = self.q_sample(x_start, t, noise)
+        out = self.apply_model(x_noisy, t, cond)
+        target = {"eps": noise, "x0": x_start, "v": self.get_v(x_start, noise, t)}[self.parameterization]
+        if self.loss_type == "l1":
+            return (out - target).abs().mean()
+        return F.mse_loss(out, target)
+
+    @contextmanager
+    def ema_scope(self, context=None):
+        # EMA weights are swapped in at load time; kept for scripts written against the original API
+        yield

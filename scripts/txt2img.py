@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Text-to-image sampling with an original Stable Diffusion config and checkpoint (DDIM), at any size.
+
+    python scripts/txt2img.py --config configs/stable-diffusion/v2-inference.yaml \
+        --ckpt checkpoints/v2-1_512-ema-pruned.ckpt --prompt "A corgi on a beach chair" \
+        --H 1024 --W 1024 --seed 51 --ddim_eta 1 --scale 9 --steps 50
+
+Writes ``OUTDIR/samples/NNNNN.png`` (one per image, with the prompt, seed and settings in the PNG text
+metadata) and ``OUTDIR/grid-NNNN.png``. Numbering continues after existing files.
+"""
+import argparse
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ldm.checkpoint import CheckpointError, load_model_from_config  # noqa: E402
+from ldm.inference import (UsageError, check_size, chunk, make_grid, next_free_index, pick_device,  # noqa: E402
+                           read_prompt_file, save_png, seed_everything, to_pil)
+from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", type=str, nargs="?", default="a professional photograph of an astronaut riding a horse",
+                   help="the prompt to render")
+    p.add_argument("--from-file", type=str, help="a text file with one prompt per line (overrides --prompt)")
+    p.add_argument("--outdir", type=str, default="outputs/txt2img-samples", help="where to write results")
+    p.add_argument("--steps", type=int, default=50, help="number of DDIM sampling steps")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0: deterministic sampling)")
+    p.add_argument("--n_iter", type=int, default=1, help="how many times to sample each batch")
+    p.add_argument("--n_samples", type=int, default=1, help="batch size: images per prompt per iteration")
+    p.add_argument("--n_rows", type=int, default=0, help="images per row in the grid (default: n_samples)")
+    p.add_argument("--H", type=int, default=512, help="image height in pixels")
+    p.add_argument("--W", type=int, default=512, help="image width in pixels")
+    p.add_argument("--C", type=int, default=None, help="latent channels (default: from the config)")
+    p.add_argument("--f", type=int, default=None, help="downsampling factor (default: from the config, 8 for SD)")
+    p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--config", type=str, default="configs/stable-diffusion/v2-inference.yaml",
+                   help="the model's YAML config")
+    p.add_argument("--ckpt", type=str, required=False, help="the checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
+                   help="autocast: fp16/bf16 autocast on CUDA (CPU always runs in full precision)")
+    p.add_argument("--autocast_dtype", type=str, choices=["float16", "bfloat16"], default="float16",
+                   help="the autocast dtype on CUDA")
+    p.add_argument("--device", type=str, choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
+    p.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this many times")
+    p.add_argument("--negative_prompt", type=str, default="", help="the unconditional prompt for guidance")
+    p.add_argument("--skip_grid", action="store_true", help="do not write the grid image")
+    p.add_argument("--unsafe_load", action="store_true",
+                   help="allow checkpoints that need unsafe unpickling (only for files you trust)")
+    p.add_argument("--no_ema", action="store_true", help="ignore model_ema.* weights in a training checkpoint")
+    return p
+
+
+def first_stage_factor(config):
+    """Latent downsampling factor and channels implied by the config (8 and 4 for SD)."""
+    params = config.model.params
+    fs = params.first_stage_config
+    if "ddconfig" in fs.get("params", {}):
+        return 2 ** (len(fs.params.ddconfig.ch_mult) - 1), params.get("channels", 4)
+    return 1, params.get("channels", 3)
+
+
+def run(opt):
+    config_path = Path(opt.config)
+    if not config_path.is_file():
+        raise UsageError(f"--config {opt.config}: no such file (the original configs are in configs/stable-diffusion/)")
+    config = OmegaConf.load(config_path)
+    f_cfg, c_cfg = first_stage_factor(config)
+    f = opt.f or f_cfg
+    C = opt.C or c_cfg
+    check_size(opt.H, opt.W, f)
+    if opt.ckpt is None:
+        raise UsageError("--ckpt is required: the checkpoint file matching --config (see checkpoints/README.md)")
+    batch_size = opt.n_samples
+    if opt.from_file:
+        prompts = read_prompt_file(opt.from_file, opt.repeat)
+    else:
+        if opt.prompt is None:
+            raise UsageError("give --prompt or --from-file")
+        prompts = [opt.prompt]
+    data = [[p] * batch_size for p in prompts] if not opt.from_file else chunk(prompts, batch_size)
+
+    device = pick_device(opt.device)
+    t0 = time.time()
+    model = load_model_from_config(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load,
+                                   use_ema=not opt.no_ema, config_name=str(config_path))
+    print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
+    sampler = DDIMSampler(model)
+
+    outdir = Path(opt.outdir)
+    sample_path = outdir / "samples"
+    sample_path.mkdir(parents=True, exist_ok=True)
+    base_count = next_free_index(sample_path)
+    grid_count = next_free_index(outdir, r"^grid-(\d+)\.png$")
+
+    seed_everything(opt.seed)
+    shape = (C, opt.H // f, opt.W // f)
+    start_code = torch.randn([batch_size, *shape], device=device) if opt.fixed_code else None
+    use_autocast = opt.precision == "autocast" and device.type == "cuda"
+    precision_scope = torch.autocast("cuda", dtype=getattr(torch, opt.autocast_dtype)) if use_autocast else nullcontext()
+    settings = {
+        "sampler": "DDIM", "steps": opt.steps, "eta": opt.ddim_eta, "scale": opt.scale, "H": opt.H, "W": opt.W,
+        "seed": opt.seed, "config": config_path.name, "ckpt": Path(opt.ckpt).name, "n_samples": batch_size,
+        "precision": opt.precision if use_autocast else "full", "device": device.type,
+        "negative_prompt": opt.negative_prompt, "fixed_code": opt.fixed_code,
+    }
+    all_images = []
+    with torch.no_grad(), precision_scope:
+        for n in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
+            for batch_idx, batch_prompts in enumerate(tqdm(data, desc="data", disable=len(data) == 1)):
+                uc = None
+                if opt.scale != 1.0:
+                    uc = model.get_learned_conditioning(len(batch_prompts) * [opt.negative_prompt])
+                c = model.get_learned_conditioning(list(batch_prompts))
+                samples, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(batch_prompts), shape=shape,
+                                            verbose=False, unconditional_guidance_scale=opt.scale,
+                                            unconditional_conditioning=uc, eta=opt.ddim_eta,
+                                            x_T=start_code[:len(batch_prompts)] if start_code is not None else None)
+                x = model.decode_first_stage(samples)
+                for j, (img_t, prompt) in enumerate(zip(x, batch_prompts)):
+                    img = to_pil(img_t)
+                    meta = {"prompt": prompt, "seed": str(opt.seed),
+                            "parameters": {**settings, "iteration": n, "batch": batch_idx, "position_in_batch": j}}
+                    save_png(img, sample_path / f"{base_count:05}.png", meta)
+                    base_count += 1
+                    all_images.append(img)
+    if not opt.skip_grid and all_images:
+        grid = make_grid(all_images, opt.n_rows or batch_size)
+        grid_file = outdir / f"grid-{grid_count:04}.png"
+        save_png(grid, grid_file, {"parameters": settings, "prompts": prompts})
+        print(f"Grid: {grid_file}")
+    print(f"Your samples are ready and waiting for you here: {outdir}")
+    return all_images
+
+
+def main(argv=None):
+    opt = build_parser().parse_args(argv)
+    try:
+        run(opt)
+    except (UsageError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
