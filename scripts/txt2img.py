@@ -41,8 +41,8 @@ def build_parser():
     p.add_argument("--n_iter", type=int, default=1, help="how many times to sample each batch")
     p.add_argument("--n_samples", type=int, default=1, help="batch size: images per prompt per iteration")
     p.add_argument("--n_rows", type=int, default=0, help="images per row in the grid (default: n_samples)")
-    p.add_argument("--H", type=int, default=512, help="image height in pixels")
-    p.add_argument("--W", type=int, default=512, help="image width in pixels")
+    p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the preset's, else 512)")
+    p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the preset's, else 512)")
     p.add_argument("--C", type=int, default=None, help="latent channels (default: from the config)")
     p.add_argument("--f", type=int, default=None, help="downsampling factor (default: from the config, 8 for SD)")
     p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
@@ -62,7 +62,71 @@ def build_parser():
     p.add_argument("--unsafe_load", action="store_true",
                    help="allow checkpoints that need unsafe unpickling (only for files you trust)")
     p.add_argument("--no_ema", action="store_true", help="ignore model_ema.* weights in a training checkpoint")
+    sc = p.add_argument_group("ScaleCrafter (tuning-free higher resolution)")
+    sc.add_argument("--scalecrafter_config", type=str, default=None,
+                    help="a preset YAML, e.g. configs/scalecrafter/sd2.1_2048x2048.yaml")
+    sc.add_argument("--dilate", type=float, default=None,
+                    help="command-line form: dilation factor for every 3x3 conv outside the skipped blocks")
+    sc.add_argument("--dilate_tau", type=int, default=None, help="re-dilate during the first TAU sampling steps")
+    sc.add_argument("--dilate_skip", type=int, default=0,
+                    help="leave the first K input blocks and the last K output blocks undilated")
+    sc.add_argument("--progressive_dilate", action="store_true",
+                    help="lower the factor stage by stage from ceil(D) down to 2 over the TAU steps")
+    sc.add_argument("--ndcfg_tau", type=int, default=None, help="override the preset's noise-damped CFG steps")
+    sc.add_argument("--disperse_tau", type=int, default=None, help="override the preset's dispersion steps")
+    sc.add_argument("--freeu", action="store_true", help="turn FreeU on (off by default)")
+    for k in ("b1", "b2", "s1", "s2"):
+        sc.add_argument(f"--freeu_{k}", type=float, default=None, help=f"FreeU {k} (default: preset/model value)")
+    td = p.add_argument_group("tiled VAE decoding")
+    td.add_argument("--tiled_decoding", action="store_true", help="decode the latent in tiles (bounded memory)")
+    td.add_argument("--tile_size", type=int, default=None, help="tile side in latent pixels")
+    td.add_argument("--overlap", type=int, default=24, help="tile overlap in latent pixels")
+    td.add_argument("--sync_gn", action="store_true",
+                    help="normalise every decoder GroupNorm with whole-image statistics (no seams)")
     return p
+
+
+def model_family(config):
+    target = str(config.model.params.get("cond_stage_config", {}).get("target", ""))
+    if target.endswith("FrozenCLIPEmbedder"):
+        return "sd1"
+    if "conditioner" in config.model.params or "sdxl" in target.lower():
+        return "sdxl"
+    return "sd2"
+
+
+def build_method(opt, model, config):
+    """The ScaleCrafter guidance and FreeU settings asked for on the command line (None, None if neither)."""
+    from ldm.scalecrafter.freeu import FREEU_DEFAULTS
+    from ldm.scalecrafter.guidance import ScaleCrafterGuidance
+    from ldm.scalecrafter.presets import SettingsError, load_preset, plan_from_flags, plan_from_preset
+    unet = model.model.diffusion_model
+    preset = None
+    guidance = None
+    try:
+        if opt.scalecrafter_config and opt.dilate is not None:
+            raise UsageError("give either --scalecrafter_config or --dilate, not both")
+        if opt.scalecrafter_config:
+            preset = load_preset(opt.scalecrafter_config)
+            if opt.ndcfg_tau is not None:
+                preset["ndcfg_tau"] = opt.ndcfg_tau
+            if opt.disperse_tau is not None:
+                preset["disperse_tau"] = opt.disperse_tau
+            guidance = ScaleCrafterGuidance(plan_from_preset(unet, preset))
+        elif opt.dilate is not None:
+            if opt.dilate_tau is None:
+                raise UsageError("--dilate needs --dilate_tau (the number of steps to re-dilate)")
+            guidance = ScaleCrafterGuidance(plan_from_flags(unet, opt.dilate, opt.dilate_tau, opt.dilate_skip,
+                                                            opt.progressive_dilate))
+    except SettingsError as err:
+        raise UsageError(str(err)) from None
+    freeu_args = None
+    if opt.freeu:
+        freeu_args = dict((preset or {}).get("freeu") or FREEU_DEFAULTS[model_family(config)])
+        for k in ("b1", "b2", "s1", "s2"):
+            if getattr(opt, f"freeu_{k}") is not None:
+                freeu_args[k] = getattr(opt, f"freeu_{k}")
+    return preset, guidance, freeu_args
 
 
 def first_stage_factor(config):
@@ -82,6 +146,15 @@ def run(opt):
     f_cfg, c_cfg = first_stage_factor(config)
     f = opt.f or f_cfg
     C = opt.C or c_cfg
+    if opt.scalecrafter_config and (opt.H is None or opt.W is None):
+        from ldm.scalecrafter.presets import SettingsError, load_preset
+        try:
+            preset = load_preset(opt.scalecrafter_config)
+        except SettingsError as err:
+            raise UsageError(str(err)) from None
+        opt.H = opt.H or preset.get("height")
+        opt.W = opt.W or preset.get("width")
+    opt.H, opt.W = opt.H or 512, opt.W or 512
     check_size(opt.H, opt.W, f)
     if opt.ckpt is None:
         raise UsageError("--ckpt is required: the checkpoint file matching --config (see checkpoints/README.md)")
@@ -100,6 +173,12 @@ def run(opt):
                                    use_ema=not opt.no_ema, config_name=str(config_path))
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
     sampler = DDIMSampler(model)
+    preset, guidance, freeu_args = build_method(opt, model, config)
+    tiling = {}
+    if opt.tiled_decoding:
+        tiling = {"overlap": opt.overlap, "sync_gn": opt.sync_gn}
+        if opt.tile_size is not None:
+            tiling["tile_size"] = opt.tile_size
 
     outdir = Path(opt.outdir)
     sample_path = outdir / "samples"
@@ -117,9 +196,20 @@ def run(opt):
         "seed": opt.seed, "config": config_path.name, "ckpt": Path(opt.ckpt).name, "n_samples": batch_size,
         "precision": opt.precision if use_autocast else "full", "device": device.type,
         "negative_prompt": opt.negative_prompt, "fixed_code": opt.fixed_code,
+        "scalecrafter": (str(opt.scalecrafter_config) if opt.scalecrafter_config else
+                         {"dilate": opt.dilate, "dilate_tau": opt.dilate_tau, "dilate_skip": opt.dilate_skip,
+                          "progressive_dilate": opt.progressive_dilate} if opt.dilate is not None else None),
+        "freeu": freeu_args, "tiled_decoding": tiling or None,
     }
+    if opt.scalecrafter_config:
+        settings["scalecrafter_overrides"] = {"ndcfg_tau": opt.ndcfg_tau, "disperse_tau": opt.disperse_tau}
     all_images = []
-    with torch.no_grad(), precision_scope:
+    unet = model.model.diffusion_model
+    freeu_scope = nullcontext()
+    if freeu_args:
+        from ldm.scalecrafter.freeu import freeu
+        freeu_scope = freeu(unet, **freeu_args)
+    with torch.no_grad(), precision_scope, freeu_scope:
         for n in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
             for batch_idx, batch_prompts in enumerate(tqdm(data, desc="data", disable=len(data) == 1)):
                 uc = None
@@ -128,9 +218,9 @@ def run(opt):
                 c = model.get_learned_conditioning(list(batch_prompts))
                 samples, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(batch_prompts), shape=shape,
                                             verbose=False, unconditional_guidance_scale=opt.scale,
-                                            unconditional_conditioning=uc, eta=opt.ddim_eta,
+                                            unconditional_conditioning=uc, eta=opt.ddim_eta, guidance=guidance,
                                             x_T=start_code[:len(batch_prompts)] if start_code is not None else None)
-                x = model.decode_first_stage(samples)
+                x = model.decode_first_stage(samples, **tiling)
                 for j, (img_t, prompt) in enumerate(zip(x, batch_prompts)):
                     img = to_pil(img_t)
                     meta = {"prompt": prompt, "seed": str(opt.seed),

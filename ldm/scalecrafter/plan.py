@@ -1,0 +1,92 @@
+"""The per-step plan: which convolution runs with which dilation (or dispersion) at sampling step i.
+
+A plan is data: base factors per layer, how long they apply (tau), and how they decay. The sampler asks
+``plan.processors(step, branch)`` once per UNet call; the answer is a list of (conv, processor) pairs to
+install (see ``redilation.installed``). An empty plan is plain sampling.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from ldm.scalecrafter.redilation import Dispersion, ReDilation
+
+
+@dataclass
+class LayerSchedule:
+    """Base factor per layer (own names), active for sampling steps i < tau.
+
+    progressive:
+      * ``False``: the base factor for every step i < tau;
+      * ``"linear"`` (the authors' diffusers release): max(⌈d·(tau − i)/tau⌉, 2);
+      * ``"stages"`` (the authors' CompVis release, ``--progressive_dilate``): integer stages from ⌈d⌉ down
+        to 2, each held for ⌈tau / number of stages⌉ steps.
+    """
+    factors: Dict[str, float]
+    tau: int
+    progressive: object = False
+
+    def factor_at(self, base, step):
+        if step >= self.tau:
+            return None
+        if not self.progressive:
+            return base
+        if self.progressive == "stages":
+            stages = list(range(2, math.ceil(base) + 1))[::-1]
+            if not stages:
+                return base
+            per_stage = math.ceil(self.tau / len(stages))
+            return float(stages[min(step // per_stage, len(stages) - 1)])
+        return float(max(math.ceil(base * (self.tau - step) / self.tau), 2))
+
+    def at(self, step):
+        """{layer: factor} for this step, leaving out layers at factor 1 (the original conv)."""
+        out = {}
+        for name, base in self.factors.items():
+            f = self.factor_at(base, step)
+            if f is not None and f != 1:
+                out[name] = f
+        return out
+
+
+@dataclass
+class ScaleCrafterPlan:
+    """Everything the sampler needs, resolved against one UNet.
+
+    dilate: the strong schedule (ε̃ in the paper). ndcfg: the mild schedule of the noise-damped base
+    prediction (ε_base), used for steps < ndcfg.tau. disperse_layers: layers whose kernels are dispersed
+    (3×3 → 5×5 by the transform R) while they are dilated and step < disperse_tau.
+    """
+    names: object  # LayerNames
+    dilate: LayerSchedule
+    ndcfg: Optional[LayerSchedule] = None
+    disperse_layers: frozenset = frozenset()
+    disperse_tau: int = 0
+    disperse_transform: object = None  # torch tensor (large², small²)
+    _dispersed_weights: dict = field(default_factory=dict, repr=False)
+
+    def uses_ndcfg(self, step):
+        return self.ndcfg is not None and step < self.ndcfg.tau
+
+    def describe(self, step, branch="strong"):
+        """{layer: 'dilate 2' | 'dilate 2.5' | 'disperse 4'} for this step: what the UNet call will run."""
+        return {name: repr(proc) for name, proc in self._processor_map(step, branch).items()}
+
+    def _processor_map(self, step, branch):
+        if branch == "ndcfg":
+            if not self.uses_ndcfg(step):
+                return {}
+            return {name: ReDilation(f) for name, f in self.ndcfg.at(step).items()}
+        procs = {}
+        for name, f in self.dilate.at(step).items():
+            if name in self.disperse_layers and step < self.disperse_tau:
+                procs[name] = Dispersion(f, self.disperse_transform, self._dispersed_weights)
+            else:
+                procs[name] = ReDilation(f)
+        return procs
+
+    def processors(self, step, branch="strong"):
+        return [(self.names.module(name), proc) for name, proc in self._processor_map(step, branch).items()]
+
+    def release(self):
+        """Drop cached dispersed kernels (they belong to one run)."""
+        self._dispersed_weights.clear()
