@@ -1,0 +1,389 @@
+"""Conditioning encoders named by the original configs (``ldm.modules.encoders.modules.*``).
+
+Both text encoders are built from configuration only (no download, no pretrained weights): the
+weights come later from the Stable Diffusion checkpoint, whose key layout they reproduce exactly.
+open_clip and transformers are imported inside the constructors because importing them is slow.
+"""
+import math
+from collections.abc import Mapping
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+def disabled_train(self, mode=True):
+    """Replacement for ``nn.Module.train`` that keeps a frozen module in eval mode."""
+    return self
+
+
+def _freeze(module):
+    """eval() and no gradients (the wrapping model may also swap ``train`` for ``disabled_train``)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad = False
+    return module
+
+
+def _module_device(module):
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class AbstractEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+
+    def encode(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+class IdentityEncoder(AbstractEncoder):
+    """Passes the conditioning through unchanged (e.g. for precomputed embeddings)."""
+
+    def encode(self, x):
+        return x
+
+    def forward(self, x):
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# SD 2.x: OpenCLIP text tower
+# --------------------------------------------------------------------------------------------------
+
+def _plain_container(cfg):
+    """OmegaConf nodes (what a YAML config passes) -> plain dicts/lists."""
+    if type(cfg).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return {k: _plain_container(v) for k, v in cfg.items()}
+    return cfg
+
+
+# Any vision config will do: the vision tower is only ever built on the meta device and then deleted.
+_TINY_VISION_CFG = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16}
+
+
+def _openclip_model_config(arch):
+    """open_clip model config ({embed_dim, vision_cfg, text_cfg, ...}) for a name or a custom dict.
+
+    A dict may be a full open_clip config (with ``text_cfg``) or just the text settings plus
+    ``embed_dim`` (width, layers, heads, context_length, vocab_size, [mlp_ratio, quick_gelu]).
+    """
+    if isinstance(arch, str):
+        import open_clip
+        cfg = open_clip.get_model_config(arch)
+        if cfg is None:
+            raise ValueError(f"unknown open_clip architecture {arch!r}")
+        return dict(cfg)
+    cfg = _plain_container(arch)
+    if "text_cfg" in cfg:
+        cfg = dict(cfg)
+        cfg.setdefault("vision_cfg", dict(_TINY_VISION_CFG))
+        return cfg
+    text_cfg = dict(cfg)
+    embed_dim = text_cfg.pop("embed_dim", text_cfg.get("width", 512))
+    quick_gelu = text_cfg.pop("quick_gelu", False)
+    return {"embed_dim": embed_dim, "vision_cfg": dict(_TINY_VISION_CFG), "text_cfg": text_cfg,
+            "quick_gelu": quick_gelu}
+
+
+def _causal_mask(n, device=None, dtype=torch.float32):
+    return torch.full((n, n), float("-inf"), device=device, dtype=dtype).triu_(1)
+
+
+def _init_openclip_text(model):
+    """Fresh random init of the text tower, with open_clip's distributions.
+
+    Needed because the model is built on the meta device and only then given real storage; the
+    values matter only for tests and tiny demo models (real use loads a checkpoint).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            m._reset_parameters()
+        elif hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+    tr = model.transformer
+    width, layers = tr.width, tr.layers
+    proj_std = width ** -0.5 * (2 * layers) ** -0.5
+    nn.init.normal_(model.token_embedding.weight, std=0.02)
+    nn.init.normal_(model.positional_embedding, std=0.01)
+    for block in tr.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    proj = model.text_projection
+    if isinstance(proj, nn.Linear):
+        nn.init.normal_(proj.weight, std=width ** -0.5)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+    elif proj is not None:
+        nn.init.normal_(proj, std=width ** -0.5)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.07))
+        if getattr(model, "logit_bias", None) is not None:
+            model.logit_bias.fill_(-10.0)
+
+
+def build_openclip_text_model(arch):
+    """open_clip ``CLIP`` without its vision tower, which is never allocated.
+
+    The whole model is constructed on the meta device, ``visual`` is deleted, and the rest gets real
+    storage on the ambient default device (so ``with torch.device("meta"):`` keeps it all on meta).
+    """
+    from open_clip.model import CLIP
+
+    cfg = _openclip_model_config(arch)
+    if cfg.get("custom_text") or (cfg["text_cfg"] or {}).get("hf_model_name"):
+        raise NotImplementedError("only open_clip CLIP models with the built-in text transformer are supported")
+    target = torch.empty(0).device  # honours an enclosing `with torch.device(...)`
+    with torch.device("meta"):
+        model = CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
+                     quick_gelu=cfg.get("quick_gelu", False))
+    del model.visual
+    if target.type != "meta":
+        model.to_empty(device=target)
+        with torch.no_grad():
+            _init_openclip_text(model)
+    # causal mask: kept as a non-persistent buffer, as in the original (not in checkpoints)
+    n = model.positional_embedding.shape[0]
+    model.register_buffer("attn_mask", _causal_mask(n, device=target), persistent=False)
+    return model
+
+
+class FrozenOpenCLIPEmbedder(AbstractEncoder):
+    """OpenCLIP text encoder of SD 2.x: ``forward(list of B str) -> (B, max_length, width)``.
+
+    ``layer="last"`` runs every residual block, ``"penultimate"`` (SD2) all but the last; both end
+    with ``ln_final``. The weights live at ``self.model`` (open_clip ``CLIP`` minus ``visual``), so the
+    state dict matches ``cond_stage_model.model.*`` of the SD2 checkpoints. ``version`` names the
+    pretrained tag of the original and is not used: nothing is downloaded. ``device`` is accepted for
+    config compatibility; nothing is moved here (move the whole model), and tokens follow the weights.
+    """
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(self, arch="ViT-H-14", version="laion2b_s32b_b79k", device="cuda", max_length=77,
+                 freeze=True, layer="last"):
+        super().__init__()
+        assert layer in self.LAYERS, f"layer must be one of {self.LAYERS}, got {layer!r}"
+        self.model = build_openclip_text_model(arch)
+        self.arch = arch if isinstance(arch, str) else _plain_container(arch)
+        self.version = version
+        self.requested_device = device
+        self.max_length = max_length
+        if max_length > self.model.positional_embedding.shape[0]:
+            raise ValueError(f"max_length {max_length} exceeds the model's context length "
+                             f"{self.model.positional_embedding.shape[0]}")
+        self.layer = layer
+        self.layer_idx = {"last": 0, "penultimate": 1}[layer]  # blocks skipped at the end
+        if freeze:
+            self.freeze()
+
+    @property
+    def device(self):
+        return _module_device(self)
+
+    def freeze(self):
+        _freeze(self.model)
+        for p in self.parameters():
+            p.requires_grad = False
+
+    def tokenize(self, text):
+        import open_clip  # its tokenizer pads with 0 and keeps <end_of_text> on truncation, as SD2 did
+        if isinstance(text, str):
+            text = [text]
+        return open_clip.tokenize(list(text), context_length=self.max_length)
+
+    def forward(self, text):
+        tokens = self.tokenize(text).to(self.device)
+        return self.encode_with_transformer(tokens)
+
+    def encode_with_transformer(self, tokens):
+        """Token ids (B, L) -> per-token features (B, L, width) after ``ln_final``."""
+        m = self.model
+        L = tokens.shape[1]
+        x = m.token_embedding(tokens) + m.positional_embedding[:L]
+        mask = m.attn_mask[:L, :L].to(device=x.device, dtype=x.dtype)
+        x = self.text_transformer_forward(x, attn_mask=mask)
+        return m.ln_final(x)
+
+    def text_transformer_forward(self, x, attn_mask=None):
+        """Residual blocks on batch-first ``x``, stopping ``layer_idx`` blocks before the end."""
+        tr = self.model.transformer
+        seq_first = not getattr(tr, "batch_first", False)  # open_clip < 2.14 runs (L, B, D)
+        if seq_first:
+            x = x.transpose(0, 1)
+        blocks = list(tr.resblocks)
+        for block in blocks[:len(blocks) - self.layer_idx]:
+            if getattr(tr, "grad_checkpointing", False) and torch.is_grad_enabled() and x.requires_grad:
+                x = checkpoint(partial(block, attn_mask=attn_mask), x, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask)
+        if seq_first:
+            x = x.transpose(0, 1)
+        return x
+
+    def encode(self, text):
+        return self(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# SD 1.x: Hugging Face CLIP ViT-L/14 text model
+# --------------------------------------------------------------------------------------------------
+
+# The checkpoints store the text model under "text_model." with a persistent int64 `position_ids`
+# [1, 77] (transformers < 4.31). Newer transformers make position_ids non-persistent, and 5.x drops
+# the "text_model." level. The two hooks below translate between that layout and the installed one.
+_HF_TEXT_PREFIX = "text_model."
+_HF_POSITION_IDS = "embeddings.position_ids"
+
+
+def _hf_layout(hf_model):
+    """(prefix of the text transformer inside `hf_model`, its embeddings module, position_ids persistent?)"""
+    inner = getattr(hf_model, "text_model", None)
+    prefix = _HF_TEXT_PREFIX if isinstance(inner, nn.Module) else ""
+    emb = (inner if prefix else hf_model).embeddings
+    persistent = "position_ids" in emb._buffers and "position_ids" not in emb._non_persistent_buffers_set
+    return prefix, emb, persistent
+
+
+def _position_ids_like(emb):
+    weight = emb.position_embedding.weight
+    return torch.arange(weight.shape[0], device=weight.device, dtype=torch.long)[None]
+
+
+def _hf_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs):
+    """Accept the historical layout (and the installed one) when loading into ``module``.
+
+    A stored position_ids is never trusted: some merged SD1 files carry corrupted (float) values,
+    and it is always arange(77). It is dropped, or regenerated where the installed module keeps it.
+    """
+    inner_prefix, emb, persistent = _hf_layout(module)
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    moved = []
+    for key in keys:
+        value = state_dict.pop(key)
+        rest = key[len(prefix):]
+        if rest.startswith(_HF_TEXT_PREFIX):
+            rest = rest[len(_HF_TEXT_PREFIX):]
+        if rest == _HF_POSITION_IDS:
+            continue
+        moved.append((prefix + inner_prefix + rest, value))
+    if persistent:
+        state_dict[prefix + inner_prefix + _HF_POSITION_IDS] = _position_ids_like(emb)
+    for key, value in moved:
+        state_dict[key] = value
+
+
+def _hf_state_dict_post_hook(module, state_dict, prefix, local_metadata):
+    """Emit the historical layout: ``text_model.*`` keys plus int64 ``embeddings.position_ids`` first."""
+    inner_prefix, emb, _ = _hf_layout(module)
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    items = [(k[len(prefix):], state_dict.pop(k)) for k in keys]
+    canonical = []
+    for rest, value in items:
+        if inner_prefix and rest.startswith(inner_prefix):
+            rest = rest[len(inner_prefix):]
+        if rest != _HF_POSITION_IDS:
+            canonical.append((rest, value))
+    state_dict[prefix + _HF_TEXT_PREFIX + _HF_POSITION_IDS] = _position_ids_like(emb)
+    for rest, value in canonical:
+        state_dict[prefix + _HF_TEXT_PREFIX + rest] = value
+
+
+def _register_layout_hooks(hf_model):
+    if hasattr(hf_model, "register_state_dict_post_hook"):
+        hf_model.register_state_dict_post_hook(_hf_state_dict_post_hook)
+    else:  # torch < 2.4
+        hf_model._register_state_dict_hook(_hf_state_dict_post_hook)
+    if hasattr(hf_model, "register_load_state_dict_pre_hook"):
+        hf_model.register_load_state_dict_pre_hook(_hf_load_pre_hook)
+    else:
+        hf_model._register_load_state_dict_pre_hook(_hf_load_pre_hook, with_module=True)
+
+
+# CLIP ViT-L/14 text model (openai/clip-vit-large-patch14), as used by SD 1.x and SDXL's first encoder.
+SD1_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                       projection_dim=768)
+_KNOWN_HF_CONFIGS = {"openai/clip-vit-large-patch14": SD1_TEXT_CONFIG}
+
+
+class FrozenCLIPEmbedder(AbstractEncoder):
+    """HF CLIP text encoder of SD 1.x: ``forward(list of B str) -> (B, max_length, 768)``.
+
+    ``layer``: "last" = ``last_hidden_state`` (after final_layer_norm), "pooled" = pooled EOS feature
+    as (B, 1, 768), "hidden" = ``hidden_states[layer_idx]`` (no final norm), "penultimate" = hidden with
+    layer_idx -2 (SDXL). ``version`` selects a known config (no download); a dict of ``CLIPTextConfig``
+    kwargs builds a custom (e.g. tiny) model. ``device`` is accepted for config compatibility only.
+    ``state_dict()`` / ``load_state_dict()`` use the checkpoint layout whatever transformers is installed.
+    """
+
+    LAYERS = ("last", "pooled", "hidden", "penultimate")
+
+    def __init__(self, version="openai/clip-vit-large-patch14", device="cuda", max_length=77, freeze=True,
+                 layer="last", layer_idx=None):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        assert layer in self.LAYERS, f"layer must be one of {self.LAYERS}, got {layer!r}"
+        if layer == "penultimate":
+            layer, layer_idx = "hidden", -2 if layer_idx is None else layer_idx
+        if isinstance(version, str):
+            if version not in _KNOWN_HF_CONFIGS:
+                raise ValueError(f"no offline config for {version!r}; pass a dict of CLIPTextConfig kwargs")
+            cfg_kwargs = dict(_KNOWN_HF_CONFIGS[version])
+        else:
+            cfg_kwargs = dict(_plain_container(version))
+        config = CLIPTextConfig(**cfg_kwargs)
+        if layer == "hidden":
+            assert layer_idx is not None and abs(layer_idx) <= config.num_hidden_layers, \
+                f"layer_idx must be in [-{config.num_hidden_layers}, {config.num_hidden_layers}]"
+        self.transformer = CLIPTextModel(config)
+        _register_layout_hooks(self.transformer)
+        self.version = version if isinstance(version, str) else cfg_kwargs
+        self.requested_device = device
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = layer_idx
+        if freeze:
+            self.freeze()
+
+    @property
+    def device(self):
+        return _module_device(self)
+
+    def freeze(self):
+        _freeze(self.transformer)
+        for p in self.parameters():
+            p.requires_grad = False
+
+    def tokenize(self, text):
+        from .tokenizer import get_sd1_tokenizer
+        if isinstance(text, str):
+            text = [text]
+        return get_sd1_tokenizer()(list(text), max_length=self.max_length)
+
+    def forward(self, text):
+        tokens = self.tokenize(text).to(self.device)
+        return self.encode_tokens(tokens)
+
+    def encode_tokens(self, tokens):
+        out = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
+        if self.layer == "last":
+            return out.last_hidden_state
+        if self.layer == "pooled":
+            return out.pooler_output[:, None, :]
+        return out.hidden_states[self.layer_idx]
+
+    def encode(self, text):
+        return self(text)
