@@ -14,16 +14,18 @@ import torch.nn.functional as F
 def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
     """Betas as numpy float64. SD's 'linear' is linear in sqrt(beta) (computed in float64, then squared)."""
     if schedule == "linear":
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+        # explicit CPU device: the schedule is computed in float64 even when the model is built on meta
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64,
+                               device="cpu") ** 2
     elif schedule == "cosine":
-        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + cosine_s
         alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
         alphas = alphas / alphas[0]
         betas = (1 - alphas[1:] / alphas[:-1]).clamp(0, 0.999)
     elif schedule == "sqrt_linear":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
     elif schedule == "sqrt":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
     else:
         raise ValueError(f"unknown beta schedule '{schedule}' (linear, cosine, sqrt_linear, sqrt)")
     return betas.numpy()
@@ -40,8 +42,10 @@ def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timestep
         steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
     else:
         raise NotImplementedError(f'There is no ddim discretization method called "{ddim_discr_method}"')
-    # shifting by one gives alpha_cumprod at the final step (t=1) close to 1, as in the original
+    # shifting by one gives alpha_cumprod at the final step (t=1) close to 1, as in the original;
+    # the original then indexes past the schedule for some S (e.g. 3); those entries are dropped here
     out = steps + 1
+    out = out[out < num_ddpm_timesteps]
     if verbose:
         print(f"Selected timesteps for ddim sampler: {out}")
     return out
