@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, no_weight_init
 
 # where users get the original files (the file name is what shellscripts/ and the README expect)
 KNOWN_CHECKPOINTS = {
@@ -172,7 +172,11 @@ def load_model_from_config(config, ckpt=None, device="cpu", strict=True, use_ema
     if ckpt is not None and not os.path.isfile(str(ckpt)):
         raise CheckpointError(missing_checkpoint_message(ckpt))  # before spending time on construction
     model_config = config.model if "model" in config else config
-    model = instantiate_from_config(model_config)
+    if ckpt is not None and strict:
+        with no_weight_init():  # every weight comes from the file (the strict check guarantees it)
+            model = instantiate_from_config(model_config)
+    else:
+        model = instantiate_from_config(model_config)
     if ckpt is not None:
         load_checkpoint_into(model, ckpt, strict=strict, use_ema=use_ema, allow_unsafe=allow_unsafe,
                              config_name=config_name, verbose=verbose)
