@@ -40,6 +40,24 @@ class AutoencoderKL(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
+    def decode_tiled(self, z, tile_size=64, overlap=24, sync_gn=True, **kwargs):
+        """``decode(z)`` tile by tile with bounded memory; see ``ldm.modules.tiled_vae.tiled_decode``.
+
+        tile_size, overlap: latent pixels. With sync_gn (default) every GroupNorm uses whole-image
+        statistics and each stage fetches its exact halo, so the result equals ``decode(z)`` up to rounding.
+        Extra keyword arguments (exact, offload, device_budget, blend, ...) go to ``tiled_decode``.
+        """
+        from ldm.modules.tiled_vae import tiled_decode
+        return tiled_decode(self.decoder, z, self.post_quant_conv, tile_size=tile_size, overlap=overlap,
+                            sync_gn=sync_gn, **kwargs)
+
+    def encode_tiled(self, x, tile_size=64, overlap=24, sync_gn=True, **kwargs):
+        """``encode(x)`` tile by tile (tile_size and overlap in latent pixels); returns the posterior."""
+        from ldm.modules.tiled_vae import tiled_encode
+        moments = tiled_encode(self.encoder, x, self.quant_conv, tile_size=tile_size, overlap=overlap,
+                               sync_gn=sync_gn, **kwargs)
+        return DiagonalGaussianDistribution(moments)
+
     def forward(self, input, sample_posterior=True):
         posterior = self.encode(input)
         z = posterior.sample() if sample_posterior else posterior.mode()
