@@ -120,9 +120,10 @@ def _conv_span(r: Span, p: int) -> Span:
 class GroupStats:
     """Per-(sample, group) mean and variance of a tensor seen in disjoint pieces.
 
-    Each piece's per-channel mean and variance are computed in float32 on its own device (two-pass, exact
-    enough for one tile); channels are combined into groups and pieces merged in float64 with Chan's
-    parallel formula (no catastrophic cancellation, unlike sum/sum-of-squares).
+    Each piece's per-channel mean and variance are computed on its own device (float32 two-pass for float32
+    tensors; float32 sums of x and x² for half-precision tensors, whose rounding dwarfs the difference);
+    channels are combined into groups and pieces merged in float64 with Chan's parallel formula (no
+    catastrophic cancellation between pieces).
     """
 
     def __init__(self, num_groups: int):
@@ -139,7 +140,13 @@ class GroupStats:
         if hw == 0:
             return
         # per channel first (no copy of the strided core), then channels → groups, exactly, in float64
-        var_c, mean_c = torch.var_mean(x.float(), dim=tuple(range(2, x.dim())), correction=0)
+        dims = tuple(range(2, x.dim()))
+        if x.dtype in (torch.float32, torch.float64):
+            var_c, mean_c = torch.var_mean(x, dim=dims, correction=0)  # two-pass
+        else:  # half precision: float32 accumulation without a float32 copy of the tile
+            mean_c = x.sum(dim=dims, dtype=torch.float32).double() / hw
+            msq = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).double() ** 2 / hw
+            var_c = (msq - mean_c ** 2).clamp_min(0)  # cancellation ~1e-7·mean²: far below half precision
         acc_dev = mean_c.device if mean_c.device.type != "mps" else torch.device("cpu")
         mean_c = mean_c.to(acc_dev, torch.float64).reshape(b, self.g, -1)
         var_c = var_c.to(acc_dev, torch.float64).reshape(b, self.g, -1)
@@ -205,8 +212,7 @@ class _Norm(_Op):
         self.gn, self.src = gn, src
 
     def __call__(self, t, ry, rx, ctx):
-        scale, shift = ctx.affine(self.gn, self.src)
-        return torch.addcmul(shift, t, scale).to(t.dtype)
+        return ctx.normalize(t, self.gn, self.src)
 
 
 class _Up(_Op):
@@ -322,6 +328,7 @@ class _Stage:
         self.groups: Optional[int] = None  # GroupNorm groups of the norm reading dst
         self.kv: Optional[AttnBlock] = None  # global attention on src before the tile pass
         self.inplace: Optional[str] = None  # dst may overwrite this store
+        self.crops: Dict[tuple, Tuple[int, int]] = {}  # exact input crops, by (core_in, core_out, n_in)
 
     def reads(self):
         names = {self.src}
@@ -461,22 +468,25 @@ class _Ctx:
             raise RuntimeError("tiled VAE: residual tile does not line up")
         return t.to(self.device)
 
-    def affine(self, gn: nn.GroupNorm, name: str):
+    def normalize(self, t, gn: nn.GroupNorm, name: str):
+        """GroupNorm of tile t with the whole-image statistics of store ``name``: one fused pass through
+        ``F.batch_norm`` in inference mode (per (sample, channel) mean/var, float32 math for half inputs)."""
         key = (id(gn), name)
         if key not in self._affine:
             mean, var = self.stats[name]  # (B, G) float64
             if self.record is not None:
                 self.record[gn] = (mean.cpu(), var.cpu())
             b, g = mean.shape
-            c = gn.num_channels
-            inv = torch.rsqrt(var + gn.eps).repeat_interleave(c // g, dim=1)  # (B, C)
-            mean_c = mean.repeat_interleave(c // g, dim=1)
-            w = gn.weight.detach().to(inv.device, torch.float64) if gn.weight is not None else 1.0
-            bias = gn.bias.detach().to(inv.device, torch.float64) if gn.bias is not None else 0.0
-            scale = inv * w
-            shift = bias - mean_c * scale
-            self._affine[key] = tuple(a.to(self.device, torch.float32)[:, :, None, None] for a in (scale, shift))
-        return self._affine[key]
+            rep = gn.num_channels // g
+            f32 = dict(device=self.device, dtype=torch.float32)
+            w = gn.weight.detach().to(**f32).repeat(b) if gn.weight is not None else None
+            bias = gn.bias.detach().to(**f32).repeat(b) if gn.bias is not None else None
+            self._affine[key] = (mean.repeat_interleave(rep, dim=1).reshape(-1).to(**f32),
+                                 var.repeat_interleave(rep, dim=1).reshape(-1).to(**f32), w, bias)
+        mean, var, w, bias = self._affine[key]
+        b, c = t.shape[:2]
+        out = F.batch_norm(t.reshape(1, b * c, *t.shape[2:]), mean, var, w, bias, False, 0.0, gn.eps)
+        return out.reshape(t.shape)
 
 
 def _run_spans(ops, r: Span) -> Span:
@@ -485,17 +495,21 @@ def _run_spans(ops, r: Span) -> Span:
     return r
 
 
-def _exact_crop(ops, core_in, core_out, n_in) -> Tuple[int, int]:
+def _exact_crop(st: "_Stage", core_in, core_out, n_in) -> Tuple[int, int]:
     """Smallest symmetric halo around the input core whose result is valid on the whole output core."""
-    h = 0
-    while True:
-        a, b = max(core_in[0] - h, 0), min(core_in[1] + h, n_in)
-        s, e, vs, ve, n = _run_spans(ops, (a, b, a, b, n_in))
-        if vs <= core_out[0] and ve >= core_out[1]:
-            return a, b
-        if a == 0 and b == n_in:
-            raise RuntimeError("tiled VAE: the output core is not computable from the whole input")
-        h += 1
+    key = (core_in, core_out, n_in)
+    if key not in st.crops:
+        h = 0
+        while True:
+            a, b = max(core_in[0] - h, 0), min(core_in[1] + h, n_in)
+            s, e, vs, ve, n = _run_spans(st.ops, (a, b, a, b, n_in))
+            if vs <= core_out[0] and ve >= core_out[1]:
+                break
+            if a == 0 and b == n_in:
+                raise RuntimeError("tiled VAE: the output core is not computable from the whole input")
+            h += 1
+        st.crops[key] = (a, b)
+    return st.crops[key]
 
 
 class _Placement:
@@ -638,8 +652,8 @@ def _run_staged(stages, x, lat_size, tile_size, exact: bool, halo_lat: int, offl
             ctx.tile = ti
             cy, cx = (by_out[iy], by_out[iy + 1]), (bx_out[ix], bx_out[ix + 1])
             if exact:
-                ay, bby = _exact_crop(st.ops, (by_in[iy], by_in[iy + 1]), cy, n_in[0])
-                ax, bbx = _exact_crop(st.ops, (bx_in[ix], bx_in[ix + 1]), cx, n_in[1])
+                ay, bby = _exact_crop(st, (by_in[iy], by_in[iy + 1]), cy, n_in[0])
+                ax, bbx = _exact_crop(st, (bx_in[ix], bx_in[ix + 1]), cx, n_in[1])
                 ry, rx = (ay, bby, ay, bby, n_in[0]), (ax, bbx, ax, bbx, n_in[1])
                 t = ctx.stores[st.src][:, :, ay:bby, ax:bbx].to(device)
             else:
@@ -695,7 +709,8 @@ def _global_kv(ctx: _Ctx, st: _Stage, tiles, by, bx):
     """Keys and values of the whole feature map in store ``st.src``, computed tile by tile on the device."""
     block = st.kv
     src = ctx.stores[st.src]
-    k_all, v_all = [], []
+    keys = values = None
+    pos = 0
     for ti, (iy, ix) in enumerate(tiles):
         cy, cx = (by[iy], by[iy + 1]), (bx[ix], bx[ix + 1])
         if ctx.exact:
@@ -703,11 +718,16 @@ def _global_kv(ctx: _Ctx, st: _Stage, tiles, by, bx):
         else:
             t, ry, rx = src[ti]
             t = t[:, :, cy[0] - ry[0]:cy[1] - ry[0], cx[0] - rx[0]:cx[1] - rx[0]].to(ctx.device)
-        scale, shift = ctx.affine(block.norm, st.src)
-        k, v = _keys_values(block, torch.addcmul(shift, t, scale).to(t.dtype))
-        k_all.append(k)
-        v_all.append(v)
-    return torch.cat(k_all, dim=2), torch.cat(v_all, dim=2)  # key order is irrelevant to attention
+        k, v = _keys_values(block, ctx.normalize(t, block.norm, st.src))
+        if keys is None:
+            n = (by[-1] - by[0]) * (bx[-1] - bx[0])
+            keys = k.new_empty(k.shape[0], 1, n, k.shape[-1])
+            values = torch.empty_like(keys)
+        keys[:, :, pos:pos + k.shape[2]] = k  # token order is irrelevant to attention (same for k and v)
+        values[:, :, pos:pos + k.shape[2]] = v
+        pos += k.shape[2]
+    assert pos == keys.shape[2]
+    return keys, values
 
 
 @torch.no_grad()

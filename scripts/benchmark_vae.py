@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Benchmark (not a test): time, peak memory and error of full vs tiled decoding of the full-size SD VAE.
+
+The VAE is the Stable Diffusion first stage (ch 128, ch_mult 1,2,4,4, built from
+``configs/stable-diffusion/v2-inference.yaml``) with random weights: timing and memory do not depend on the
+weight values. The latent is smooth structure plus noise (tiles differ in statistics, as in a real image).
+Every measurement runs in its own subprocess, so that CPU peak memory belongs to that measurement alone.
+
+    python scripts/benchmark_vae.py --device cpu --sizes 512 1024             # image sides, fp32
+    python scripts/benchmark_vae.py --device cuda --sizes 1024 2048 4096      # fp16
+    python scripts/benchmark_vae.py ... --write docs/benchmarks_vae.md        # update the table there
+
+Methods: ``full`` = ``decode(z)``; ``sync`` = ``decode_tiled(z)`` (synchronized GroupNorm, exact halos,
+inter-stage tensors placed by ``offload=None``: on the device up to the budget, then host);
+``sync-offload`` = the same with ``offload=True`` (every inter-stage tensor in host memory);
+``nosync`` = naive tiling (per-tile GroupNorm, overlap blended); ``orig`` = the original release's
+scheme (tiles padded by overlap/2 run on their own, shared statistics; ``exact=False``).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated()`` over the decode (weights included); on the CPU
+the peak resident set size of the process while decoding, sampled every 2 ms from /proc/self/statm, minus
+the resident size just before the decode (weights and latent excluded), i.e. what the decode itself adds.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+CONFIG = REPO_ROOT / "configs/stable-diffusion/v2-inference.yaml"
+METHODS = {
+    "full": "decode(z)",
+    "sync": "tiled, sync GN",
+    "sync-offload": "tiled, sync GN, offload=True",
+    "nosync": "tiled, per-tile GN",
+    "orig": "tiled, sync GN, original scheme",
+}
+
+
+def structured_latent(h, w, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    base = torch.stack([3 * xx, 2 * yy, torch.sin(3 * xx), 3 * xx * yy])
+    return base[None] + 0.5 * torch.randn(1, 4, h, w, generator=g)
+
+
+def build_vae(device, dtype):
+    import torch
+    from omegaconf import OmegaConf
+    from ldm.util import instantiate_from_config
+    cfg = OmegaConf.load(CONFIG).model.params.first_stage_config
+    torch.manual_seed(0)
+    vae = instantiate_from_config(cfg).eval()
+    return vae.to(device=device, dtype=dtype)
+
+
+class RssSampler:
+    """Peak resident set size of this process, sampled from /proc/self/statm."""
+
+    def __init__(self, period=0.002):
+        self.period = period
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def measure_once(args):
+    """Child process: decode one latent with one method; print a JSON line."""
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    vae = build_vae(device, dtype)
+    z = structured_latent(args.size // 8, args.size // 8).to(device, dtype)
+    kw = dict(tile_size=args.tile_size, overlap=args.overlap)
+    fns = {
+        "full": lambda: vae.decode(z),
+        "sync": lambda: vae.decode_tiled(z, **kw),
+        "sync-offload": lambda: vae.decode_tiled(z, offload=True, **kw),
+        "nosync": lambda: vae.decode_tiled(z, sync_gn=False, **kw),
+        "orig": lambda: vae.decode_tiled(z, exact=False, **kw),
+    }
+    fn = fns[args.method]
+    res = {"method": args.method, "size": args.size, "device": args.device, "tile_size": args.tile_size,
+           "overlap": args.overlap, "threads": torch.get_num_threads()}
+    out = None
+    try:
+        with torch.no_grad():
+            for _ in range(args.warmup):
+                out = fn()
+                del out
+            times = []
+            for _ in range(args.repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    t0 = time.perf_counter()
+                    out = fn()
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                    res["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                else:
+                    out = None
+                    with RssSampler() as rs:
+                        t0 = time.perf_counter()
+                        out = fn()
+                        times.append(time.perf_counter() - t0)
+                    res["peak_gib"] = (rs.peak - rs.base) / 2 ** 30
+        res["seconds"] = min(times)
+        res["all_seconds"] = times
+        if args.save:
+            torch.save(out.float().cpu(), args.save)
+    except torch.cuda.OutOfMemoryError:  # the full decode at 4096²
+        res["oom"] = True
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_child(args, method, size, save):
+    cmd = [sys.executable, __file__, "_child", "--method", method, "--size", str(size), "--device", args.device,
+           "--tile_size", str(args.tile_size), "--overlap", str(args.overlap), "--warmup", str(args.warmup),
+           "--repeats", str(args.repeats), "--threads", str(args.threads or 0), "--save", save]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark child failed ({method}, {size}):\n{out.stderr[-3000:]}")
+
+
+def machine_description(device, threads):
+    import torch
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}, fp16"
+    cpu = platform.processor() or platform.machine()
+    load = os.getloadavg()
+    return (f"CPU ({os.cpu_count()} cores, {cpu}), torch {torch.__version__}, {threads} threads, fp32; "
+            f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
+
+
+def format_table(results, args):
+    lines = [f"### SD VAE decoder, {args.device}", "",
+             f"Machine: {machine_description(args.device, results[0]['threads'])}. tile_size {args.tile_size}, "
+             f"overlap {args.overlap} (latent pixels). Best of {args.repeats} after {args.warmup} warm-up.", "",
+             "| image | latent | method | seconds | × full | peak memory (GiB) | max / mean abs error vs full |",
+             "|---|---|---|---|---|---|---|"]
+    full = {r["size"]: r for r in results if r["method"] == "full" and not r.get("oom")}
+    for r in results:
+        s = r["size"]
+        name = f"{r['method']} ({METHODS[r['method']]})"
+        if r.get("oom"):
+            lines.append(f"| {s}² | {s // 8}² | {name} | OOM | – | – | – |")
+            continue
+        base = full.get(s)
+        ratio = f"{r['seconds'] / base['seconds']:.2f}×" if base else "–"
+        e = r.get("error")
+        err = f"{e[0]:.1e} / {e[1]:.1e}" if e else "–"
+        lines.append(f"| {s}² | {s // 8}² | {name} | {r['seconds']:.2f} | {ratio} | {r['peak_gib']:.2f} | {err} |")
+    lines.append("")
+    if args.device == "cuda":
+        lines.append("Peak memory: `torch.cuda.max_memory_allocated()` during the decode, weights included.")
+    else:
+        lines.append("Peak memory: peak resident set size during the decode minus the resident size just before "
+                     "it (weights and latent excluded), sampled every 2 ms from /proc/self/statm. On the CPU the "
+                     "inter-stage tensors of the tiled decode live in the same memory, so the saving is only "
+                     "the transient activations of the full decode.")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path, key, text):
+    """Replace the block between `<!-- bench:key -->` markers (append it if absent)."""
+    path = Path(path)
+    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    body = path.read_text() if path.exists() else "# VAE decoding benchmarks\n"
+    block = f"{start}\n{text}{end}\n"
+    if start in body and end in body:
+        body = body[:body.index(start)] + block + body[body.index(end) + len(end) + 1:]
+    else:
+        body = body.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("cmd", nargs="?", default="run", choices=["run", "_child"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in pixels (multiples of 8)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    p.add_argument("--tile_size", type=int, default=64)
+    p.add_argument("--overlap", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the children (CPU)")
+    p.add_argument("--write", default=None, help="markdown file to update (e.g. docs/benchmarks_vae.md)")
+    p.add_argument("--key", default=None, help="section key in the markdown file")
+    # child-only
+    p.add_argument("--method", default="full")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--save", default="")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if args.warmup is None:
+        args.warmup = 1 if cuda else 0
+    if args.repeats is None:
+        args.repeats = 3 if cuda else 1
+    if args.cmd == "_child":
+        return measure_once(args)
+    args.sizes = args.sizes or ([1024, 2048, 4096] if cuda else [512, 1024])
+    args.methods = args.methods or (["full", "sync", "sync-offload", "nosync"] if cuda else ["full", "sync", "nosync"])
+    import torch
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            outs = {}
+            for method in args.methods:
+                save = os.path.join(tmp, f"{method}_{size}.pt")
+                r = run_child(args, method, size, save)
+                if not r.get("oom"):
+                    outs[method] = save
+                    if "full" in outs and method != "full":
+                        a, b = torch.load(outs["full"]), torch.load(save)
+                        e = (a - b).abs()
+                        r["error"] = [e.max().item(), e.mean().item()]
+                msg = "OOM" if r.get("oom") else f"{r['seconds']:.2f} s, peak {r['peak_gib']:.2f} GiB"
+                print(f"{size:>5}² {method:>12}: {msg}" + (f", error {r['error']}" if "error" in r else ""),
+                      flush=True)
+                results.append(r)
+    table = format_table(results, args)
+    print(table)
+    if args.write:
+        write_section(args.write, args.key or f"vae-{args.device}", table)
+
+
+if __name__ == "__main__":
+    main()
