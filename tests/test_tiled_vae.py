@@ -216,6 +216,23 @@ def test_full_size_sd_vae_architecture():
     assert naive[1] > 100 * mn
 
 
+@pytest.mark.parametrize("extra", [dict(attn_resolutions=[16], tanh_out=True), dict(resamp_with_conv=False)],
+                         ids=["attention-at-a-level+tanh", "no-resampling-convs"])
+def test_other_layouts(extra):
+    """Self-attention inside an up/down level (global, like the mid block), tanh output, average-pool
+    downsampling and conv-free upsampling: decode and encode stay exact."""
+    torch.manual_seed(0)
+    cfg = dict(TINY, ch_mult=[1, 2], resolution=32, **extra)
+    m = AutoencoderKL(cfg).eval()
+    z = structured_latent(12, 18)
+    x = torch.randn(1, 3, 50, 70)
+    with torch.no_grad():
+        full, enc = m.decode(z), m.encode(x).parameters
+    assert err(m.decode_tiled(z, tile_size=5), full)[0] < 1e-4
+    tiled = m.encode_tiled(x, tile_size=7).parameters
+    assert tiled.shape == enc.shape and err(tiled, enc)[0] < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------- encoding
 
 def test_tiled_encode(tiny_vae):
