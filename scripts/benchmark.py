@@ -93,7 +93,8 @@ def run_child(mode, size, device, batch, repeats):
 
 
 def format_table(results, title, machine):
-    lines = [f"### {title}", "", f"Machine: {machine}. Median of the timed repeats after one warm-up.", "",
+    lines = [f"### {title}", "", f"Machine: {machine}. Median of the timed repeats after one warm-up.",
+             "One 'UNet step' = the UNet work of one guided sampling step (batch 2 = a CFG pair).", "",
              "| mode | latent | image | batch | s / UNet step | ratio vs plain | peak memory (GiB) |",
              "|---|---|---|---|---|---|---|"]
     plain = {(r["size"], r["batch"]): r["seconds"] for r in results if r["mode"] == "plain"}
@@ -126,7 +127,8 @@ def main(argv=None):
     u = sub.add_parser("unet", help="UNet step time and peak memory per mode and latent size")
     u.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     u.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    u.add_argument("--modes", nargs="+", default=["plain"])
+    u.add_argument("--modes", nargs="+", default=["plain"],
+                   help="plain redilate redilate_frac redilate_ndcfg disperse (ldm/scalecrafter/benchmark_modes.py)")
     u.add_argument("--batch", type=int, default=2, help="2 = one classifier-free-guidance step")
     u.add_argument("--repeats", type=int, default=3)
     u.add_argument("--write", type=str, default=None, help="update this markdown file")
