@@ -7,6 +7,10 @@
 
 Writes ``OUTDIR/samples/NNNNN.png`` (one per image, with the prompt, seed and settings in the PNG text
 metadata) and ``OUTDIR/grid-NNNN.png``. Numbering continues after existing files.
+
+With ``--sweep``, and always under ``torchrun`` (any number of GPUs and nodes), the images are a fixed work
+list shared by the processes: ``OUTDIR/samples/{prompt:06d}_{sample:03d}.png`` with per-image seeds, the same
+files for any number of processes, resumable, with ``OUTDIR/manifest.jsonl`` (docs/cluster.md).
 """
 import argparse
 import os
@@ -27,6 +31,7 @@ from ldm.checkpoint import CheckpointError, load_model_from_config  # noqa: E402
 from ldm.inference import (UsageError, check_size, chunk, make_grid, next_free_index, pick_device,  # noqa: E402
                            read_prompt_file, save_png, seed_everything, to_pil)
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm import sweep as sweep_mode  # noqa: E402
 
 
 def build_parser():
@@ -83,6 +88,7 @@ def build_parser():
     td.add_argument("--overlap", type=int, default=24, help="tile overlap in latent pixels")
     td.add_argument("--sync_gn", action="store_true",
                     help="normalise every decoder GroupNorm with whole-image statistics (no seams)")
+    sweep_mode.add_sweep_args(p)
     return p
 
 
@@ -167,7 +173,10 @@ def run(opt):
         prompts = [opt.prompt]
     data = [[p] * batch_size for p in prompts] if not opt.from_file else chunk(prompts, batch_size)
 
-    device = pick_device(opt.device)
+    sweeping = opt.sweep or sweep_mode.launched_by_torchrun()
+    if sweeping and not opt.sweep:
+        print("launched by torchrun: sweep mode on (--sweep; see docs/cluster.md)")
+    device = sweep_mode.rank_device(pick_device(opt.device))
     t0 = time.time()
     model = load_model_from_config(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load,
                                    use_ema=not opt.no_ema, config_name=str(config_path))
@@ -209,6 +218,9 @@ def run(opt):
     if freeu_args:
         from ldm.scalecrafter.freeu import freeu
         freeu_scope = freeu(unet, **freeu_args)
+    if sweeping:
+        run_sweep(opt, model, sampler, shape, settings, guidance, tiling, device, precision_scope, freeu_scope)
+        return []
     with torch.no_grad(), precision_scope, freeu_scope:
         for n in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
             for batch_idx, batch_prompts in enumerate(tqdm(data, desc="data", disable=len(data) == 1)):
@@ -235,6 +247,36 @@ def run(opt):
         print(f"Grid: {grid_file}")
     print(f"Your samples are ready and waiting for you here: {outdir}")
     return all_images
+
+
+def run_sweep(opt, model, sampler, shape, settings, guidance, tiling, device, precision_scope, freeu_scope):
+    """--sweep / torchrun: the deterministic, resumable, sharded form of the loop above (ldm/sweep.py).
+
+    Each image gets its own CPU generator (seed from (seed, prompt index, sample index)) for its starting
+    latent and its per-step noise; batches are fixed slices of the global work list."""
+    if opt.from_file:
+        prompts, per_prompt = read_prompt_file(opt.from_file), opt.n_iter * opt.repeat
+    else:
+        prompts, per_prompt = [opt.prompt], opt.n_iter * opt.n_samples
+    torch.backends.cudnn.benchmark = False  # kernel choice must not depend on timing
+
+    def render(items):
+        n = len(items)
+        uc = model.get_learned_conditioning(n * [opt.negative_prompt]) if opt.scale != 1.0 else None
+        c = model.get_learned_conditioning([it.prompt for it in items])
+        generators = [torch.Generator().manual_seed(it.seed) for it in items]
+        samples, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=n, shape=shape, verbose=False,
+                                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
+                                    eta=opt.ddim_eta, guidance=guidance, generator=generators)
+        return [to_pil(x) for x in model.decode_first_stage(samples, **tiling)]
+
+    dist = sweep_mode.DistContext(device, opt.dist_backend, opt.dist_timeout)
+    try:
+        with torch.no_grad(), precision_scope, freeu_scope:
+            sweep_mode.run_sweep(render, prompts, per_prompt, opt.n_samples, opt.seed, opt.outdir, settings, dist,
+                                 fixed_code=opt.fixed_code)
+    finally:
+        dist.close()
 
 
 def main(argv=None):

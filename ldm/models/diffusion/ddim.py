@@ -71,6 +71,8 @@ class DDIMSampler:
         Returns (samples, intermediates) like the original. ``generator`` (optional) makes the noise
         independent of the global RNG; without it the draws follow the original order
         (x_T first, then one draw per step), so a seed gives the original's noise on CUDA.
+        ``generator`` may also be a list with one generator per batch element: element i then draws
+        its x_T (when not given) and its per-step noise from ``generator[i]`` alone.
         """
         if conditioning is not None and isinstance(conditioning, torch.Tensor) and conditioning.shape[0] != batch_size:
             print(f"Warning: Got {conditioning.shape[0]} conditionings but batch-size is {batch_size}")
@@ -112,8 +114,15 @@ class DDIMSampler:
 
     @staticmethod
     def _randn(shape, device, generator=None):
+        """Gaussian noise of ``shape``: from the global RNG, one generator, or one generator per batch element
+        (a list/tuple, drawing row i from ``generator[i]``, so an image's noise does not depend on its batch)."""
         if generator is None:
             return torch.randn(shape, device=device)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != shape[0]:
+                raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+            return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device).to(device)
+                                for g in generator])
         return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
     @torch.no_grad()
