@@ -35,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 import pytorch_lightning as pl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.models.diffusion.ddpm import LatentDiffusion  # noqa: E402
+from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, LatentDiffusion  # noqa: E402
 from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
 
 
@@ -83,6 +83,12 @@ class LitEma(nn.Module):
         decay = min(float(self.decay), (1.0 + n) / (10.0 + n))
         for buf, p in self._params():
             getattr(self, buf).lerp_(p.detach().to(getattr(self, buf).dtype), 1.0 - decay)
+
+    @torch.no_grad()
+    def reset_to_current(self):
+        self.num_updates.zero_()
+        for buf, p in self._params():
+            getattr(self, buf).copy_(p.detach())
 
     @torch.no_grad()
     def copy_to(self):
@@ -243,6 +249,20 @@ def build_dataloader(config, seed_offset=0, batch_size=None):
                                        persistent_workers=workers > 0)
 
 
+def warm_start(model, src):
+    """Copy the tensors of a training checkpoint whose name and shape match (EMA copies and the noise
+    schedule excluded); the rest keeps its fresh initialisation. The EMA restarts from the result."""
+    sd = torch.load(src, map_location="cpu", weights_only=True)["state_dict"]
+    own = model.state_dict()
+    take = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape
+            and not k.startswith("model_ema.") and k not in SCHEDULE_BUFFERS}
+    fresh = sorted(k for k in own if k not in take and not k.startswith("model_ema.") and k not in SCHEDULE_BUFFERS)
+    model.load_state_dict(take, strict=False)
+    model.model_ema.reset_to_current()
+    print(f"warm start from {src}: {len(take)} tensors copied, {len(fresh)} freshly initialised"
+          + (f" ({', '.join(fresh[:6])}{', ...' if len(fresh) > 6 else ''})" if fresh else ""))
+
+
 def export(config, src, out, dtype=torch.float16):
     """Release file: EMA weights baked into the ordinary keys (UNet and text encoder), no optimizer,
     no model_ema.* copies; weights stored as ``dtype`` (the schedule buffers stay float32)."""
@@ -275,6 +295,11 @@ def parse_args(argv=None):
     p.add_argument("--logdir", default="logs", help="where runs are written (logs/<name>/checkpoints/...)")
     p.add_argument("--name", default=None, help="run name (default: the config's file name)")
     p.add_argument("--resume", default=None, help="a training checkpoint (original format) to continue from")
+    p.add_argument("--init_from", default=None, metavar="CKPT",
+                   help="warm start: copy every tensor whose name and shape match from this training checkpoint, "
+                        "start at step 0 with a fresh optimizer and EMA (for a changed architecture)")
+    p.add_argument("--reset_ema", action="store_true",
+                   help="with --resume: restart the EMA from the resumed weights (e.g. after changing the schedule)")
     p.add_argument("--max_steps", type=int, default=None, help="total optimisation steps (default: config)")
     p.add_argument("--max_minutes", type=float, default=None, help="stop after this wall-clock time")
     p.add_argument("--batch_size", type=int, default=None, help="override data.batch_size")
@@ -315,10 +340,30 @@ def main(argv=None):
             return 0
     model = build_model(config, step_offset=start)
     if resume is not None:
-        model.load_state_dict(resume["state_dict"], strict=True)
+        sd = dict(resume["state_dict"])
+        # the noise schedule comes from the config (it may have been changed for a fine-tuning run)
+        changed = [k for k in SCHEDULE_BUFFERS if k in sd and not torch.allclose(
+            sd[k].float(), getattr(model, k).float(), rtol=1e-5, atol=1e-8)]
+        for k in SCHEDULE_BUFFERS:
+            sd.pop(k, None)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if k not in SCHEDULE_BUFFERS]
+        if missing or unexpected:
+            raise SystemExit(f"{args.resume} does not match the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        if changed:
+            print(f"note: the config's noise schedule differs from the checkpoint's; training continues "
+                  f"with the config's ({config.model.params.get('beta_schedule', 'linear')})")
+        if args.reset_ema:
+            model.model_ema.reset_to_current()
+            print("EMA restarted from the current weights")
         if resume.get("optimizer_states"):
             model.resume_optimizer_state = resume["optimizer_states"][0]
         print(f"resumed from {args.resume} at step {start}")
+    if args.init_from:
+        if resume is not None:
+            raise SystemExit("--init_from and --resume exclude each other")
+        warm_start(model, args.init_from)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{config.model.target}: {n_params / 1e6:.2f} M trainable parameters, "
           f"{torch.get_num_threads()} CPU thread(s)", flush=True)

@@ -104,6 +104,8 @@ def main(argv=None):
     p.add_argument("--config", default=demo.DEFAULT_CONFIG)
     p.add_argument("--ckpt", default=demo.DEFAULT_CKPT)
     p.add_argument("--n", type=int, default=64, help="seeds per setting")
+    p.add_argument("--n_large", type=int, default=32,
+                   help="seeds per setting above 64x64 (each 128x128 sample costs 16 native ones on a CPU)")
     p.add_argument("--seed", type=int, default=1000, help="first seed (sample i uses seed + i)")
     p.add_argument("--settings", nargs="*", default=None,
                    help="subset of: " + ", ".join(k for k, *_ in demo.SETTINGS) + " (default: all)")
@@ -133,12 +135,14 @@ def main(argv=None):
     sha = hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:16]
     del meta
 
-    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(opt.n)]
-    seeds = [opt.seed + i for i in range(opt.n)]
+    captions_all = [CAPTIONS[i % len(CAPTIONS)] for i in range(max(opt.n, opt.n_large))]
+    seeds_all = [opt.seed + i for i in range(max(opt.n, opt.n_large))]
     summaries, rows, grid_rows, grid_counts, raw = [], [], [], [], {}
     t_all = time.time()
     for key, label, side, preset in settings:
         t0 = time.time()
+        n = opt.n if side <= 64 else opt.n_large
+        captions, seeds = captions_all[:n], seeds_all[:n]
 
         def progress(done, total, label=label, t0=t0):
             print(f"  {label}: {done}/{total} samples, {time.time() - t0:.0f}s", flush=True)
@@ -168,8 +172,8 @@ def main(argv=None):
     if opt.no_docs:
         return 0
 
-    grid = demo.comparison_grid(grid_rows, counts=grid_counts, col_titles=captions[:opt.grid_n],
-                                title=f"seeds {seeds[0]}..{seeds[0] + opt.grid_n - 1}; same initial noise "
+    grid = demo.comparison_grid(grid_rows, counts=grid_counts, col_titles=captions_all[:opt.grid_n],
+                                title=f"seeds {opt.seed}..{opt.seed + opt.grid_n - 1}; same initial noise "
                                       "within a size; object count under each sample")
     grid_path = REPO_ROOT / opt.grid if not Path(opt.grid).is_absolute() else Path(opt.grid)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +197,8 @@ def main(argv=None):
         f"- **Machine**: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), device {device}.",
         f"- **Sampling**: DDIM {opt.steps} steps, eta {opt.ddim_eta:g}, classifier-free guidance "
-        f"{opt.scale:g}; n = {opt.n} samples per setting, caption i = the 12 captions in turn, seed "
-        f"{opt.seed} + i; the same initial noise for the direct and the ScaleCrafter setting of a size.",
+        f"{opt.scale:g}; n = {opt.n} samples per setting up to 64x64 and {opt.n_large} at 128x128 (CPU time), "
+        f"caption i = the 12 captions in turn, seed {opt.seed} + i; the same initial noise for the direct and the ScaleCrafter setting of a size.",
         "- **Counter**: `ldm.evaluation.repetition.count_objects` with its defaults: blobs of saturated colour "
         "(channel spread >= 0.25) after a Gaussian blur of 0.75·sqrt(side/32) px, 8-connected, at least "
         "8·side/32 px; 95 % Wilson intervals. 'object area / image' is the mean total blob area relative to "

