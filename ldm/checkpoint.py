@@ -34,6 +34,8 @@ OPTIONAL_KEYS = {
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "cond_stage_model.transformer.text_model.embeddings.position_ids", "denoiser.sigmas",
+    # SDXL: the same HF CLIP buffer under the conditioner (absent from files written with transformers >= 4.31)
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
 }
 
 

@@ -100,3 +100,18 @@ def make_grid(images, n_rows):
         r, c = divmod(i, cols)
         grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+def cast_for_half_precision(model, dtype=torch.float16):
+    """Store the UNet's and the text encoders' weights in ``dtype`` (run under autocast of the same dtype).
+
+    The VAE and the noise schedule stay float32 (SDXL's VAE overflows float16; the sampler's per-step
+    coefficients need float32). Compared with float32 weights under autocast this halves the weight memory
+    and avoids autocast's cache of low-precision weight copies: SDXL's UNet is 5.1 GB instead of 10.3 + 5.1 GB.
+    """
+    model.model.to(dtype)
+    for name in ("cond_stage_model", "conditioner"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.to(dtype)
+    return model

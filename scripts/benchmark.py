@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmarks (not tests): time and peak memory of the full-size SD 2.1 UNet, random weights.
+"""Benchmarks (not tests): time and peak memory of the full-size SD 2.1 or SDXL UNet, random weights.
 
 Timing does not depend on weight values, so random weights give real figures. Each measurement runs in
 its own subprocess so that the CPU peak (max RSS) belongs to that measurement alone.
@@ -7,6 +7,9 @@ its own subprocess so that the CPU peak (max RSS) belongs to that measurement al
     python scripts/benchmark.py unet --device cpu --sizes 64 128      # latent sides
     python scripts/benchmark.py unet --device cuda --sizes 64 128 256 # fp16 on CUDA
     python scripts/benchmark.py unet ... --write docs/benchmarks.md    # update the table in the docs
+    python scripts/benchmark.py unet --family sdxl --device cuda --sizes 128 256 512 --modes plain preset
+    python scripts/benchmark.py pipeline --device cuda --size 4096 --preset configs/scalecrafter/sdxl_4096x4096.yaml \
+        --cap_gib 24                                                  # whole SDXL sampling run, fp16, 24 GB cap
 
 ``scripts/benchmark.py`` is the single entry point; ScaleCrafter modes (``--mode``) are added by the
 method modules (see docs/benchmarks.md for what each mode runs).
@@ -25,7 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-CONFIG = REPO_ROOT / "configs/stable-diffusion/v2-inference.yaml"
+CONFIGS = {"sd2": REPO_ROOT / "configs/stable-diffusion/v2-inference.yaml",
+           "sdxl": REPO_ROOT / "configs/stable-diffusion/sdxl-base-inference.yaml"}
+FAMILY_TITLES = {"sd2": "SD 2.1", "sdxl": "SDXL base"}
 
 
 def machine_description(device):
@@ -36,11 +41,10 @@ def machine_description(device):
     return f"CPU ({os.cpu_count()} cores, {cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def build_unet(device, dtype):
-    import torch
+def build_unet(device, dtype, config=None):
     from omegaconf import OmegaConf
     from ldm.util import instantiate_from_config
-    cfg = OmegaConf.load(CONFIG).model.params.unet_config
+    cfg = OmegaConf.load(config or CONFIGS["sd2"]).model.params.unet_config
     cfg.params.use_checkpoint = False
     unet = instantiate_from_config(cfg).eval()
     return unet.to(device=device, dtype=dtype)
@@ -51,9 +55,9 @@ def measure_once(args):
     import torch
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    unet = build_unet(device, dtype)
+    unet = build_unet(device, dtype, args.config or CONFIGS[args.family])
     from ldm.scalecrafter.benchmark_modes import make_step  # per-mode step function
-    step = make_step(args.mode, unet, args.size, args.batch, device, dtype)
+    step = make_step(args.mode, unet, args.size, args.batch, device, dtype, family=args.family)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -69,7 +73,7 @@ def measure_once(args):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    res = {"mode": args.mode, "size": args.size, "batch": args.batch, "device": args.device,
+    res = {"mode": args.mode, "size": args.size, "batch": args.batch, "device": args.device, "family": args.family,
            "seconds": sorted(times)[len(times) // 2], "all_seconds": times}
     if device.type == "cuda":
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -82,9 +86,11 @@ def measure_once(args):
     print("RESULT " + json.dumps(res))
 
 
-def run_child(mode, size, device, batch, repeats):
+def run_child(mode, size, device, batch, repeats, family="sd2", config=None):
     cmd = [sys.executable, __file__, "_child", "--mode", mode, "--size", str(size), "--device", device,
-           "--batch", str(batch), "--repeats", str(repeats)]
+           "--batch", str(batch), "--repeats", str(repeats), "--family", family]
+    if config:
+        cmd += ["--config", str(config)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -121,14 +127,161 @@ def write_section(path, key, text):
     path.write_text(body)
 
 
+# ------------------------------------------------------------------------------------------------
+# whole sampling run (text encoders, guided DDIM steps, tiled decoding) with phase-wise peak memory
+
+
+def add_pipeline_parser(sub):
+    q = sub.add_parser("pipeline", help="one whole sampling run with random weights (text encoders, guided DDIM "
+                                        "steps with a preset, tiled VAE decoding): time and peak memory per phase")
+    q.add_argument("--config", default=str(CONFIGS["sdxl"]), help="model config (default: SDXL base)")
+    q.add_argument("--preset", default=None, help="ScaleCrafter preset YAML (default: none, direct sampling)")
+    q.add_argument("--size", type=int, nargs="+", default=None,
+                   help="image side, or H W, in pixels (default: the preset's, else 1024)")
+    q.add_argument("--steps", type=int, default=2,
+                   help="DDIM steps to run: the preset's first steps, its most expensive (memory does not grow)")
+    q.add_argument("--precision", choices=["half", "autocast", "full"], default="half",
+                   help="as scripts/txt2img.py --precision (CUDA only; CPU runs in float32)")
+    q.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    q.add_argument("--no_tiled", action="store_true", help="decode in one piece instead of tiles with synced GroupNorm")
+    q.add_argument("--tile_size", type=int, default=None, help="tile side in latent pixels (default: the decoder's)")
+    q.add_argument("--freeu", action="store_true", help="FreeU on, with the family's values")
+    q.add_argument("--cap_gib", type=float, default=None,
+                   help="cap this process's CUDA memory (e.g. 24 on a larger GPU: a run that needs more fails)")
+    q.add_argument("--write", type=str, default=None, help="update this markdown file")
+    q.add_argument("--key", type=str, default=None, help="section key in the markdown file")
+
+
+def random_weights_(model, seed=0):
+    """Finite random values for every parameter (built without initialisation, which leaves memory as is)."""
+    import torch
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, (p.numel() // p.shape[0]) ** -0.5, generator=g)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def run_pipeline(args):
+    import torch
+    from contextlib import nullcontext
+    from omegaconf import OmegaConf
+    from ldm.inference import cast_for_half_precision
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.util import instantiate_from_config, no_weight_init
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and args.cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2 ** 30 / total), device)
+    config = OmegaConf.load(args.config)
+    preset = None
+    if args.preset:
+        from ldm.scalecrafter.presets import load_preset
+        preset = load_preset(args.preset)
+    size = args.size or ([preset["height"], preset["width"]] if preset else [1024])
+    H, W = (size[0], size[0]) if len(size) == 1 else size[:2]
+    t0 = time.perf_counter()
+    with no_weight_init():
+        model = instantiate_from_config(config.model).eval()
+    half = args.precision == "half" and cuda
+    if half:
+        cast_for_half_precision(model, torch.float16)
+    model.to(device)
+    random_weights_(model)
+    build_s = time.perf_counter() - t0
+    if hasattr(model, "set_size_conditioning"):
+        model.set_size_conditioning((H, W))
+    unet = model.model.diffusion_model
+    guidance = None
+    if preset is not None:
+        import warnings
+        from ldm.scalecrafter.guidance import ScaleCrafterGuidance
+        from ldm.scalecrafter.presets import plan_from_preset
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            guidance = ScaleCrafterGuidance(plan_from_preset(unet, preset))
+    freeu_scope = nullcontext()
+    if args.freeu:
+        from ldm.scalecrafter.freeu import FREEU_DEFAULTS, freeu
+        family = "sdxl" if hasattr(model, "conditioner") else "sd2"
+        freeu_scope = freeu(unet, **dict((preset or {}).get("freeu") or FREEU_DEFAULTS[family]))
+    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda and args.precision != "full" else nullcontext()
+    tiling = {} if args.no_tiled else {"overlap": 24, "sync_gn": True}
+    if args.tile_size and tiling:
+        tiling["tile_size"] = args.tile_size
+    phases = {}
+    weights_gib = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else None
+
+    def phase(name, fn):
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        rec = {"seconds": time.perf_counter() - t}
+        if cuda:
+            rec["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
+        phases[name] = rec
+        return out
+
+    prompt = "a professional photograph of an astronaut riding a horse"
+    sampler = DDIMSampler(model)
+    with torch.no_grad(), autocast, freeu_scope:
+        c = phase("text encoders", lambda: model.get_learned_conditioning([prompt]))
+        uc = model.get_learned_conditioning([""])
+        samples = phase("sampling", lambda: sampler.sample(
+            S=args.steps, conditioning=c, batch_size=1, shape=(4, H // 8, W // 8), verbose=False,
+            unconditional_guidance_scale=5.0, unconditional_conditioning=uc, eta=1.0, guidance=guidance)[0])
+        c = uc = None  # not needed while decoding
+        phase("decoding", lambda: model.decode_first_stage(samples, **tiling))
+    res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
+           "H": H, "W": W, "steps": args.steps, "precision": args.precision if cuda else "full",
+           "tiled": not args.no_tiled, "freeu": args.freeu, "cap_gib": args.cap_gib, "build_seconds": build_s,
+           "weights_gib": weights_gib, "phases": phases, "machine": machine_description(args.device)}
+    if not cuda:
+        res["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print("RESULT " + json.dumps(res))
+    lines = [f"### Sampling run: {res['config']}, {res['preset'] or 'direct'}, {W}x{H}, {args.device}", "",
+             f"Machine: {res['machine']}. Precision {res['precision']}, tiled decoding "
+             f"{'with synchronized GroupNorm' if res['tiled'] else 'off'}, FreeU {'on' if args.freeu else 'off'}"
+             f"{f', memory capped at {args.cap_gib:g} GiB' if args.cap_gib else ''}; random weights; "
+             f"{args.steps} DDIM steps (the preset's first, most expensive).", ""]
+    if cuda:
+        lines += [f"Weights on the GPU: {weights_gib:.2f} GiB.", "",
+                  "| phase | seconds | s / step | peak allocated (GiB) | peak reserved (GiB) |", "|---|---|---|---|---|"]
+        for name, r in phases.items():
+            per = f"{r['seconds'] / args.steps:.2f}" if name == "sampling" else "–"
+            lines.append(f"| {name} | {r['seconds']:.2f} | {per} | {r['peak_gib']:.2f} | {r['peak_reserved_gib']:.2f} |")
+    else:
+        lines += ["| phase | seconds |", "|---|---|"] + [f"| {n} | {r['seconds']:.2f} |" for n, r in phases.items()]
+        lines += ["", f"Process max RSS: {res['max_rss_gib']:.2f} GiB."]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        write_section(args.write, args.key or f"pipeline-{Path(args.config).stem}-{H}x{W}-{args.device}", table)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     u = sub.add_parser("unet", help="UNet step time and peak memory per mode and latent size")
     u.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    u.add_argument("--family", default="sd2", choices=sorted(CONFIGS),
+                   help="sd2: SD 2.1 UNet; sdxl: SDXL base UNet (label_emb, 3 levels), SDXL presets")
+    u.add_argument("--config", default=None, help="take the UNet from this config instead (e.g. a tiny one)")
     u.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     u.add_argument("--modes", nargs="+", default=["plain"],
-                   help="plain redilate redilate_frac redilate_ndcfg disperse (ldm/scalecrafter/benchmark_modes.py)")
+                   help="plain redilate redilate_frac redilate_ndcfg disperse preset preset_corrected "
+                        "(ldm/scalecrafter/benchmark_modes.py); preset = the preset made for each size")
     u.add_argument("--batch", type=int, default=2, help="2 = one classifier-free-guidance step")
     u.add_argument("--repeats", type=int, default=3)
     u.add_argument("--write", type=str, default=None, help="update this markdown file")
@@ -139,21 +292,32 @@ def main(argv=None):
     c.add_argument("--device")
     c.add_argument("--batch", type=int)
     c.add_argument("--repeats", type=int)
+    c.add_argument("--family", default="sd2")
+    c.add_argument("--config", default=None)
+    add_pipeline_parser(sub)
     args = p.parse_args(argv)
     if args.cmd == "_child":
         return measure_once(args)
+    if args.cmd == "pipeline":
+        return run_pipeline(args)
+    from ldm.scalecrafter.benchmark_modes import mode_available
     results = []
     for size in args.sizes:
         for mode in args.modes:
-            r = run_child(mode, size, args.device, args.batch, args.repeats)
+            if not mode_available(mode, size, args.family):
+                print(f"{mode:>10} {size:>4}² latent: no preset for {8 * size}², skipped", flush=True)
+                continue
+            r = run_child(mode, size, args.device, args.batch, args.repeats, args.family, args.config)
             print(f"{mode:>10} {size:>4}² latent: {r['seconds']:.3f} s/step, peak {r['peak_gib']:.2f} GiB", flush=True)
             results.append(r)
     import torch  # noqa: F401
     machine = machine_description(args.device)
-    table = format_table(results, f"SD 2.1 UNet, {args.device}", machine)
+    title = f"{FAMILY_TITLES[args.family]} UNet" + (f" ({Path(args.config).name})" if args.config else "")
+    table = format_table(results, f"{title}, {args.device}", machine)
     print(table)
     if args.write:
-        write_section(args.write, args.key or f"unet-{args.device}-{'-'.join(args.modes)}", table)
+        default_key = f"unet-{args.family + '-' if args.family != 'sd2' else ''}{args.device}-{'-'.join(args.modes)}"
+        write_section(args.write, args.key or default_key, table)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def build_parser():
                    help="the model's YAML config")
     p.add_argument("--ckpt", type=str, required=False, help="the checkpoint (.ckpt or .safetensors)")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
-    p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
-                   help="autocast: fp16/bf16 autocast on CUDA (CPU always runs in full precision)")
+    p.add_argument("--precision", type=str, choices=["full", "autocast", "half"], default="autocast",
+                   help="autocast: fp16/bf16 autocast on CUDA; half: also store the UNet and text encoder weights "
+                        "in that dtype (VAE stays float32; what 4096x4096 SDXL needs on 24 GB). "
+                        "CPU always runs in full precision")
     p.add_argument("--autocast_dtype", type=str, choices=["float16", "bfloat16"], default="float16",
                    help="the autocast dtype on CUDA")
     p.add_argument("--device", type=str, choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
@@ -88,6 +90,13 @@ def build_parser():
     td.add_argument("--overlap", type=int, default=24, help="tile overlap in latent pixels")
     td.add_argument("--sync_gn", action="store_true",
                     help="normalise every decoder GroupNorm with whole-image statistics (no seams)")
+    sx = p.add_argument_group("SDXL size conditioning (pixels; SDXL configs only)")
+    sx.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                    help="the 'original image size' SDXL conditions on (default: --H --W)")
+    sx.add_argument("--crop_coords_top_left", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                    help="the crop offset SDXL conditions on (default: 0 0)")
+    sx.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                    help="the target size SDXL conditions on (default: --H --W)")
     sweep_mode.add_sweep_args(p)
     return p
 
@@ -96,7 +105,8 @@ def model_family(config):
     target = str(config.model.params.get("cond_stage_config", {}).get("target", ""))
     if target.endswith("FrozenCLIPEmbedder"):
         return "sd1"
-    if "conditioner" in config.model.params or "sdxl" in target.lower():
+    params = config.model.params
+    if "conditioner" in params or "conditioner_config" in params or "sdxl" in str(config.model.target).lower():
         return "sdxl"
     return "sd2"
 
@@ -114,6 +124,11 @@ def build_method(opt, model, config):
             raise UsageError("give either --scalecrafter_config or --dilate, not both")
         if opt.scalecrafter_config:
             preset = load_preset(opt.scalecrafter_config)
+            family, base = model_family(config), preset.get("base_model")
+            if base in ("sd1", "sd2", "sdxl") and (base == "sdxl") != (family == "sdxl"):
+                hint = "sdxl_*.yaml" if family == "sdxl" else "sd2.1_*.yaml / sd1.5_*.yaml"
+                raise UsageError(f"--scalecrafter_config {opt.scalecrafter_config} is a preset for {base} but "
+                                 f"--config is a {family} model; use configs/scalecrafter/{hint}")
             if opt.ndcfg_tau is not None:
                 preset["ndcfg_tau"] = opt.ndcfg_tau
             if opt.disperse_tau is not None:
@@ -133,6 +148,17 @@ def build_method(opt, model, config):
             if getattr(opt, f"freeu_{k}") is not None:
                 freeu_args[k] = getattr(opt, f"freeu_{k}")
     return preset, guidance, freeu_args
+
+
+def prepare_model(opt, model, device):
+    """Model-family settings after loading: half-precision weights, SDXL's size conditioning (returned)."""
+    if opt.precision == "half" and device.type == "cuda":
+        from ldm.inference import cast_for_half_precision
+        cast_for_half_precision(model, getattr(torch, opt.autocast_dtype))
+    if not hasattr(model, "set_size_conditioning"):
+        return None
+    return model.set_size_conditioning(opt.target_size or (opt.H, opt.W), original_size=opt.original_size,
+                                       crop_coords_top_left=opt.crop_coords_top_left or (0, 0))
 
 
 def first_stage_factor(config):
@@ -160,8 +186,13 @@ def run(opt):
             raise UsageError(str(err)) from None
         opt.H = opt.H or preset.get("height")
         opt.W = opt.W or preset.get("width")
-    opt.H, opt.W = opt.H or 512, opt.W or 512
+    side = 1024 if model_family(config) == "sdxl" else 512  # the training resolution
+    opt.H, opt.W = opt.H or side, opt.W or side
     check_size(opt.H, opt.W, f)
+    if model_family(config) != "sdxl" and any(v is not None for v in (opt.original_size, opt.crop_coords_top_left,
+                                                                      opt.target_size)):
+        raise UsageError("--original_size/--crop_coords_top_left/--target_size are SDXL's size conditioning; "
+                         f"{opt.config} is not an SDXL config")
     if opt.ckpt is None:
         raise UsageError("--ckpt is required: the checkpoint file matching --config (see checkpoints/README.md)")
     batch_size = opt.n_samples
@@ -181,6 +212,7 @@ def run(opt):
     model = load_model_from_config(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load,
                                    use_ema=not opt.no_ema, config_name=str(config_path))
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
+    size_conditioning = prepare_model(opt, model, device)
     sampler = DDIMSampler(model)
     preset, guidance, freeu_args = build_method(opt, model, config)
     tiling = {}
@@ -198,7 +230,7 @@ def run(opt):
     seed_everything(opt.seed)
     shape = (C, opt.H // f, opt.W // f)
     start_code = torch.randn([batch_size, *shape], device=device) if opt.fixed_code else None
-    use_autocast = opt.precision == "autocast" and device.type == "cuda"
+    use_autocast = opt.precision in ("autocast", "half") and device.type == "cuda"
     precision_scope = torch.autocast("cuda", dtype=getattr(torch, opt.autocast_dtype)) if use_autocast else nullcontext()
     settings = {
         "sampler": "DDIM", "steps": opt.steps, "eta": opt.ddim_eta, "scale": opt.scale, "H": opt.H, "W": opt.W,
@@ -212,6 +244,8 @@ def run(opt):
     }
     if opt.scalecrafter_config:
         settings["scalecrafter_overrides"] = {"ndcfg_tau": opt.ndcfg_tau, "disperse_tau": opt.disperse_tau}
+    if size_conditioning is not None:
+        settings["size_conditioning"] = size_conditioning
     all_images = []
     unet = model.model.diffusion_model
     freeu_scope = nullcontext()

@@ -1,8 +1,12 @@
 # Shared by the sample_*.sh scripts (sourced, not run). Environment variables:
-#   MODEL   sd2.1 (default) or sd1.5
-#   CKPT    the checkpoint (default: the original file name in checkpoints/)
-#   CONFIG  the model config (default: the original config of MODEL)
+#   MODEL     sd2.1 (default), sd1.5 or sdxl (SDXL base 1.0)
+#   CKPT      the checkpoint (default: the original file name in checkpoints/)
+#   CONFIG    the model config (default: the original config of MODEL)
 #   PROMPT, SEED, OUTDIR, FREEU=1 (turn FreeU on), TILED=1 (tiled VAE decoding with synchronized GroupNorm)
+#   SCALE     guidance scale (default 7.5 for SD, 5.0 for SDXL: the authors' settings)
+#   CORRECTED=1  SDXL only: our corrected presets (*_corrected.yaml) instead of the released ones (default),
+#             see the comments in configs/scalecrafter/sdxl_*.yaml
+#   PRECISION autocast (default for SD) or half (default for SDXL: UNet and text encoders stored in fp16)
 # Any further arguments are passed to scripts/txt2img.py and override the ones set here.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,15 +14,27 @@ MODEL=${MODEL:-sd2.1}
 case "$MODEL" in
   sd2.1) CONFIG=${CONFIG:-configs/stable-diffusion/v2-inference.yaml}; CKPT=${CKPT:-checkpoints/v2-1_512-ema-pruned.ckpt};;
   sd1.5) CONFIG=${CONFIG:-configs/stable-diffusion/v1-inference.yaml}; CKPT=${CKPT:-checkpoints/v1-5-pruned-emaonly.ckpt};;
-  *) echo "MODEL must be sd2.1 or sd1.5 (got '$MODEL')" >&2; exit 2;;
+  sdxl) CONFIG=${CONFIG:-configs/stable-diffusion/sdxl-base-inference.yaml}; CKPT=${CKPT:-checkpoints/sd_xl_base_1.0.safetensors}
+        SCALE=${SCALE:-5.0}; PRECISION=${PRECISION:-half};;
+  *) echo "MODEL must be sd2.1, sd1.5 or sdxl (got '$MODEL')" >&2; exit 2;;
 esac
+SUFFIX=""
+if [ "${CORRECTED:-0}" = 1 ]; then
+  [ "$MODEL" = sdxl ] || { echo "CORRECTED=1 is for MODEL=sdxl (the SD presets name existing layers)" >&2; exit 2; }
+  SUFFIX=_corrected
+fi
 PROMPT=${PROMPT:-"A corgi sits on a beach chair on a beautiful beach, with palm trees behind, high details"}
 EXTRA=()
 [ "${FREEU:-0}" = 1 ] && EXTRA+=(--freeu)
 [ "${TILED:-0}" = 1 ] && EXTRA+=(--tiled_decoding --sync_gn)
 run_preset() {  # $1 = preset name without model prefix, e.g. 1024x1024
-  local preset="configs/scalecrafter/${MODEL}_$1.yaml"
+  local preset="configs/scalecrafter/${MODEL}_$1${SUFFIX}.yaml"
+  if [ ! -f "$preset" ]; then
+    echo "no ScaleCrafter preset $preset; presets for MODEL=$MODEL:" \
+      $(ls configs/scalecrafter/ | sed -n "s/^${MODEL}_\(.*\)\.yaml$/\1/p" | grep -v _corrected) >&2
+    exit 2
+  fi
   python3 scripts/txt2img.py --config "$CONFIG" --ckpt "$CKPT" --scalecrafter_config "$preset" \
-    --prompt "$PROMPT" --seed "${SEED:-23}" --ddim_eta 1 --scale 7.5 --steps 50 --n_samples 1 --n_iter 1 \
-    --outdir "${OUTDIR:-outputs/${MODEL}_$1}" ${EXTRA[@]+"${EXTRA[@]}"} "${@:2}"
+    --prompt "$PROMPT" --seed "${SEED:-23}" --ddim_eta 1 --scale "${SCALE:-7.5}" --steps 50 --n_samples 1 --n_iter 1 \
+    --precision "${PRECISION:-autocast}" --outdir "${OUTDIR:-outputs/${MODEL}_$1${SUFFIX}}" ${EXTRA[@]+"${EXTRA[@]}"} "${@:2}"
 }

@@ -12,6 +12,7 @@ CASES = [
     ("v2-inference.yaml", "sd21_base_state_dict.json"),
     ("v2-inference-v.yaml", "sd21_v_state_dict.json"),
     ("v1-inference.yaml", "sd15_state_dict.json"),
+    ("sdxl-base-inference.yaml", "sdxl_base_state_dict.json"),  # sd_xl_base_1.0.safetensors
 ]
 
 

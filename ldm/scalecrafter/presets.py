@@ -18,8 +18,28 @@ class SettingsError(ValueError):
     pass
 
 
+def _sd_layout_names():
+    """Every re-dilatable conv of the SD 1.x/2.x UNet in diffusers naming (4 levels, 2 ResBlocks per level on
+    the way down, 3 on the way up): the vocabulary of the released settings files (all_valid_convs.txt)."""
+    names = []
+    for level in range(4):
+        names += [f"down_blocks.{level}.resnets.{j}.conv{c}" for j in range(2) for c in (1, 2)]
+        if level < 3:
+            names.append(f"down_blocks.{level}.downsamplers.0.conv")
+    names += [f"mid_block.resnets.{j}.conv{c}" for j in range(2) for c in (1, 2)]
+    for level in range(4):
+        names += [f"up_blocks.{level}.resnets.{j}.conv{c}" for j in range(3) for c in (1, 2)]
+        if level < 3:
+            names.append(f"up_blocks.{level}.upsamplers.0.conv")
+    return frozenset(names)
+
+
+SD_LAYOUT_NAMES = _sd_layout_names()
+
+
 def _is_sd_name(name):
-    return name.split(".")[0] in ("down_blocks", "up_blocks", "mid_block")
+    """A name the released files could legitimately use (valid for SD 1.x/2.x) — not a typo."""
+    return name in SD_LAYOUT_NAMES
 
 
 def read_settings_file(path, names, with_factor=True, dead_names="error"):

@@ -387,3 +387,139 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def encode(self, text):
         return self(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# SDXL: OpenCLIP ViT-bigG/14 with pooled output, size/crop embeddings, the conditioner
+# --------------------------------------------------------------------------------------------------
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """OpenCLIP text encoder as SDXL's second embedder uses it (ViT-bigG/14).
+
+    ``legacy=True`` behaves like :class:`FrozenOpenCLIPEmbedder` (stop after ``layer``, then ``ln_final``).
+    ``legacy=False`` (SDXL) returns the output of ``layer`` *without* ``ln_final``: "penultimate" is the
+    input of the last residual block, "last" its output. With ``always_return_pooled`` (SDXL) the forward
+    returns ``(tokens (B, L, width), pooled (B, embed_dim))``, where pooled is ``ln_final`` of the last
+    block's output at the end-of-text token (the highest token id), projected by ``text_projection``.
+    """
+
+    def __init__(self, arch="ViT-H-14", version="laion2b_s32b_b79k", device="cuda", max_length=77,
+                 freeze=True, layer="last", always_return_pooled=False, legacy=True):
+        super().__init__(arch=arch, version=version, device=device, max_length=max_length, freeze=freeze,
+                         layer=layer)
+        if always_return_pooled and legacy:
+            raise ValueError("always_return_pooled needs legacy: False (the SDXL setting)")
+        self.return_pooled = always_return_pooled
+        self.legacy = legacy
+
+    def forward(self, text):
+        tokens = self.tokenize(text).to(self.device)
+        if self.legacy:
+            return self.encode_with_transformer(tokens)
+        feats = self.encode_layers(tokens)
+        return (feats[self.layer], feats["pooled"]) if self.return_pooled else feats[self.layer]
+
+    def encode_layers(self, tokens):
+        """{'penultimate', 'last': (B, L, width) block outputs, no ln_final; 'pooled': (B, embed_dim)}."""
+        m = self.model
+        L = tokens.shape[1]
+        x = m.token_embedding(tokens) + m.positional_embedding[:L]
+        mask = m.attn_mask[:L, :L].to(device=x.device, dtype=x.dtype)
+        tr = m.transformer
+        seq_first = not getattr(tr, "batch_first", False)  # open_clip < 2.14 runs (L, B, D)
+        if seq_first:
+            x = x.transpose(0, 1)
+        blocks = list(tr.resblocks)
+        for block in blocks[:-1]:
+            x = block(x, attn_mask=mask)
+        penultimate = x
+        last = blocks[-1](x, attn_mask=mask)
+        if seq_first:
+            penultimate, last = penultimate.transpose(0, 1), last.transpose(0, 1)
+        return {"penultimate": penultimate, "last": last, "pooled": self.pool(m.ln_final(last), tokens)}
+
+    def pool(self, x, tokens):
+        """Features at the end-of-text token (its id is the largest in every sequence), projected."""
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = self.model.text_projection
+        if isinstance(proj, nn.Module):
+            return proj(x)
+        return x @ proj.to(x.dtype)
+
+
+class ConcatTimestepEmbedderND(AbstractEncoder):
+    """Each of the D numbers of a row gets a sinusoidal embedding of width ``outdim`` ([cos | sin], the
+    timestep embedding); the D embeddings are concatenated: (B, D) -> (B, D * outdim). SDXL embeds
+    (height, width) of the original size, (top, left) of the crop and (height, width) of the target size
+    this way, 256 wide each. No parameters."""
+
+    def __init__(self, outdim=256):
+        super().__init__()
+        self.outdim = outdim
+
+    def forward(self, x):
+        from ldm.modules.diffusionmodules.util import timestep_embedding
+        x = torch.as_tensor(x)
+        if x.dim() == 1:
+            x = x[:, None]
+        b, d = x.shape
+        emb = timestep_embedding(x.reshape(-1).float(), self.outdim)
+        return emb.reshape(b, d * self.outdim)
+
+    def encode(self, x):
+        return self(x)
+
+
+class GeneralConditioner(nn.Module):
+    """SDXL's conditioner: a list of embedders (``self.embedders``, so the checkpoint keys are
+    ``conditioner.embedders.N.*``), each reading one entry (``input_key``) of a batch dict.
+
+    Every output tensor is routed by its rank: (B, L, D) tensors are concatenated along D into
+    ``"crossattn"`` and (B, D) tensors along D into ``"vector"``, in embedder order. For SDXL base that is
+    context = [CLIP-L penultimate (768) | bigG penultimate (1280)] = 2048 and
+    y = [bigG pooled (1280) | original size (512) | crop (512) | target size (512)] = 2816.
+
+    ``emb_models``: configs with ``target``/``params`` plus ``input_key`` (and, ignored at inference,
+    ``is_trainable``/``ucg_rate``). Non-trainable embedders are frozen.
+    """
+
+    OUTPUT_DIM2KEYS = {2: "vector", 3: "crossattn"}
+    KEY2CATDIM = {"vector": 1, "crossattn": 2}
+
+    def __init__(self, emb_models):
+        super().__init__()
+        from ldm.util import instantiate_from_config
+        embedders, keys = [], []
+        for n, cfg in enumerate(emb_models):
+            cfg = _plain_container(cfg)
+            if "input_key" not in cfg:
+                raise KeyError(f"conditioner embedder #{n} ({cfg.get('target')}) needs an input_key")
+            emb = instantiate_from_config(cfg)
+            if not cfg.get("is_trainable", False):
+                _freeze(emb)
+                emb.train = partial(disabled_train, emb)
+            embedders.append(emb)
+            keys.append(cfg["input_key"])
+        self.embedders = nn.ModuleList(embedders)
+        self.input_keys = keys
+
+    def forward(self, batch, force_zero_embeddings=None):
+        """``batch``: {input_key: value}. ``force_zero_embeddings``: input keys whose embeddings are replaced
+        by zeros, as a list (every row) or a dict {input_key: bool tensor (B,)} (the rows marked True)."""
+        zero = force_zero_embeddings or {}
+        if not isinstance(zero, Mapping):
+            zero = {k: None for k in zero}
+        out = {}
+        for emb, key in zip(self.embedders, self.input_keys):
+            res = emb(batch[key])
+            for t in (res if isinstance(res, (list, tuple)) else (res,)):
+                if key in zero:
+                    rows = zero[key]
+                    if rows is None:
+                        t = torch.zeros_like(t)
+                    else:
+                        keep = (~torch.as_tensor(rows, dtype=torch.bool, device=t.device)).to(t.dtype)
+                        t = t * keep.reshape(-1, *([1] * (t.dim() - 1)))
+                out_key = self.OUTPUT_DIM2KEYS[t.dim()]
+                out[out_key] = t if out_key not in out else torch.cat((out[out_key], t), self.KEY2CATDIM[out_key])
+        return out
