@@ -15,6 +15,6 @@ train --base $R/stage2_eps_ddpm_schedule.yaml --name shapes32 --max_steps 2250 -
 train --base $R/stage3_v.yaml --name shapes32 --max_steps 2750 --reset_ema \
       --resume "$LOGDIR/shapes32/checkpoints/step-002250.ckpt"
 # 4: the final architecture (no self-attention), warm-started from stage 3
-train --base configs/demo/shapes32.yaml --name shapes32_xattn --max_steps "${STAGE4_STEPS:-1500}" \
+train --base configs/demo/shapes32.yaml --name shapes32_xattn --max_steps "${STAGE4_STEPS:-2500}" \
       --init_from "$LOGDIR/shapes32/checkpoints/step-002750.ckpt"
 python3 main.py --base configs/demo/shapes32.yaml --export "$LOGDIR/shapes32_xattn/checkpoints/last.ckpt" --out "$OUT"
