@@ -63,7 +63,8 @@ def measure_once(args):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        step(0)  # warm-up (kernel selection, allocator)
+        for _ in range(args.warmup):
+            step(0)  # warm-up (kernel selection, allocator)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times = []
@@ -86,20 +87,23 @@ def measure_once(args):
     print("RESULT " + json.dumps(res))
 
 
-def run_child(mode, size, device, batch, repeats, family="sd2", config=None):
+def run_child(mode, size, device, batch, repeats, family="sd2", config=None, threads=None, warmup=1):
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, __file__, "_child", "--mode", mode, "--size", str(size), "--device", device,
-           "--batch", str(batch), "--repeats", str(repeats), "--family", family]
+           "--batch", str(batch), "--repeats", str(repeats), "--family", family, "--warmup", str(warmup)]
     if config:
         cmd += ["--config", str(config)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"benchmark child failed ({mode}, {size}):\n{out.stderr[-3000:]}")
 
 
-def format_table(results, title, machine):
-    lines = [f"### {title}", "", f"Machine: {machine}. Median of the timed repeats after one warm-up.",
+def format_table(results, title, machine, warmup=1):
+    lines = [f"### {title}", "", f"Machine: {machine}. Median of the timed repeats after {warmup} warm-up evaluation(s).",
              "One 'UNet step' = the UNet work of one guided sampling step (batch 2 = a CFG pair).", "",
              "| mode | latent | image | batch | s / UNet step | ratio vs plain | peak memory (GiB) |",
              "|---|---|---|---|---|---|---|"]
@@ -284,6 +288,8 @@ def main(argv=None):
                         "(ldm/scalecrafter/benchmark_modes.py); preset = the preset made for each size")
     u.add_argument("--batch", type=int, default=2, help="2 = one classifier-free-guidance step")
     u.add_argument("--repeats", type=int, default=3)
+    u.add_argument("--warmup", type=int, default=1, help="untimed evaluations first (0 for very slow sizes)")
+    u.add_argument("--threads", type=int, default=None, help="CPU threads per measurement (default: torch's)")
     u.add_argument("--write", type=str, default=None, help="update this markdown file")
     u.add_argument("--key", type=str, default=None, help="section key in the markdown file")
     c = sub.add_parser("_child")
@@ -292,6 +298,7 @@ def main(argv=None):
     c.add_argument("--device")
     c.add_argument("--batch", type=int)
     c.add_argument("--repeats", type=int)
+    c.add_argument("--warmup", type=int, default=1)
     c.add_argument("--family", default="sd2")
     c.add_argument("--config", default=None)
     add_pipeline_parser(sub)
@@ -307,13 +314,18 @@ def main(argv=None):
             if not mode_available(mode, size, args.family):
                 print(f"{mode:>10} {size:>4}² latent: no preset for {8 * size}², skipped", flush=True)
                 continue
-            r = run_child(mode, size, args.device, args.batch, args.repeats, args.family, args.config)
+            r = run_child(mode, size, args.device, args.batch, args.repeats, args.family, args.config,
+                          args.threads, args.warmup)
             print(f"{mode:>10} {size:>4}² latent: {r['seconds']:.3f} s/step, peak {r['peak_gib']:.2f} GiB", flush=True)
             results.append(r)
     import torch  # noqa: F401
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = machine_description(args.device)
+    if args.device == "cpu":
+        machine += "; load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
     title = f"{FAMILY_TITLES[args.family]} UNet" + (f" ({Path(args.config).name})" if args.config else "")
-    table = format_table(results, f"{title}, {args.device}", machine)
+    table = format_table(results, f"{title}, {args.device}", machine, args.warmup)
     print(table)
     if args.write:
         default_key = f"unet-{args.family + '-' if args.family != 'sd2' else ''}{args.device}-{'-'.join(args.modes)}"

@@ -372,8 +372,12 @@ def test_dispersed_kernels_are_freed_after_disperse_tau():
     cond = {"crossattn": torch.randn(1, 77, 64), "vector": torch.randn(1, 1568)}
     uncond = {"crossattn": torch.zeros(1, 77, 64), "vector": torch.randn(1, 1568)}
     with torch.no_grad():
-        guide(model, x, t, cond, uncond, 5.0, step=0)
+        ref = guide(model, x, t, cond, uncond, 5.0, step=0)
+        assert plan._dispersed_weights == {}  # default: kernels computed per call, nothing kept
+        plan.cache_dispersed_kernels = True
+        cached = guide(model, x, t, cond, uncond, 5.0, step=0)
         assert len(plan._dispersed_weights) == len(plan.disperse_layers) == 16
+        torch.testing.assert_close(cached, ref, rtol=0, atol=0)
         guide(model, x, t, cond, uncond, 5.0, step=plan.disperse_tau)
     assert plan._dispersed_weights == {}
 

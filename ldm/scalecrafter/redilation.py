@@ -58,17 +58,25 @@ class ReDilation:
 
 
 class Dispersion:
-    """Processor: dispersed kernel k' = R·k (computed once per conv and cached), at dilation factor/2."""
+    """Processor: dispersed kernel k' = R·k at dilation factor/2.
 
-    def __init__(self, factor, transform, cache):
+    With ``cache=None`` (the default of ScaleCrafterPlan) k' is computed on every call and dropped after
+    it: the map costs (out·in)·9·25 multiply-adds, a few percent of the 5×5 convolution it feeds, while
+    keeping every dispersed kernel alive would hold 25/9× the weights of all listed layers (3.8 GB in fp32
+    for SD 2.1's 2048² preset). A dict as ``cache`` keeps them for the run (id(conv) -> kernel).
+    """
+
+    def __init__(self, factor, transform, cache=None):
         self.factor = float(factor)
         self.transform = transform  # torch tensor (large², small²)
-        self.cache = cache  # dict: id(conv) -> dispersed weight, shared across steps of a run
+        self.cache = cache
 
     def weight(self, conv):
+        from ldm.scalecrafter.dispersion import disperse_kernel
+        if self.cache is None:
+            return disperse_kernel(conv.weight, self.transform.to(conv.weight.device, conv.weight.dtype))
         w = self.cache.get(id(conv))
         if w is None or w.device != conv.weight.device or w.dtype != conv.weight.dtype:
-            from ldm.scalecrafter.dispersion import disperse_kernel
             w = disperse_kernel(conv.weight, self.transform.to(conv.weight.device, conv.weight.dtype))
             self.cache[id(conv)] = w
         return w
