@@ -182,4 +182,6 @@ def load_model_from_config(config, ckpt=None, device="cpu", strict=True, use_ema
     if ckpt is not None:
         load_checkpoint_into(model, ckpt, strict=strict, use_ema=use_ema, allow_unsafe=allow_unsafe,
                              config_name=config_name, verbose=verbose)
-    return model.to(device).eval()
+    # inference only: frozen weights also keep autocast from caching a low-precision copy of every weight
+    # for the whole sampling loop (1.6 GB for SD 2.x's UNet, 4.8 GB for SDXL's)
+    return model.requires_grad_(False).to(device).eval()

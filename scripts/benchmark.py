@@ -22,6 +22,8 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from types import SimpleNamespace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +155,9 @@ def add_pipeline_parser(sub):
     q.add_argument("--cap_gib", type=float, default=None,
                    help="cap this process's CUDA memory (e.g. 24 on a larger GPU: a run that needs more fails)")
     q.add_argument("--write", type=str, default=None, help="update this markdown file")
+    q.add_argument("--simulate", action="store_true",
+                   help="no GPU needed: run on fake CUDA tensors (shapes only, see ldm/fake_cuda.py) and report the "
+                        "estimated peak CUDA memory per phase (a lower bound: no cuDNN workspaces, no fragmentation)")
     q.add_argument("--key", type=str, default=None, help="section key in the markdown file")
 
 
@@ -191,7 +196,7 @@ def run_pipeline(args):
     H, W = (size[0], size[0]) if len(size) == 1 else size[:2]
     t0 = time.perf_counter()
     with no_weight_init():
-        model = instantiate_from_config(config.model).eval()
+        model = instantiate_from_config(config.model).eval().requires_grad_(False)  # as load_model_from_config
     half = args.precision == "half" and cuda
     if half:
         cast_for_half_precision(model, torch.float16)
@@ -274,6 +279,161 @@ def run_pipeline(args):
     return res
 
 
+def simulate_pipeline(args):
+    """The run of ``run_pipeline`` on fake CUDA tensors: estimated peak GPU memory per phase, no GPU needed."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+    from ldm.fake_cuda import FakeCuda, cast_parameters_, fused_attention, unset_fake_temporarily
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.modules.diffusionmodules.util import make_beta_schedule
+    from ldm.util import get_obj_from_str, instantiate_from_config, no_weight_init
+    config = OmegaConf.load(args.config)
+    preset = None
+    if args.preset:
+        from ldm.scalecrafter.presets import load_preset
+        preset = load_preset(args.preset)
+    size = args.size or ([preset["height"], preset["width"]] if preset else [1024])
+    H, W = (size[0], size[0]) if len(size) == 1 else size[:2]
+    cap = (args.cap_gib or 24.0) * 2 ** 30  # the card the decode's device budget is computed for
+    mp = config.model.params
+    with unset_fake_temporarily():  # the sampler's coefficients are computed with numpy from real values
+        betas = make_beta_schedule(mp.get("beta_schedule", "linear"), mp.get("timesteps", 1000),
+                                   mp.get("linear_start", 1e-4), mp.get("linear_end", 2e-2))
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        real_schedule = SimpleNamespace(  # what DDIMSampler.make_schedule reads from the model
+            betas=torch.tensor(betas, dtype=torch.float32),
+            alphas_cumprod=torch.tensor(alphas_cumprod, dtype=torch.float32),
+            alphas_cumprod_prev=torch.tensor(np.append(1.0, alphas_cumprod[:-1]), dtype=torch.float32))
+    def real_beta_schedule(*a, **k):  # numpy values, computed outside the fake mode
+        with unset_fake_temporarily(), torch.device("cpu"):
+            return make_beta_schedule(*a, **k)
+    fc = FakeCuda()
+    phases = {}
+    with fc, torch.no_grad():
+        get_obj_from_str(config.model.target)  # import the model's module before patching
+        # modules that imported make_beta_schedule by name get the real-valued one while the model is built
+        users = [m for n, m in list(sys.modules.items()) if n.startswith("ldm.") and m is not None
+                 and getattr(m, "make_beta_schedule", None) is make_beta_schedule]
+        for m in users:
+            m.make_beta_schedule = real_beta_schedule
+        try:
+            with torch.device("cuda"), no_weight_init():
+                model = instantiate_from_config(config.model).eval().requires_grad_(False)  # as load_model_from_config
+        finally:
+            for m in users:
+                m.make_beta_schedule = make_beta_schedule
+        if args.precision == "half":  # as ldm.inference.cast_for_half_precision: UNet and text encoders
+            for name in ("model", "cond_stage_model", "conditioner"):
+                module = getattr(model, name, None)
+                if isinstance(module, torch.nn.Module):
+                    cast_parameters_(module, torch.float16)
+        fc.count_existing(model)
+        weights = fc.current_bytes
+        if hasattr(model, "set_size_conditioning"):
+            model.set_size_conditioning((H, W))
+        unet = model.model.diffusion_model
+        guidance = None
+        if preset is not None:
+            import warnings
+            from ldm.scalecrafter.guidance import ScaleCrafterGuidance
+            from ldm.scalecrafter.presets import plan_from_preset
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                guidance = ScaleCrafterGuidance(plan_from_preset(unet, preset))
+        freeu_scope = nullcontext()
+        if args.freeu:
+            from ldm.scalecrafter.freeu import FREEU_DEFAULTS, freeu
+            family = "sdxl" if hasattr(model, "conditioner") else "sd2"
+            freeu_scope = freeu(unet, **dict((preset or {}).get("freeu") or FREEU_DEFAULTS[family]))
+        sampler = DDIMSampler(model)
+        make_schedule = sampler.make_schedule
+
+        def make_schedule_from_real(*a, **k):  # the per-step coefficients stay real CPU tensors, as python floats are read from them
+            sampler.model = real_schedule
+            try:
+                with unset_fake_temporarily():
+                    make_schedule(*a, **k)
+                    for name in ("ddim_sigmas", "ddim_alphas", "ddim_alphas_prev"):  # read as floats per step
+                        setattr(sampler, name, np.asarray(getattr(sampler, name)))
+            finally:
+                sampler.model = model
+        sampler.make_schedule = make_schedule_from_real
+        autocast = fc.autocast(torch.float16) if args.precision != "full" else nullcontext()
+
+        def phase(name, fn):
+            fc.counter.reset_peak()
+            start = fc.current_bytes
+            out = fn()
+            phases[name] = {"peak_gib": fc.peak_bytes / 2 ** 30, "start_gib": start / 2 ** 30}
+            return out
+
+        prompt = "a professional photograph of an astronaut riding a horse"
+        with fc.tracking(), autocast, freeu_scope, fused_attention():
+            c = phase("text encoders", lambda: model.get_learned_conditioning([prompt]))
+            uc = model.get_learned_conditioning([""])
+            samples = phase("sampling", lambda: sampler.sample(
+                S=args.steps, conditioning=c, batch_size=1, shape=(4, H // 8, W // 8), verbose=False,
+                unconditional_guidance_scale=5.0, unconditional_conditioning=uc, eta=1.0, guidance=guidance)[0])
+            c = uc = None
+            tiling = {}
+            if not args.no_tiled:
+                # offload=None on a real card: device stores up to min(8 GiB, half the free memory)
+                budget = min(8 * 2 ** 30, int(cap - fc.current_bytes) // 2)
+                tiling = {"overlap": 24, "sync_gn": True, "device_budget": max(budget, 0)}
+                if args.tile_size:
+                    tiling["tile_size"] = args.tile_size
+            phase("decoding", lambda: model.decode_first_stage(samples, **tiling))
+    res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
+           "H": H, "W": W, "steps": args.steps, "precision": args.precision, "tiled": not args.no_tiled,
+           "freeu": args.freeu, "weights_gib": weights / 2 ** 30, "phases": phases, "simulated": True}
+    print("RESULT " + json.dumps(res))
+    lines = [f"### Estimated CUDA memory: {res['config']}, {res['preset'] or 'direct'}, {W}x{H}", "",
+             f"Simulated with fake CUDA tensors on a CPU (`--simulate`, `ldm/fake_cuda.py`): live tensor bytes, "
+             f"a lower bound of `torch.cuda.max_memory_allocated` (no cuDNN workspaces, no allocator "
+             f"fragmentation). Precision {args.precision}, tiled decoding "
+             f"{'with synchronized GroupNorm' if res['tiled'] else 'off'}, FreeU {'on' if args.freeu else 'off'}; "
+             f"{args.steps} DDIM steps.", "",
+             f"Weights: {res['weights_gib']:.2f} GiB.", "",
+             "| phase | allocated at start (GiB) | peak allocated (GiB) |", "|---|---|---|"]
+    lines += [f"| {n} | {r['start_gib']:.2f} | {r['peak_gib']:.2f} |" for n, r in phases.items()]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        write_section(args.write, args.key or f"simulated-{Path(args.config).stem}-{H}x{W}", table)
+    return res
+
+
+def memory_table(args):
+    """``simulate_pipeline`` for several (size, preset) cases of one model: one table of estimated peaks."""
+    rows = []
+    for case in args.cases:
+        size, _, preset = case.partition(":")
+        h, _, w = size.partition("x")
+        ns = argparse.Namespace(config=args.config, preset=preset or None, size=[int(h), int(w or h)],
+                                steps=args.steps, precision=args.precision, no_tiled=False, tile_size=None,
+                                freeu=args.freeu, cap_gib=args.cap_gib, write=None, key=None)
+        rows.append(simulate_pipeline(ns))
+    cap = args.cap_gib or 24.0
+    lines = [f"### Estimated peak CUDA memory: {Path(args.config).name}, {args.precision} precision", "",
+             "Simulated on a CPU with fake CUDA tensors (`scripts/benchmark.py memory`, `ldm/fake_cuda.py`): live "
+             "tensor bytes at the peak, weights included, attention as the fused kernels allocate it. A lower bound "
+             "of `torch.cuda.max_memory_allocated()` (no cuDNN workspaces, no allocator fragmentation); "
+             f"tiled VAE decoding with synchronized GroupNorm and the default placement for a {cap:g} GiB card; "
+             f"FreeU {'on' if args.freeu else 'off'}; {args.steps} DDIM step(s), the preset's first "
+             "(dilated, noise-damped guidance where the preset has it).", "",
+             "| image | preset | weights (GiB) | sampling peak (GiB) | decoding peak (GiB) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['W']}×{r['H']} | {r['preset'] or 'direct'} | {r['weights_gib']:.2f} | "
+                     f"{r['phases']['sampling']['peak_gib']:.2f} | {r['phases']['decoding']['peak_gib']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        write_section(args.write, args.key or f"memory-{Path(args.config).stem}", table)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -302,11 +462,24 @@ def main(argv=None):
     c.add_argument("--family", default="sd2")
     c.add_argument("--config", default=None)
     add_pipeline_parser(sub)
+    m = sub.add_parser("memory", help="estimated peak CUDA memory of whole sampling runs, no GPU needed "
+                                      "(pipeline --simulate for several cases, one table)")
+    m.add_argument("--config", default=str(CONFIGS["sdxl"]), help="model config (default: SDXL base)")
+    m.add_argument("--cases", nargs="+", required=True,
+                   help="SIZE or HxW, optionally :PRESET_YAML, e.g. 4096 4096:configs/scalecrafter/sdxl_4096x4096.yaml")
+    m.add_argument("--steps", type=int, default=1)
+    m.add_argument("--precision", choices=["half", "autocast", "full"], default="half")
+    m.add_argument("--freeu", action="store_true")
+    m.add_argument("--cap_gib", type=float, default=None, help="the card's memory (default 24)")
+    m.add_argument("--write", type=str, default=None)
+    m.add_argument("--key", type=str, default=None)
     args = p.parse_args(argv)
     if args.cmd == "_child":
         return measure_once(args)
+    if args.cmd == "memory":
+        return memory_table(args)
     if args.cmd == "pipeline":
-        return run_pipeline(args)
+        return simulate_pipeline(args) if args.simulate else run_pipeline(args)
     from ldm.scalecrafter.benchmark_modes import mode_available
     results = []
     for size in args.sizes:

@@ -9,6 +9,7 @@ Every measurement runs in its own subprocess, so that CPU peak memory belongs to
     python scripts/benchmark_vae.py --device cpu --sizes 512 1024             # image sides, fp32
     python scripts/benchmark_vae.py --device cuda --sizes 1024 2048 4096      # fp16
     python scripts/benchmark_vae.py ... --write docs/benchmarks_vae.md        # update the table there
+    python scripts/benchmark_vae.py simulate --sizes 1024 2048 4096           # CUDA fp16 memory, no GPU needed
 
 Methods: ``full`` = ``decode(z)``; ``sync`` = ``decode_tiled(z)`` (synchronized GroupNorm, exact halos,
 inter-stage tensors placed by ``offload=None``: on the device up to the budget, then host);
@@ -154,6 +155,9 @@ def run_child(args, method, size, save):
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
+    if out.returncode == -9 and args.device == "cpu":  # SIGKILL: the kernel's out-of-memory killer, as a rule
+        return {"method": method, "size": size, "device": args.device, "oom": True, "oom_killed": True,
+                "threads": args.threads or 0}
     raise RuntimeError(f"benchmark child failed ({method}, {size}):\n{out.stderr[-3000:]}")
 
 
@@ -163,7 +167,8 @@ def machine_description(device, threads):
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}, fp16"
     cpu = platform.processor() or platform.machine()
     load = os.getloadavg()
-    return (f"CPU ({os.cpu_count()} cores, {cpu}), torch {torch.__version__}, {threads} threads, fp32; "
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return (f"CPU ({os.cpu_count()} cores, {cpu}, {ram:.0f} GiB RAM), torch {torch.__version__}, {threads} threads, fp32; "
             f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
 
 
@@ -178,7 +183,8 @@ def format_table(results, args):
         s = r["size"]
         name = f"{r['method']} ({METHODS[r['method']]})"
         if r.get("oom"):
-            lines.append(f"| {s}² | {s // 8}² | {name} | OOM | – | – | – |")
+            what = "killed (host memory exhausted)" if r.get("oom_killed") else "OOM"
+            lines.append(f"| {s}² | {s // 8}² | {name} | {what} | – | – | – |")
             continue
         base = full.get(s)
         ratio = f"{r['seconds'] / base['seconds']:.2f}×" if base else "–"
@@ -194,6 +200,53 @@ def format_table(results, args):
                      "inter-stage tensors of the tiled decode live in the same memory, so the saving is only "
                      "the transient activations of the full decode.")
     return "\n".join(lines) + "\n"
+
+
+def simulate(args):
+    """Estimated peak CUDA memory of each method in fp16, without a GPU (fake CUDA tensors, ldm/fake_cuda.py)."""
+    import torch
+    from ldm.fake_cuda import FakeCuda, cast_parameters_, fused_attention
+    from ldm.modules.tiled_vae import DEFAULT_DEVICE_BUDGET
+    card = args.card_gib * 2 ** 30
+    rows = []
+    with FakeCuda() as fc, torch.no_grad():
+        from omegaconf import OmegaConf
+        from ldm.util import instantiate_from_config
+        with torch.device("cuda"):  # Module.to cannot move fake tensors: build in place
+            vae = instantiate_from_config(OmegaConf.load(CONFIG).model.params.first_stage_config).eval()
+        cast_parameters_(vae, torch.float16)
+        fc.count_existing(vae)
+        weights = fc.current_bytes
+        # offload=None on a real card: device stores up to min(8 GiB, half the free memory at the call)
+        budget = min(DEFAULT_DEVICE_BUDGET, int(card - weights) // 2)
+        kw = dict(tile_size=args.tile_size, overlap=args.overlap)
+        fns = {"full": lambda z: vae.decode(z),
+               "sync": lambda z: vae.decode_tiled(z, device_budget=budget, **kw),
+               "sync-offload": lambda z: vae.decode_tiled(z, offload=True, **kw),
+               "nosync": lambda z: vae.decode_tiled(z, sync_gn=False, **kw),
+               "orig": lambda z: vae.decode_tiled(z, exact=False, device_budget=budget, **kw)}
+        with fc.tracking(), fused_attention():
+            for size in args.sizes:
+                for method in args.methods:
+                    z = torch.randn(1, 4, size // 8, size // 8, dtype=torch.float16, device="cuda")
+                    fc.counter.reset_peak()
+                    out = fns[method](z)
+                    rows.append((size, method, fc.peak_bytes / 2 ** 30))
+                    del out, z
+                    print(f"{size:>5}² {method:>12}: estimated peak {rows[-1][2]:.2f} GiB", flush=True)
+    lines = ["### SD VAE decoder, CUDA fp16, estimated without a GPU", "",
+             f"`python scripts/benchmark_vae.py simulate`: fake CUDA tensors (shapes only, `ldm/fake_cuda.py`), "
+             f"live tensor bytes at the peak, weights ({weights / 2 ** 30:.2f} GiB) included; a lower bound of "
+             f"`torch.cuda.max_memory_allocated()` (no cuDNN workspaces, no allocator fragmentation). Attention as "
+             f"the fused kernels allocate it. tile_size {args.tile_size}, overlap {args.overlap}; device budget of "
+             f"the default placement {budget / 2 ** 30:.1f} GiB (a {args.card_gib:g} GiB card).", "",
+             "| image | latent | method | estimated peak (GiB) |", "|---|---|---|---|"]
+    lines += [f"| {s}² | {s // 8}² | {m} ({METHODS[m]}) | {g:.2f} |" for s, m, g in rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        write_section(args.write, args.key or "vae-simulated", table)
+    return rows
 
 
 def write_section(path, key, text):
@@ -212,7 +265,9 @@ def write_section(path, key, text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("cmd", nargs="?", default="run", choices=["run", "_child"])
+    p.add_argument("cmd", nargs="?", default="run", choices=["run", "simulate", "_child"],
+                   help="run: measure on --device; simulate: estimate CUDA fp16 memory without a GPU")
+    p.add_argument("--card_gib", type=float, default=24.0, help="simulate: the GPU's memory (sets the device budget)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in pixels (multiples of 8)")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
@@ -235,6 +290,10 @@ def main(argv=None):
         args.repeats = 3 if cuda else 1
     if args.cmd == "_child":
         return measure_once(args)
+    if args.cmd == "simulate":
+        args.sizes = args.sizes or [1024, 2048, 4096]
+        args.methods = args.methods or ["full", "sync", "sync-offload"]
+        return simulate(args)
     args.sizes = args.sizes or ([1024, 2048, 4096] if cuda else [512, 1024])
     args.methods = args.methods or (["full", "sync", "sync-offload", "nosync"] if cuda else ["full", "sync", "nosync"])
     import torch

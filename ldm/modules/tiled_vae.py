@@ -537,9 +537,10 @@ def _device_bytes(stores, device) -> int:
     for v in stores.values():
         ts = [v] if isinstance(v, torch.Tensor) else [t for t, _, _ in v]
         for t in ts:
-            if t.device == device and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                tot += t.numel() * t.element_size()
+            st = t.untyped_storage()  # memory is held per storage (views share it; fake tensors have no data_ptr)
+            if t.device == device and st._cdata not in seen:
+                seen.add(st._cdata)
+                tot += st.nbytes()
     return tot
 
 

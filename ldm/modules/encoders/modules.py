@@ -132,6 +132,18 @@ def _init_openclip_text(model):
             model.logit_bias.fill_(-10.0)
 
 
+def _to_empty(module, device):
+    """``module.to_empty(device)`` by replacing tensors rather than swapping them in place (the in-place swap
+    is refused for the fake tensors of ``ldm.fake_cuda``; for real tensors both are the same)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = torch.empty_like(b, device=device)
+
+
 def build_openclip_text_model(arch):
     """open_clip ``CLIP`` without its vision tower, which is never allocated.
 
@@ -149,7 +161,7 @@ def build_openclip_text_model(arch):
                      quick_gelu=cfg.get("quick_gelu", False))
     del model.visual
     if target.type != "meta":
-        model.to_empty(device=target)
+        _to_empty(model, target)
         with torch.no_grad():
             _init_openclip_text(model)
     # causal mask: kept as a non-persistent buffer, as in the original (not in checkpoints)
