@@ -175,9 +175,59 @@ def random_weights_(model, seed=0):
                 p.zero_()
 
 
+def pipeline_size(args):
+    """The preset named by ``args.preset`` (or None) and the image size (H, W): ``--size``, else the preset's."""
+    preset = None
+    if args.preset:
+        from ldm.scalecrafter.presets import load_preset
+        preset = load_preset(args.preset)
+    size = args.size or ([preset["height"], preset["width"]] if preset else [1024])
+    H, W = (size[0], size[0]) if len(size) == 1 else size[:2]
+    return preset, H, W
+
+
+def method_scopes(model, preset, use_freeu):
+    """The ScaleCrafter guidance of ``preset`` (None for direct sampling) and the FreeU context (a no-op
+    without ``use_freeu``), as scripts/txt2img.py sets them up."""
+    unet = model.model.diffusion_model
+    guidance = None
+    if preset is not None:
+        import warnings
+        from ldm.scalecrafter.guidance import ScaleCrafterGuidance
+        from ldm.scalecrafter.presets import plan_from_preset
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            guidance = ScaleCrafterGuidance(plan_from_preset(unet, preset))
+    if not use_freeu:
+        return guidance, nullcontext()
+    from ldm.scalecrafter.freeu import FREEU_DEFAULTS, freeu
+    family = "sdxl" if hasattr(model, "conditioner") else "sd2"
+    return guidance, freeu(unet, **dict((preset or {}).get("freeu") or FREEU_DEFAULTS[family]))
+
+
+def guided_run(model, sampler, guidance, H, W, steps, phase, tiling):
+    """Text encoding, guided DDIM sampling and decoding, each inside ``phase(name, fn)``; ``tiling()`` gives
+    the decoder's tiling options once sampling is done."""
+    prompt = "a professional photograph of an astronaut riding a horse"
+    c = phase("text encoders", lambda: model.get_learned_conditioning([prompt]))
+    uc = model.get_learned_conditioning([""])
+    samples = phase("sampling", lambda: sampler.sample(
+        S=steps, conditioning=c, batch_size=1, shape=(4, H // 8, W // 8), verbose=False,
+        unconditional_guidance_scale=5.0, unconditional_conditioning=uc, eta=1.0, guidance=guidance)[0])
+    c = uc = None  # not needed while decoding
+    options = tiling()
+    phase("decoding", lambda: model.decode_first_stage(samples, **options))
+
+
+def tiling_options(args, **extra):
+    """Tiled decoding with synchronized GroupNorm, unless ``--no_tiled``."""
+    if args.no_tiled:
+        return {}
+    return {"overlap": 24, "sync_gn": True, **({"tile_size": args.tile_size} if args.tile_size else {}), **extra}
+
+
 def run_pipeline(args):
     import torch
-    from contextlib import nullcontext
     from omegaconf import OmegaConf
     from ldm.inference import cast_for_half_precision
     from ldm.models.diffusion.ddim import DDIMSampler
@@ -188,12 +238,7 @@ def run_pipeline(args):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2 ** 30 / total), device)
     config = OmegaConf.load(args.config)
-    preset = None
-    if args.preset:
-        from ldm.scalecrafter.presets import load_preset
-        preset = load_preset(args.preset)
-    size = args.size or ([preset["height"], preset["width"]] if preset else [1024])
-    H, W = (size[0], size[0]) if len(size) == 1 else size[:2]
+    preset, H, W = pipeline_size(args)
     t0 = time.perf_counter()
     with no_weight_init():
         model = instantiate_from_config(config.model).eval().requires_grad_(False)  # as load_model_from_config
@@ -205,24 +250,8 @@ def run_pipeline(args):
     build_s = time.perf_counter() - t0
     if hasattr(model, "set_size_conditioning"):
         model.set_size_conditioning((H, W))
-    unet = model.model.diffusion_model
-    guidance = None
-    if preset is not None:
-        import warnings
-        from ldm.scalecrafter.guidance import ScaleCrafterGuidance
-        from ldm.scalecrafter.presets import plan_from_preset
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            guidance = ScaleCrafterGuidance(plan_from_preset(unet, preset))
-    freeu_scope = nullcontext()
-    if args.freeu:
-        from ldm.scalecrafter.freeu import FREEU_DEFAULTS, freeu
-        family = "sdxl" if hasattr(model, "conditioner") else "sd2"
-        freeu_scope = freeu(unet, **dict((preset or {}).get("freeu") or FREEU_DEFAULTS[family]))
+    guidance, freeu_scope = method_scopes(model, preset, args.freeu)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda and args.precision != "full" else nullcontext()
-    tiling = {} if args.no_tiled else {"overlap": 24, "sync_gn": True}
-    if args.tile_size and tiling:
-        tiling["tile_size"] = args.tile_size
     phases = {}
     weights_gib = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else None
 
@@ -241,16 +270,8 @@ def run_pipeline(args):
         phases[name] = rec
         return out
 
-    prompt = "a professional photograph of an astronaut riding a horse"
-    sampler = DDIMSampler(model)
     with torch.no_grad(), autocast, freeu_scope:
-        c = phase("text encoders", lambda: model.get_learned_conditioning([prompt]))
-        uc = model.get_learned_conditioning([""])
-        samples = phase("sampling", lambda: sampler.sample(
-            S=args.steps, conditioning=c, batch_size=1, shape=(4, H // 8, W // 8), verbose=False,
-            unconditional_guidance_scale=5.0, unconditional_conditioning=uc, eta=1.0, guidance=guidance)[0])
-        c = uc = None  # not needed while decoding
-        phase("decoding", lambda: model.decode_first_stage(samples, **tiling))
+        guided_run(model, DDIMSampler(model), guidance, H, W, args.steps, phase, lambda: tiling_options(args))
     res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
            "H": H, "W": W, "steps": args.steps, "precision": args.precision if cuda else "full",
            "tiled": not args.no_tiled, "freeu": args.freeu, "cap_gib": args.cap_gib, "build_seconds": build_s,
@@ -285,29 +306,20 @@ def simulate_pipeline(args):
     import torch
     from omegaconf import OmegaConf
     from ldm.fake_cuda import FakeCuda, cast_parameters_, fused_attention, unset_fake_temporarily
+    from ldm.inference import cast_for_half_precision
     from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.modules.diffusionmodules.util import make_beta_schedule
+    from ldm.modules.tiled_vae import default_device_budget
     from ldm.util import get_obj_from_str, instantiate_from_config, no_weight_init
     config = OmegaConf.load(args.config)
-    preset = None
-    if args.preset:
-        from ldm.scalecrafter.presets import load_preset
-        preset = load_preset(args.preset)
-    size = args.size or ([preset["height"], preset["width"]] if preset else [1024])
-    H, W = (size[0], size[0]) if len(size) == 1 else size[:2]
+    preset, H, W = pipeline_size(args)
     cap = (args.cap_gib or 24.0) * 2 ** 30  # the card the decode's device budget is computed for
-    mp = config.model.params
-    with unset_fake_temporarily():  # the sampler's coefficients are computed with numpy from real values
-        betas = make_beta_schedule(mp.get("beta_schedule", "linear"), mp.get("timesteps", 1000),
-                                   mp.get("linear_start", 1e-4), mp.get("linear_end", 2e-2))
-        alphas_cumprod = np.cumprod(1.0 - betas)
-        real_schedule = SimpleNamespace(  # what DDIMSampler.make_schedule reads from the model
-            betas=torch.tensor(betas, dtype=torch.float32),
-            alphas_cumprod=torch.tensor(alphas_cumprod, dtype=torch.float32),
-            alphas_cumprod_prev=torch.tensor(np.append(1.0, alphas_cumprod[:-1]), dtype=torch.float32))
-    def real_beta_schedule(*a, **k):  # numpy values, computed outside the fake mode
+    built_betas = []
+
+    def real_beta_schedule(*a, **k):  # numpy values, computed outside the fake mode; kept for the sampler
         with unset_fake_temporarily(), torch.device("cpu"):
-            return make_beta_schedule(*a, **k)
+            built_betas.append(make_beta_schedule(*a, **k))
+        return built_betas[-1]
     fc = FakeCuda()
     phases = {}
     with fc, torch.no_grad():
@@ -323,29 +335,19 @@ def simulate_pipeline(args):
         finally:
             for m in users:
                 m.make_beta_schedule = make_beta_schedule
-        if args.precision == "half":  # as ldm.inference.cast_for_half_precision: UNet and text encoders
-            for name in ("model", "cond_stage_model", "conditioner"):
-                module = getattr(model, name, None)
-                if isinstance(module, torch.nn.Module):
-                    cast_parameters_(module, torch.float16)
+        if args.precision == "half":
+            cast_for_half_precision(model, torch.float16, cast=cast_parameters_)
         fc.count_existing(model)
         weights = fc.current_bytes
         if hasattr(model, "set_size_conditioning"):
             model.set_size_conditioning((H, W))
-        unet = model.model.diffusion_model
-        guidance = None
-        if preset is not None:
-            import warnings
-            from ldm.scalecrafter.guidance import ScaleCrafterGuidance
-            from ldm.scalecrafter.presets import plan_from_preset
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                guidance = ScaleCrafterGuidance(plan_from_preset(unet, preset))
-        freeu_scope = nullcontext()
-        if args.freeu:
-            from ldm.scalecrafter.freeu import FREEU_DEFAULTS, freeu
-            family = "sdxl" if hasattr(model, "conditioner") else "sd2"
-            freeu_scope = freeu(unet, **dict((preset or {}).get("freeu") or FREEU_DEFAULTS[family]))
+        guidance, freeu_scope = method_scopes(model, preset, args.freeu)
+        with unset_fake_temporarily():  # what DDIMSampler.make_schedule reads from the model, as real tensors
+            alphas_cumprod = np.cumprod(1.0 - built_betas[-1])
+            real_schedule = SimpleNamespace(
+                betas=torch.tensor(built_betas[-1], dtype=torch.float32),
+                alphas_cumprod=torch.tensor(alphas_cumprod, dtype=torch.float32),
+                alphas_cumprod_prev=torch.tensor(np.append(1.0, alphas_cumprod[:-1]), dtype=torch.float32))
         sampler = DDIMSampler(model)
         make_schedule = sampler.make_schedule
 
@@ -368,22 +370,10 @@ def simulate_pipeline(args):
             phases[name] = {"peak_gib": fc.peak_bytes / 2 ** 30, "start_gib": start / 2 ** 30}
             return out
 
-        prompt = "a professional photograph of an astronaut riding a horse"
         with fc.tracking(), autocast, freeu_scope, fused_attention():
-            c = phase("text encoders", lambda: model.get_learned_conditioning([prompt]))
-            uc = model.get_learned_conditioning([""])
-            samples = phase("sampling", lambda: sampler.sample(
-                S=args.steps, conditioning=c, batch_size=1, shape=(4, H // 8, W // 8), verbose=False,
-                unconditional_guidance_scale=5.0, unconditional_conditioning=uc, eta=1.0, guidance=guidance)[0])
-            c = uc = None
-            tiling = {}
-            if not args.no_tiled:
-                # offload=None on a real card: device stores up to min(8 GiB, half the free memory)
-                budget = min(8 * 2 ** 30, int(cap - fc.current_bytes) // 2)
-                tiling = {"overlap": 24, "sync_gn": True, "device_budget": max(budget, 0)}
-                if args.tile_size:
-                    tiling["tile_size"] = args.tile_size
-            phase("decoding", lambda: model.decode_first_stage(samples, **tiling))
+            # offload=None on a real card: the budget computed from the memory free when decoding starts
+            guided_run(model, sampler, guidance, H, W, args.steps, phase,
+                       lambda: tiling_options(args, device_budget=default_device_budget(cap - fc.current_bytes)))
     res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
            "H": H, "W": W, "steps": args.steps, "precision": args.precision, "tiled": not args.no_tiled,
            "freeu": args.freeu, "weights_gib": weights / 2 ** 30, "phases": phases, "simulated": True}

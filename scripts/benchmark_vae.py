@@ -206,7 +206,7 @@ def simulate(args):
     """Estimated peak CUDA memory of each method in fp16, without a GPU (fake CUDA tensors, ldm/fake_cuda.py)."""
     import torch
     from ldm.fake_cuda import FakeCuda, cast_parameters_, fused_attention
-    from ldm.modules.tiled_vae import DEFAULT_DEVICE_BUDGET
+    from ldm.modules.tiled_vae import default_device_budget
     card = args.card_gib * 2 ** 30
     rows = []
     with FakeCuda() as fc, torch.no_grad():
@@ -218,7 +218,7 @@ def simulate(args):
         fc.count_existing(vae)
         weights = fc.current_bytes
         # offload=None on a real card: device stores up to min(8 GiB, half the free memory at the call)
-        budget = min(DEFAULT_DEVICE_BUDGET, int(card - weights) // 2)
+        budget = default_device_budget(card - weights)
         kw = dict(tile_size=args.tile_size, overlap=args.overlap)
         fns = {"full": lambda z: vae.decode(z),
                "sync": lambda z: vae.decode_tiled(z, device_budget=budget, **kw),

@@ -12,6 +12,15 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_script(name):
+    """Import ``scripts/<name>.py`` as a module (the scripts folder is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def reference_dir() -> Path:
     env = os.environ.get("LDM_REFERENCE_DIR")
     path = Path(env) if env else REPO_ROOT.parent / "shared" / "reference"

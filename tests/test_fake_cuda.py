@@ -1,15 +1,12 @@
 """The GPU-memory estimate without a GPU (ldm/fake_cuda.py): the counter against hand-computed byte counts,
 autocast's dtype rules, attention that does not materialize the score matrix, and the pipeline estimate."""
 import gc
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO_ROOT as REPO, load_script
 from ldm.fake_cuda import ALLOCATOR_GRANULARITY, FakeCuda, cast_parameters_, fused_attention
-
-REPO = Path(__file__).resolve().parents[1]
 MiB = 2 ** 20
 
 
@@ -92,12 +89,7 @@ def test_attention_memory_is_linear_in_tokens(dtype):
 
 
 def test_pipeline_estimate_on_the_tiny_sdxl_config():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import benchmark
-    finally:
-        sys.path.pop(0)
-    res = benchmark.main(["pipeline", "--simulate", "--config", str(REPO / "configs/tiny/tiny-sdxl.yaml"),
+    res = load_script("benchmark").main(["pipeline", "--simulate", "--config", str(REPO / "configs/tiny/tiny-sdxl.yaml"),
                           "--size", "256", "--steps", "1"])
     weights = res["weights_gib"]
     with torch.device("meta"):

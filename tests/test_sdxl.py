@@ -3,7 +3,6 @@
 The full-size model is only built on the meta device; numerics use configs/tiny/tiny-sdxl.yaml (SDXL's
 structure with tiny widths) and the reference oracles in ../shared/reference.
 """
-import importlib.util
 import json
 import types
 import warnings
@@ -14,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 from ldm.checkpoint import CheckpointError, check_state_dict, load_model_from_config
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, DiffusionWrapper
 from ldm.models.diffusion.sdxl import SDXLDiffusion
@@ -32,15 +31,8 @@ TINY_SD2 = REPO_ROOT / "configs/tiny/tiny-sd2.yaml"
 PRESETS = REPO_ROOT / "configs/scalecrafter"
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-txt2img = _load_script("txt2img")
-make_ckpt = _load_script("make_random_checkpoint")
+txt2img = load_script("txt2img")
+make_ckpt = load_script("make_random_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +346,7 @@ def test_benchmark_sdxl_modes_and_pipeline_smoke(tmp_path):
             assert out.shape == (1, 4, 16, 16)
     assert mode_available("preset", 512, "sdxl") and mode_available("preset_corrected", 256, "sdxl")
     assert not mode_available("preset", 128, "sdxl")  # no ScaleCrafter preset at SDXL's native 1024²
-    bench = _load_script("benchmark")
+    bench = load_script("benchmark")
     doc = tmp_path / "bench.md"
     res = bench.main(["pipeline", "--device", "cpu", "--config", str(TINY_SDXL), "--size", "64", "48",
                       "--preset", str(PRESETS / "sdxl_4096x4096.yaml"), "--write", str(doc)])

@@ -1,6 +1,5 @@
 """End to end: original-format checkpoints with random weights -> scripts/txt2img.py -> PNGs with metadata.
 Plus the bad-input cases, which must fail with a message that names the input and the fix."""
-import importlib.util
 import json
 import socket
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 from ldm.checkpoint import CheckpointError, check_state_dict, load_model_from_config
 from ldm.util import instantiate_from_config
 
@@ -19,15 +18,8 @@ TINY_SD2 = REPO_ROOT / "configs/tiny/tiny-sd2.yaml"
 TINY_SD1 = REPO_ROOT / "configs/tiny/tiny-sd1.yaml"
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-txt2img = _load_script("txt2img")
-make_ckpt = _load_script("make_random_checkpoint")
+txt2img = load_script("txt2img")
+make_ckpt = load_script("make_random_checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,8 @@ import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.model import AttnBlock, Downsample, ResnetBlock, Upsample, nonlinearity
 
-__all__ = ["tiled_decode", "tiled_encode", "split_axis", "GroupStats", "DEFAULT_TILE_SIZE", "DEFAULT_OVERLAP"]
+__all__ = ["tiled_decode", "tiled_encode", "split_axis", "GroupStats", "DEFAULT_TILE_SIZE", "DEFAULT_OVERLAP",
+           "default_device_budget"]
 
 DEFAULT_TILE_SIZE = 64  # latent pixels = 512 image pixels, the native resolution of SD 1.x/2.x-base
 DEFAULT_OVERLAP = 24  # latent pixels, as in the original release (used by exact=False and sync_gn=False)
@@ -512,6 +513,11 @@ def _exact_crop(st: "_Stage", core_in, core_out, n_in) -> Tuple[int, int]:
     return st.crops[key]
 
 
+def default_device_budget(free_bytes: int) -> int:
+    """Bytes of inter-stage tensors that ``offload=None`` keeps on the accelerator, given its free memory."""
+    return max(0, min(DEFAULT_DEVICE_BUDGET, int(free_bytes) // 2))
+
+
 class _Placement:
     """Where the inter-stage tensors live: on the compute device while they fit in the budget, else host."""
 
@@ -526,7 +532,7 @@ class _Placement:
             self.budget = budget
         else:
             free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else DEFAULT_DEVICE_BUDGET
-            self.budget = min(DEFAULT_DEVICE_BUDGET, free // 2)
+            self.budget = default_device_budget(free)
 
     def choose(self, nbytes: int, live: int):
         return self.device if live + nbytes <= self.budget else self.host
