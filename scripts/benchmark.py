@@ -89,6 +89,19 @@ def measure_once(args):
     print("RESULT " + json.dumps(res))
 
 
+def child_parser():
+    c = argparse.ArgumentParser(prog="benchmark.py _child")
+    c.add_argument("--mode", default="plain")
+    c.add_argument("--size", type=int)
+    c.add_argument("--device")
+    c.add_argument("--batch", type=int)
+    c.add_argument("--repeats", type=int)
+    c.add_argument("--warmup", type=int, default=1)
+    c.add_argument("--family", default="sd2")
+    c.add_argument("--config", default=None)
+    return c
+
+
 def run_child(mode, size, device, batch, repeats, family="sd2", config=None, threads=None, warmup=1):
     env = dict(os.environ)
     if threads:
@@ -424,6 +437,105 @@ def memory_table(args):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# dispersed convolution, one layer at a time: direct 5x5 vs the basis path vs the plain 3x3
+
+
+def add_dispersion_layers_parser(sub):
+    d = sub.add_parser("dispersion-layers",
+                       help="one convolution layer: plain 3x3 vs dispersed (direct 5x5 with the per-call kernel "
+                            "map, direct with a kept kernel, basis path), to set the per-layer path rule")
+    d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    d.add_argument("--shapes", nargs="+", default=["320:16", "320:32", "320:64", "640:16", "640:32", "640:64",
+                                                    "1280:8", "1280:16", "1280:32", "2560-1280:8", "2560-1280:16",
+                                                    "1280s2:16"],
+                   help="IN[-OUT][s2]:SIDE (s2 = stride-2 downsampling conv), e.g. 2560-1280:8")
+    d.add_argument("--factor", type=float, default=4.0, help="re-dilation factor (dispersed: dilation factor/2)")
+    d.add_argument("--batch", type=int, default=2)
+    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--write", type=str, default=None)
+    d.add_argument("--key", type=str, default=None)
+
+
+def _parse_layer_shape(text):
+    chans, side = text.split(":")
+    stride = 2 if chans.endswith("s2") else 1
+    chans = chans[:-2] if stride == 2 else chans
+    c_in, _, c_out = chans.partition("-")
+    return int(c_in), int(c_out or c_in), int(side), stride
+
+
+def _median_time(fn, repeats, sync):
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def dispersion_layers(args):
+    """Time the dispersion paths of one layer per shape; ratios against the plain 3x3 conv (same dilation)."""
+    import torch
+    from ldm.scalecrafter.dispersion import disperse_kernel, get_dispersion_transform
+    from ldm.scalecrafter.redilation import Dispersion, ReDilation, choose_dispersion_path
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    R = torch.as_tensor(get_dispersion_transform(), dtype=torch.float32)
+    rows = []
+    for text in args.shapes:
+        c_in, c_out, side, stride = _parse_layer_shape(text)
+        conv = torch.nn.Conv2d(c_in, c_out, 3, stride, 1).to(device, dtype).requires_grad_(False)
+        x = torch.randn(args.batch, c_in, side, side, device=device, dtype=dtype)
+        kept = {}
+        Dispersion(args.factor, R, kept, path="direct")(conv, x)  # fills the kept kernel
+        runs = {
+            "plain 3x3 (re-dilated)": lambda: ReDilation(args.factor / 2)(conv, x),
+            "direct, kernel per call": lambda: Dispersion(args.factor, R, None, path="direct")(conv, x),
+            "direct, kernel kept": lambda: Dispersion(args.factor, R, kept, path="direct")(conv, x),
+            "basis": lambda: Dispersion(args.factor, R, None, path="basis")(conv, x),
+            "kernel map alone": lambda: disperse_kernel(conv.weight, R.to(device, dtype)),
+        }
+        with torch.no_grad():
+            t = {name: _median_time(fn, args.repeats, sync) for name, fn in runs.items()}
+        row = dict(shape=text, c_in=c_in, c_out=c_out, side=side, stride=stride, seconds=t,
+                   auto=choose_dispersion_path(conv, x))
+        rows.append(row)
+        base = t["plain 3x3 (re-dilated)"]
+        print(f"{text:>14}: " + ", ".join(f"{k} {v / base:.2f}x" for k, v in t.items() if k != "plain 3x3 (re-dilated)")
+              + f"  (plain {base * 1e3:.2f} ms; auto -> {row['auto']})", flush=True)
+    machine = machine_description(args.device)
+    if args.device == "cpu":
+        machine += "; load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
+    lines = [f"### Dispersed convolution per layer, {args.device}", "",
+             f"Machine: {machine}. Batch {args.batch}, factor {args.factor:g} (dispersed kernels at dilation "
+             f"{args.factor / 2:g}, the plain 3x3 at the same dilation), {'fp16' if dtype == torch.float16 else 'fp32'}, "
+             f"median of {args.repeats} after a warm-up. Times relative to the plain 3x3 convolution.", "",
+             "| layer (in-out, side) | plain 3x3 (ms) | direct, kernel per call | direct, kernel kept | basis | "
+             "kernel map alone | faster path | auto picks |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["seconds"]
+        base = t["plain 3x3 (re-dilated)"]
+        faster = "basis" if t["basis"] < t["direct, kernel per call"] else "direct"
+        stride = ", stride 2" if r["stride"] == 2 else ""
+        lines.append(f"| {r['c_in']}-{r['c_out']}, {r['side']}²{stride} | {base * 1e3:.2f} | "
+                     f"{t['direct, kernel per call'] / base:.2f}× | {t['direct, kernel kept'] / base:.2f}× | "
+                     f"{t['basis'] / base:.2f}× | {t['kernel map alone'] / base:.2f}× | {faster} | {r['auto']} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        write_section(args.write, args.key or f"dispersion-layers-{args.device}", table)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -442,16 +554,8 @@ def main(argv=None):
     u.add_argument("--threads", type=int, default=None, help="CPU threads per measurement (default: torch's)")
     u.add_argument("--write", type=str, default=None, help="update this markdown file")
     u.add_argument("--key", type=str, default=None, help="section key in the markdown file")
-    c = sub.add_parser("_child")
-    c.add_argument("--mode", default="plain")
-    c.add_argument("--size", type=int)
-    c.add_argument("--device")
-    c.add_argument("--batch", type=int)
-    c.add_argument("--repeats", type=int)
-    c.add_argument("--warmup", type=int, default=1)
-    c.add_argument("--family", default="sd2")
-    c.add_argument("--config", default=None)
     add_pipeline_parser(sub)
+    add_dispersion_layers_parser(sub)
     m = sub.add_parser("memory", help="estimated peak CUDA memory of whole sampling runs, no GPU needed "
                                       "(pipeline --simulate for several cases, one table)")
     m.add_argument("--config", default=str(CONFIGS["sdxl"]), help="model config (default: SDXL base)")
@@ -463,9 +567,12 @@ def main(argv=None):
     m.add_argument("--cap_gib", type=float, default=None, help="the card's memory (default 24)")
     m.add_argument("--write", type=str, default=None)
     m.add_argument("--key", type=str, default=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["_child"]:  # internal: one measurement in its own process (not listed in --help)
+        return measure_once(child_parser().parse_args(argv[1:]))
     args = p.parse_args(argv)
-    if args.cmd == "_child":
-        return measure_once(args)
+    if args.cmd == "dispersion-layers":
+        return dispersion_layers(args)
     if args.cmd == "memory":
         return memory_table(args)
     if args.cmd == "pipeline":

@@ -112,6 +112,10 @@ def test_normal_equations(params):
     R = D.solve_dispersion(**params)
     M, B = D.build_system(**params)
     assert R.shape == (M.shape[1], B.shape[1])
+    # release convention: the pixel rows carry eta itself
+    t = D.build_terms(**{k: v for k, v in params.items() if k != "eta"})
+    eta = params.get("eta", 0.05)
+    np.testing.assert_allclose(M, np.concatenate([t["M_struct"], eta * t["M_pixel"]]), atol=0)
     lhs, rhs = M.T @ M @ R, M.T @ B
     assert np.linalg.norm(lhs - rhs) <= 1e-8 * np.linalg.norm(rhs)
 
@@ -144,9 +148,75 @@ def test_all_ones_response_is_symmetric():
         np.testing.assert_allclose(disp(op(k)), op(disp(k)), atol=1e-12)
 
 
-def test_default_numbers_are_stable():
-    """Pins the default solution (3->5, n=3, s=2, eta=0.05) so silent formulation changes fail."""
-    R = D.solve_dispersion()
+AUTHORS_R = REPO_ROOT / "tests" / "reference" / "scalecrafter_R20to1_new.txt"
+
+
+def test_default_is_the_authors_released_transform():
+    """The defaults reproduce the authors' shipped transforms/R20to1_new.mat (their MATLAB solver's output)."""
+    R_authors = np.loadtxt(AUTHORS_R)
+    assert R_authors.shape == (25, 9)
+    np.testing.assert_allclose(D.solve_dispersion(), R_authors, atol=1e-12)
+    np.testing.assert_allclose(D.solve_dispersion(**D.DEFAULTS), R_authors, atol=1e-12)
+    # the paper's weighting with the same eta is a different transform (by ~0.11 per entry)
+    diff = np.abs(D.solve_dispersion(objective="paper") - R_authors).max()
+    assert 0.1 < diff < 0.12, diff
+
+
+def _torch_system(eta_rows, small=3, large=5, n=3, scale=2):
+    """(A, b) built from torch's conv2d/interpolate on unit inputs, pixel rows times ``eta_rows``.
+
+    Independent of the module's matrices: column j of the unknowns is the j-th tap of the large kernel,
+    column c of b the response to the c-th small basis kernel.
+    """
+    N = int(scale * (n - 1)) + 1
+    rows_s, rhs_s, rows_p, rhs_p = [], [], [], []
+    eye_l = torch.eye(large * large, dtype=torch.float64).reshape(-1, 1, large, large)
+    eye_s = torch.eye(small * small, dtype=torch.float64).reshape(-1, 1, small, small)
+    for p in range(n * n):
+        h = torch.zeros(1, 1, n, n, dtype=torch.float64)
+        h.view(-1)[p] = 1
+        up = interp_t(h, (N, N))
+        rows_s.append(conv_t(up, eye_l).reshape(large * large, -1).T)          # (N², large²)
+        rhs_s.append(interp_t(conv_t(h, eye_s), (N, N)).reshape(small * small, -1).T)
+        rows_p.append(conv_t(h, eye_l).reshape(large * large, -1).T)
+        rhs_p.append(conv_t(h, eye_s).reshape(small * small, -1).T)
+    A = torch.cat([torch.cat(rows_s), eta_rows * torch.cat(rows_p)]).numpy()
+    b = torch.cat([torch.cat(rhs_s), eta_rows * torch.cat(rhs_p)]).numpy()
+    return A, b
+
+
+@pytest.mark.parametrize("eta", [0.05, 0.3, 1.0])
+def test_release_convention_solves_the_row_weighted_normal_equations(eta):
+    """Release convention: rows of the pixel block multiplied by eta, A^T A R = A^T b."""
+    A, b = _torch_system(eta)
+    R = D.solve_dispersion(eta=eta)
+    lhs, rhs = A.T @ A @ R, A.T @ b
+    assert np.linalg.norm(lhs - rhs) <= 1e-9 * np.linalg.norm(rhs)
+    if eta != 1.0:  # and not the paper's sqrt(eta) rows
+        A2, b2 = _torch_system(np.sqrt(eta))
+        assert np.linalg.norm(A2.T @ A2 @ R - A2.T @ b2) > 1e-4 * np.linalg.norm(A2.T @ b2)
+
+
+@pytest.mark.parametrize("eta", [0.0025, 0.05, 0.5])
+def test_paper_objective_is_release_with_sqrt_eta(eta):
+    np.testing.assert_allclose(D.solve_dispersion(eta=eta, objective="paper"),
+                               D.solve_dispersion(eta=np.sqrt(eta)), atol=1e-12)
+    R = D.solve_dispersion(eta=eta, objective="paper")
+    res = D.calibration_residuals(R)
+    assert D.dispersion_objective(R, eta=eta, objective="paper") == pytest.approx(res["struct"] + eta * res["pixel"])
+    assert D.dispersion_objective(R, eta=eta) == pytest.approx(res["struct"] + eta ** 2 * res["pixel"])
+
+
+def test_objective_is_validated():
+    with pytest.raises(ValueError, match="objective"):
+        D.solve_dispersion(objective="matlab")
+    with pytest.raises(ValueError, match="eta"):
+        D.solve_dispersion(eta=-1)
+
+
+def test_paper_variant_numbers_are_stable():
+    """Pins the paper-weighted solution (3->5, n=3, s=2, eta=0.05) so silent formulation changes fail."""
+    R = D.solve_dispersion(objective="paper")
     kp = (R @ np.ones(9)).reshape(5, 5)
     np.testing.assert_allclose(kp[0], [0.5882, 0.3246, 0.5277, 0.3246, 0.5882], atol=1e-4)
     np.testing.assert_allclose(kp[1], [0.3246, 0.2138, 0.3358, 0.2138, 0.3246], atol=1e-4)
@@ -166,8 +236,9 @@ def test_structure_only_limit_is_dilation():
     assert errs[-1] < 0.03, errs
 
 
-def test_gram_path_matches_direct(monkeypatch):
-    params = dict(feature_size=6, eta=0.3)
+@pytest.mark.parametrize("objective", D.OBJECTIVES)
+def test_gram_path_matches_direct(monkeypatch, objective):
+    params = dict(feature_size=6, eta=0.3, objective=objective)
     R = D.solve_dispersion(**params)
     res = D.calibration_residuals(R, feature_size=6)
     monkeypatch.setattr(D, "_DIRECT_MAX_ROWS", 0)
@@ -234,12 +305,28 @@ def test_cache_roundtrip(tmp_path, monkeypatch):
 
 def test_cache_names_and_env(tmp_path, monkeypatch):
     names = {D.cache_filename(**p) for p in (
-        dict(), dict(eta=0.5), dict(eta=0.0), dict(scale=2.5), dict(feature_size=4), dict(large=7), dict(small=1))}
-    assert len(names) == 7
+        dict(), dict(eta=0.5), dict(eta=0.0), dict(scale=2.5), dict(feature_size=4), dict(large=7), dict(small=1),
+        dict(objective="paper"))}
+    assert len(names) == 8
     monkeypatch.setenv("SCALECRAFTER_CACHE", str(tmp_path))
     assert D.default_cache_dir() == tmp_path / "dispersion"
     D.get_dispersion_transform(eta=0.25)
     assert (tmp_path / "dispersion" / D.cache_filename(eta=0.25)).is_file()
+
+
+def test_cache_never_crosses_conventions(tmp_path):
+    """A file cached for one objective is never served for the other."""
+    Rp = D.get_dispersion_transform(objective="paper", cache_dir=tmp_path)
+    D.clear_cache()
+    Rr = D.get_dispersion_transform(cache_dir=tmp_path)
+    np.testing.assert_allclose(Rr, np.loadtxt(AUTHORS_R), atol=1e-12)
+    assert np.abs(Rr - Rp).max() > 0.1
+    assert len(list(tmp_path.glob("R_*.npy"))) == 2
+    # files of the previous format (no convention in the name) are ignored
+    old = tmp_path / "R_v1_k3to5_n3_s2_eta0p05.npy"
+    np.save(old, Rp)
+    D.clear_cache()
+    np.testing.assert_allclose(D.get_dispersion_transform(cache_dir=tmp_path), Rr, atol=0)
 
 
 def test_corrupt_cache_is_recomputed(tmp_path):
@@ -294,4 +381,23 @@ def test_cli(tmp_path):
         env={**os.environ, "PYTHONPATH": ""},
     )
     assert "structure-level residual" in proc.stdout and "pixel-level residual" in proc.stdout
-    np.testing.assert_allclose(np.loadtxt(out), D.solve_dispersion(), atol=1e-14)
+    assert "objective=release" in proc.stdout
+    np.testing.assert_allclose(np.loadtxt(out), np.loadtxt(AUTHORS_R), atol=1e-14)
+    out_p = tmp_path / "Rp.npy"
+    subprocess.run([sys.executable, "scripts/solve_dispersion.py", "--objective", "paper", "--out", str(out_p)],
+                   cwd=REPO_ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ""})
+    np.testing.assert_allclose(np.load(out_p), D.solve_dispersion(eta=np.sqrt(0.05)), atol=1e-12)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--eta", "-1"], "--eta"), (["--small", "4"], "--small"), (["--large", "3", "--small", "5"], "--large"),
+    (["--objective", "matlab"], "--objective"), (["--out", "R.png"], "--out"), (["--scale", "0"], "--scale"),
+    (["--feature_size", "0"], "--feature_size"),
+])
+def test_cli_argument_errors_are_argparse_errors(tmp_path, argv, needle):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/solve_dispersion.py"), *argv],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr
+    assert "usage:" in proc.stderr
+    assert not (tmp_path / "R.png").exists()

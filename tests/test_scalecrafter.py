@@ -297,12 +297,105 @@ def test_dispersed_layer_uses_5x5_kernel_at_half_the_dilation(monkeypatch):
     conv = nn.Conv2d(3, 4, 3, padding=1)
     x = torch.randn(1, 3, 18, 18)
     cache = {}
-    with torch.no_grad(), installed([(conv, Dispersion(4, R, cache))]):
+    with torch.no_grad(), installed([(conv, Dispersion(4, R, cache, path="direct"))]):
         got = conv(x)
     k5 = disperse_kernel(conv.weight.detach(), R)
     want = F.conv2d(x, zero_inserted(k5, 2), conv.bias, padding=4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(cache) == 1  # computed once per run, reused by later steps
+
+
+def _dispersed_reference(conv, x, R, factor):
+    """float64 reference: the 5x5 kernel R·k formed with numpy, zero-inserted for the dilation, and (for a
+    fractional dilation) the paper's resize-convolve-resize done by hand around it."""
+    w = conv.weight.detach().double().numpy()
+    k5 = torch.from_numpy((w.reshape(*w.shape[:2], 9) @ R.double().numpy().T).reshape(*w.shape[:2], 5, 5))
+    d = factor / 2
+    dd = math.ceil(d)
+    xx = x.double()
+    h, wd = x.shape[-2:]
+    if dd != d:
+        xx = F.interpolate(xx, size=(round(h * dd / d), round(wd * dd / d)), mode="bilinear", align_corners=False)
+    y = F.conv2d(xx, zero_inserted(k5, dd), conv.bias.double(), conv.stride, 2 * dd)
+    if dd != d:
+        s = conv.stride[0]
+        y = F.interpolate(y, size=((h - 1) // s + 1, (wd - 1) // s + 1), mode="bilinear", align_corners=False)
+    return y
+
+
+@pytest.mark.parametrize("factor", [2, 4, 6, 5, 3])  # dilations 1, 2, 3 and the fractional 2.5, 1.5
+@pytest.mark.parametrize("stride", [1, 2])
+def test_both_dispersion_paths_match_the_formed_kernel(factor, stride):
+    from ldm.scalecrafter.dispersion import get_dispersion_transform
+    R = torch.as_tensor(get_dispersion_transform(), dtype=torch.float32)
+    torch.manual_seed(factor * 10 + stride)
+    conv = nn.Conv2d(24, 40, 3, stride, 1)
+    x = torch.randn(2, 24, 17, 15)
+    want = _dispersed_reference(conv, x, R, factor)
+    with torch.no_grad():
+        direct = Dispersion(factor, R, path="direct")(conv, x)
+        basis = Dispersion(factor, R, path="basis")(conv, x)
+    assert basis.shape == direct.shape == want.shape
+    scale = want.abs().max().item()
+    for got in (direct, basis):
+        assert (got.double() - want).abs().max().item() <= 1e-5 * scale
+    assert (basis - direct).abs().max().item() <= 1e-5 * scale
+
+
+def test_basis_path_chunks_channels_within_its_memory_budget(monkeypatch):
+    import ldm.scalecrafter.redilation as rd
+    from ldm.scalecrafter.dispersion import get_dispersion_transform
+    R = torch.as_tensor(get_dispersion_transform(), dtype=torch.float32)
+    torch.manual_seed(3)
+    conv = nn.Conv2d(10, 6, 3, 1, 1)
+    x = torch.randn(2, 10, 9, 9)
+    calls = []
+    real_conv2d = F.conv2d
+
+    def recording_conv2d(inp, weight, *args, **kwargs):
+        out = real_conv2d(inp, weight, *args, **kwargs)
+        calls.append(tuple(out.shape))
+        return out
+
+    with torch.no_grad():
+        whole = rd.basis_dispersed_conv(conv, x, R, 2)
+        budget = 3 * (2 * 9 * 9 * 9 * 4)  # three input channels' worth of the (batch, 9, H, W) intermediate
+        monkeypatch.setattr(rd.F, "conv2d", recording_conv2d)
+        chunked = rd.basis_dispersed_conv(conv, x, R, 2, max_bytes=budget)
+    depthwise = [c for c in calls if c[1] != 6]
+    assert [c[1] for c in depthwise] == [27, 27, 27, 9]  # 3+3+3+1 input channels, 9 basis maps each
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert (chunked - _dispersed_reference(conv, x, R, 4).float()).abs().max() < 1e-5
+
+
+def test_dispersion_path_rule_and_validation():
+    from ldm.scalecrafter.redilation import BASIS_MIN_OUT_CHANNELS, choose_dispersion_path
+    x = torch.zeros(1, 8, 4, 4)
+    wide = nn.Conv2d(8, BASIS_MIN_OUT_CHANNELS["cpu"], 3, padding=1)
+    narrow = nn.Conv2d(8, BASIS_MIN_OUT_CHANNELS["cpu"] // 2, 3, padding=1)
+    assert choose_dispersion_path(wide, x) == "basis"
+    assert choose_dispersion_path(narrow, x) == "direct"
+    assert choose_dispersion_path(nn.Conv2d(8, BASIS_MIN_OUT_CHANNELS["cpu"], 3, padding=1, groups=8), x) == "direct"
+    with pytest.raises(ValueError, match="path"):
+        Dispersion(4, torch.zeros(25, 9), path="fast")
+
+
+def test_preset_dispersion_path_reaches_the_processors():
+    from ldm.scalecrafter.presets import load_preset
+    unet = meta_unet("v2-inference.yaml")
+    cfg = load_preset(PRESETS / "sd2.1_2048x2048_disperse.yaml")
+    assert "disperse_path" not in cfg  # the shipped presets use the automatic choice
+    assert {p.path for _, p in plan_from_preset(unet, cfg).processors(0) if isinstance(p, Dispersion)} == {"auto"}
+    authors_R = np.loadtxt(REPO / "tests" / "reference" / "scalecrafter_R20to1_new.txt")
+    for name in ("sd2.1_2048x2048_disperse.yaml", "sd1.5_2048x2048_disperse.yaml"):  # the released transform
+        plan = plan_from_preset(unet, PRESETS / name)
+        np.testing.assert_allclose(plan.disperse_transform.double().numpy(), authors_R, atol=1e-7)
+    for path in ("basis", "direct"):
+        plan = plan_from_preset(unet, {**cfg, "disperse_path": path})
+        procs = [p for _, p in plan.processors(0) if isinstance(p, Dispersion)]
+        assert len(procs) == 23 and {p.path for p in procs} == {path}
+    with pytest.raises(SettingsError, match="disperse_path"):
+        plan_from_preset(unet, {**cfg, "disperse_path": "fastest"})
 
 
 # ---------------------------------------------------------------------------------------------

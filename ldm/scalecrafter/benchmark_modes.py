@@ -6,7 +6,10 @@ ScaleCrafter preset at its first (most expensive) step. For SD 2.1 (``family="sd
   redilate         the same with the re-dilation of sd2.1_2048x2048.yaml (integer factors 2/3/4)
   redilate_frac    re-dilation at the fractional factor 2.5 of sd2.1_1280x1280.yaml
   redilate_ndcfg   re-dilation + noise-damped CFG (one extra unconditional pass)
-  disperse         sd2.1_2048x2048_disperse.yaml without ndcfg: dispersed 5x5 kernels where listed
+  disperse         sd2.1_2048x2048_disperse.yaml without ndcfg: dispersed 5x5 kernels where listed, each
+                   layer on the path redilation.choose_dispersion_path picks
+  disperse_direct  the same, every dispersed layer on the direct path (5x5 kernel R·k formed per call)
+  disperse_basis   the same, every dispersed layer on the basis path (depthwise basis conv + 1x1)
   preset           the preset made for this image size (e.g. sd2.1_2048x2048.yaml at a 256² latent), as it runs
 For SDXL (``family="sdxl"``) the same modes use sdxl_4096x4096.yaml (redilate, redilate_ndcfg),
 sdxl_2560x2560.yaml (redilate_frac), sdxl_4096x4096_disperse.yaml (disperse) and sdxl_<size>.yaml (preset),
@@ -21,13 +24,17 @@ from ldm.scalecrafter.guidance import ScaleCrafterGuidance
 from ldm.scalecrafter.presets import load_preset, plan_from_preset
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "scalecrafter"
-MODES = ("plain", "redilate", "redilate_frac", "redilate_ndcfg", "disperse", "preset", "preset_corrected")
+MODES = ("plain", "redilate", "redilate_frac", "redilate_ndcfg", "disperse", "disperse_direct", "disperse_basis",
+         "preset", "preset_corrected")
+DISPERSION_PATH = {"disperse": "auto", "disperse_direct": "direct", "disperse_basis": "basis"}
 PREFIX = {"sd2": "sd2.1", "sdxl": "sdxl"}
 FIXED = {  # mode -> (preset name without the family prefix, with noise-damped CFG)
     "sd2": {"redilate": ("2048x2048", False), "redilate_frac": ("1280x1280", False),
-            "redilate_ndcfg": ("2048x2048", True), "disperse": ("2048x2048_disperse", False)},
+            "redilate_ndcfg": ("2048x2048", True), "disperse": ("2048x2048_disperse", False),
+            "disperse_direct": ("2048x2048_disperse", False), "disperse_basis": ("2048x2048_disperse", False)},
     "sdxl": {"redilate": ("4096x4096", False), "redilate_frac": ("2560x2560", False),
-             "redilate_ndcfg": ("4096x4096", True), "disperse": ("4096x4096_disperse", False)},
+             "redilate_ndcfg": ("4096x4096", True), "disperse": ("4096x4096_disperse", False),
+             "disperse_direct": ("4096x4096_disperse", False), "disperse_basis": ("4096x4096_disperse", False)},
 }
 
 
@@ -59,10 +66,11 @@ def mode_available(mode, size, family="sd2"):
     return path is None or path.is_file()
 
 
-def _plan(unet, path, ndcfg):
+def _plan(unet, path, ndcfg, dispersion_path="auto"):
     cfg = load_preset(path)
     if not ndcfg:
         cfg["ndcfg_tau"] = 0
+    cfg["disperse_path"] = dispersion_path
     with warnings.catch_warnings():  # the released SDXL files' dead names (documented in the presets)
         warnings.simplefilter("ignore")
         return plan_from_preset(unet, cfg)
@@ -98,5 +106,5 @@ def make_step(mode, unet, size, batch, device, dtype, family="sd2"):
     if not path.is_file():
         raise ValueError(f"mode {mode} at a {size}² latent needs {path.name}, which does not exist")
     ndcfg = True if mode in ("preset", "preset_corrected") else FIXED[family][mode][1]
-    guide = ScaleCrafterGuidance(_plan(unet, path, ndcfg))
+    guide = ScaleCrafterGuidance(_plan(unet, path, ndcfg, DISPERSION_PATH.get(mode, "auto")))
     return lambda i: guide(model, x, t, cond, uncond, 7.5, step=0)

@@ -12,6 +12,20 @@ squares over two calibrations:
 * pixel level (weight ``eta``): on the original input the large kernel should
   behave like the small one, ``f_k(h) ~ f_{k'}(h)``.
 
+How ``eta`` weights the pixel level (``objective``):
+
+* ``"release"`` (default): the pixel-level *rows* are multiplied by ``eta``, so
+  the minimised objective is ``||struct||^2 + eta^2 ||pixel||^2``.  This is what
+  the authors' MATLAB solver does (``disperse/kernel_disperse.m`` stacks
+  ``[structLHS; eta * pixelLHS]``), and with the released parameters (3 -> 5,
+  input 3, scale 2, eta 0.05) it reproduces their shipped transform
+  ``transforms/R20to1_new.mat`` to 1e-15 (``tests/test_dispersion.py``).
+* ``"paper"``: the objective as the paper's equation writes it,
+  ``||struct||^2 + eta ||pixel||^2`` (rows multiplied by ``sqrt(eta)``).
+
+The two agree when the paper's ``eta`` equals the release's ``eta**2``; with
+``eta = 0.05`` they differ by up to 0.11 per entry of ``R``.
+
 Everything is linear in the input ``h`` and in the kernel, so evaluating both
 sides on every unit input ``h = e_p`` of an ``n x n`` feature map gives one
 equation per (input position, output position) that holds for all kernels at
@@ -37,6 +51,8 @@ import numpy as np
 
 __all__ = [
     "DEFAULTS",
+    "OBJECTIVES",
+    "pixel_row_weight",
     "interp_matrix_1d",
     "interp_matrix_2d",
     "upsampled_size",
@@ -56,9 +72,23 @@ __all__ = [
 ]
 
 # Bump when the formulation changes so stale cache files are not reused.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
-DEFAULTS = dict(small=3, large=5, feature_size=3, scale=2.0, eta=0.05)
+# The authors' released transform: kernel_disperse(3, 5, 3, 2, 0.05) with rows weighted by eta.
+DEFAULTS = dict(small=3, large=5, feature_size=3, scale=2.0, eta=0.05, objective="release")
+OBJECTIVES = ("release", "paper")
+
+
+def pixel_row_weight(eta: float, objective: str = "release") -> float:
+    """Factor on the pixel-level rows: ``eta`` (release) or ``sqrt(eta)`` (paper); see the module doc."""
+    eta = float(eta)
+    if not eta >= 0:  # also rejects NaN
+        raise ValueError(f"eta must be non-negative, got {eta}")
+    if objective == "release":
+        return eta
+    if objective == "paper":
+        return float(np.sqrt(eta))
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -255,17 +285,15 @@ def build_system(
     feature_size: int = 3,
     scale: float = 2.0,
     eta: float = 0.05,
+    objective: str = "release",
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Stacked system ``(M, B)``: structure rows, then ``sqrt(eta)``-weighted pixel rows.
+    """Stacked system ``(M, B)``: structure rows, then pixel rows times :func:`pixel_row_weight`.
 
     ``||M R - B||^2`` equals the full objective, so the solution satisfies the
     normal equations ``M^T M R = M^T B``.
     """
-    eta = float(eta)
-    if eta < 0:
-        raise ValueError(f"eta must be non-negative, got {eta}")
+    w = pixel_row_weight(eta, objective)
     t = build_terms(small, large, feature_size, scale)
-    w = np.sqrt(eta)
     M = np.concatenate([t["M_struct"], w * t["M_pixel"]], axis=0)
     B = np.concatenate([t["B_struct"], w * t["B_pixel"]], axis=0)
     return M, B
@@ -277,8 +305,13 @@ def solve_dispersion(
     feature_size: int = 3,
     scale: float = 2.0,
     eta: float = 0.05,
+    objective: str = "release",
 ) -> np.ndarray:
     """Closed-form least-squares dispersion matrix ``R`` of shape ``(large^2, small^2)``.
+
+    ``objective="release"`` (default) weights the pixel rows by ``eta`` as the
+    authors' solver does, and the defaults give their shipped ``R20to1_new.mat``;
+    ``objective="paper"`` minimises the paper's ``||struct||^2 + eta ||pixel||^2``.
 
     Solved with an SVD-based ``lstsq`` on ``M`` (better conditioned than
     forming ``M^T M``; very large feature maps fall back to the Kronecker
@@ -290,14 +323,13 @@ def solve_dispersion(
     if int(large) < int(small):
         raise ValueError(f"large ({large}) must be >= small ({small})")
     if _num_rows(feature_size, scale) <= _DIRECT_MAX_ROWS:
-        M, B = build_system(small, large, feature_size, scale, eta)
+        M, B = build_system(small, large, feature_size, scale, eta, objective)
         R, *_ = np.linalg.lstsq(M, B, rcond=None)
         return R
-    if float(eta) < 0:
-        raise ValueError(f"eta must be non-negative, got {eta}")
+    w2 = pixel_row_weight(eta, objective) ** 2
     g = _gram_terms(small, large, feature_size, scale)
-    G = g["G_struct"] + float(eta) * g["G_pixel"]
-    C = g["C_struct"] + float(eta) * g["C_pixel"]
+    G = g["G_struct"] + w2 * g["G_pixel"]
+    C = g["C_struct"] + w2 * g["C_pixel"]
     R, *_ = np.linalg.lstsq(G, C, rcond=None)
     return R
 
@@ -326,10 +358,11 @@ def calibration_residuals(R: np.ndarray, small=3, large=5, feature_size=3, scale
     return out
 
 
-def dispersion_objective(R: np.ndarray, small=3, large=5, feature_size=3, scale=2.0, eta=0.05) -> float:
-    """The minimised objective ``||struct||^2 + eta ||pixel||^2`` at ``R``."""
+def dispersion_objective(R: np.ndarray, small=3, large=5, feature_size=3, scale=2.0, eta=0.05,
+                         objective="release") -> float:
+    """The minimised objective at ``R``: ``||struct||^2 + w^2 ||pixel||^2``, ``w`` from :func:`pixel_row_weight`."""
     res = calibration_residuals(R, small, large, feature_size, scale)
-    return res["struct"] + float(eta) * res["pixel"]
+    return res["struct"] + pixel_row_weight(eta, objective) ** 2 * res["pixel"]
 
 
 # ----------------------------------------------------------------------------
@@ -351,14 +384,15 @@ def _fmt(x: float) -> str:
     return format(float(x), ".12g").replace(".", "p").replace("-", "m").replace("+", "")
 
 
-def _key(small, large, feature_size, scale, eta) -> tuple:
-    return (int(small), int(large), int(feature_size), float(scale), float(eta))
+def _key(small, large, feature_size, scale, eta, objective) -> tuple:
+    pixel_row_weight(eta, objective)  # validates both
+    return (int(small), int(large), int(feature_size), float(scale), float(eta), str(objective))
 
 
-def cache_filename(small=3, large=5, feature_size=3, scale=2.0, eta=0.05) -> str:
-    """File name encoding every parameter (and the format version)."""
-    s, l, n, sc, e = _key(small, large, feature_size, scale, eta)
-    return f"R_v{_FORMAT_VERSION}_k{s}to{l}_n{n}_s{_fmt(sc)}_eta{_fmt(e)}.npy"
+def cache_filename(small=3, large=5, feature_size=3, scale=2.0, eta=0.05, objective="release") -> str:
+    """File name encoding every parameter, the objective convention and the format version."""
+    s, l, n, sc, e, obj = _key(small, large, feature_size, scale, eta, objective)
+    return f"R_v{_FORMAT_VERSION}_{obj}_k{s}to{l}_n{n}_s{_fmt(sc)}_eta{_fmt(e)}.npy"
 
 
 def clear_cache() -> None:
@@ -372,6 +406,7 @@ def get_dispersion_transform(
     feature_size: int = 3,
     scale: float = 2.0,
     eta: float = 0.05,
+    objective: str = "release",
     cache_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> np.ndarray:
     """Cached :func:`solve_dispersion`: memory first, then ``cache_dir`` on disk, then solve.
@@ -381,7 +416,7 @@ def get_dispersion_transform(
     Returns a fresh copy so callers cannot corrupt the cache.  An unwritable
     cache directory only produces a warning.
     """
-    key = _key(small, large, feature_size, scale, eta)
+    key = _key(small, large, feature_size, scale, eta, objective)
     if key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key].copy()
 

@@ -62,8 +62,11 @@ class ScaleCrafterPlan:
     disperse_layers: frozenset = frozenset()
     disperse_tau: int = 0
     disperse_transform: object = None  # torch tensor (large², small²)
-    # keep dispersed kernels for the run instead of recomputing them per call (faster, 25/9× the layers' weights)
+    # keep dispersed kernels for the run instead of recomputing them per call (direct path only; 25/9× the
+    # layers' weights)
     cache_dispersed_kernels: bool = False
+    # "auto" (per layer, measured rule in redilation.choose_dispersion_path), "direct" or "basis"
+    dispersion_path: str = "auto"
     _dispersed_weights: dict = field(default_factory=dict, repr=False)
 
     def uses_ndcfg(self, step):
@@ -82,7 +85,7 @@ class ScaleCrafterPlan:
         for name, f in self.dilate.at(step).items():
             if name in self.disperse_layers and step < self.disperse_tau:
                 cache = self._dispersed_weights if self.cache_dispersed_kernels else None
-                procs[name] = Dispersion(f, self.disperse_transform, cache)
+                procs[name] = Dispersion(f, self.disperse_transform, cache, self.dispersion_path)
             else:
                 procs[name] = ReDilation(f)
         return procs

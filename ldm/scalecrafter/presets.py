@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from ldm.scalecrafter.layers import LayerNames, flag_layers
 from ldm.scalecrafter.plan import LayerSchedule, ScaleCrafterPlan
+from ldm.scalecrafter.redilation import Dispersion
 
 
 class SettingsError(ValueError):
@@ -91,7 +92,7 @@ def plan_from_flags(unet, dilate, dilate_tau, dilate_skip=0, progressive=False):
 
 
 PRESET_KEYS = {"dilate_settings", "dilate_tau", "progressive", "ndcfg_dilate_settings", "ndcfg_tau",
-               "disperse_settings", "disperse_tau", "disperse_transform", "inflate_tau", "freeu", "height",
+               "disperse_settings", "disperse_tau", "disperse_transform", "disperse_path", "inflate_tau", "freeu", "height",
                "width", "steps", "base_model", "dead_names", "notes", "scale", "eta"}
 
 
@@ -139,4 +140,7 @@ def plan_from_preset(unet, preset):
         if missing:
             raise SettingsError(f"{preset.get('_path')}: dispersed layers must also be dilated; not in "
                                 f"dilate_settings: {sorted(missing)[:5]}")
-    return ScaleCrafterPlan(names, dilate, ndcfg, disperse_layers, disperse_tau, transform)
+    path = preset.get("disperse_path", "auto")
+    if path not in Dispersion.PATHS:
+        raise SettingsError(f"{preset.get('_path')}: disperse_path must be one of {Dispersion.PATHS}, got {path!r}")
+    return ScaleCrafterPlan(names, dilate, ndcfg, disperse_layers, disperse_tau, transform, dispersion_path=path)
