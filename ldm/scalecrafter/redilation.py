@@ -10,10 +10,10 @@ to the original.
   twice as large, so a target factor d is reached with dilation d/2 on k' (fractional if d/2 is).
 """
 import math
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
+
+from ldm.processors import installed  # noqa: F401  (the one install mechanism; re-exported)
 
 
 def _out_size(size, conv):
@@ -163,23 +163,3 @@ class Dispersion:
 
     def __repr__(self):
         return f"Dispersion(factor={self.factor:g})"
-
-
-@contextmanager
-def installed(modules_and_processors):
-    """Give each conv its processor for the duration of the block, then restore the original forward.
-
-    ``modules_and_processors``: iterable of (nn.Conv2d, processor). Installing shadows ``forward`` on the
-    instance only; deleting the attribute afterwards brings back the class's own forward exactly.
-    """
-    touched = []
-    try:
-        for conv, proc in modules_and_processors:
-            if "forward" in conv.__dict__:
-                raise RuntimeError("a processor is already installed on this convolution")
-            conv.forward = (lambda c, p: (lambda x: p(c, x)))(conv, proc)
-            touched.append(conv)
-        yield
-    finally:
-        for conv in touched:
-            del conv.forward

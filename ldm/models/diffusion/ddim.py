@@ -1,9 +1,15 @@
 """DDIM sampler (Song et al. 2021) with classifier-free guidance, as in the original LDM code.
 
-One extension point keeps the method code out of the sampler: ``guidance`` is any callable
-``guidance(model, x, t, cond, uncond, scale, step) -> model_output`` evaluated once per step
-(``step`` is the 0-based index in sampling order). The default is plain classifier-free guidance;
-ScaleCrafter supplies one that consults its per-step re-dilation plan (``ldm/scalecrafter``).
+Three extension points keep the method code out of the sampler:
+
+* ``guidance``: any callable ``guidance(model, x, t, cond, uncond, scale, step) -> model_output``
+  evaluated once per step (``step`` is the 0-based index in sampling order). The default is plain
+  classifier-free guidance; ScaleCrafter supplies one that consults its per-step re-dilation plan
+  (``ldm/scalecrafter``), FreeScale one that installs its attention and convolution processors.
+* ``start_step``: begin at step ``start_step`` of the S-step schedule with ``x_T`` as the latent at that
+  step (img2img, and FreeScale's re-noised cascade stages);
+* ``pre_step``: ``pre_step(x, step, t) -> x`` applied to the latent before each step's model call
+  (FreeScale's and DemoFusion's skip residual).
 """
 import numpy as np
 import torch
@@ -43,6 +49,10 @@ class DDIMSampler:
         setattr(self, name, attr)
 
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0.0, verbose=True):
+        if not 0.0 <= float(ddim_eta) <= 1.0:
+            raise ValueError(f"DDIM eta must be in [0, 1], got {ddim_eta}: the sigma formula is defined for "
+                             "0 <= eta <= 1 (0: deterministic DDIM, 1: DDPM-like ancestral sampling); beyond 1 the "
+                             "noise exceeds the step's variance and the result is NaN (black images)")
         self.ddim_timesteps = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps, verbose)
         alphas_cumprod = self.model.alphas_cumprod
         assert alphas_cumprod.shape[0] == self.ddpm_num_timesteps, "alphas have to be defined for each timestep"
@@ -65,7 +75,7 @@ class DDIMSampler:
     def sample(self, S, batch_size, shape, conditioning=None, callback=None, img_callback=None, eta=0.0,
                temperature=1.0, noise_dropout=0.0, verbose=True, x_T=None, log_every_t=100,
                unconditional_guidance_scale=1.0, unconditional_conditioning=None, guidance=None,
-               generator=None, disable_progress=False, **ignored):
+               generator=None, disable_progress=False, start_step=0, pre_step=None, **ignored):
         """Sample ``batch_size`` latents of ``shape`` (C, H, W) in S DDIM steps.
 
         Returns (samples, intermediates) like the original. ``generator`` (optional) makes the noise
@@ -73,7 +83,13 @@ class DDIMSampler:
         (x_T first, then one draw per step), so a seed gives the original's noise on CUDA.
         ``generator`` may also be a list with one generator per batch element: element i then draws
         its x_T (when not given) and its per-step noise from ``generator[i]`` alone.
+        ``start_step`` > 0 skips the first steps (``x_T`` is then the latent at that step and is required);
+        ``pre_step`` see the module doc.
         """
+        if not 0 <= int(start_step) < S:
+            raise ValueError(f"start_step must be in [0, {S}), got {start_step}")
+        if start_step and x_T is None:
+            raise ValueError("start_step > 0 needs x_T: the noisy latent at that step")
         if conditioning is not None and isinstance(conditioning, torch.Tensor) and conditioning.shape[0] != batch_size:
             print(f"Warning: Got {conditioning.shape[0]} conditionings but batch-size is {batch_size}")
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=False)
@@ -82,22 +98,26 @@ class DDIMSampler:
                                   log_every_t=log_every_t, temperature=temperature, noise_dropout=noise_dropout,
                                   unconditional_guidance_scale=unconditional_guidance_scale,
                                   unconditional_conditioning=unconditional_conditioning, guidance=guidance,
-                                  generator=generator, disable_progress=disable_progress or not verbose)
+                                  generator=generator, disable_progress=disable_progress or not verbose,
+                                  start_step=int(start_step), pre_step=pre_step)
 
     @torch.no_grad()
     def ddim_sampling(self, cond, shape, x_T=None, callback=None, img_callback=None, log_every_t=100,
                       temperature=1.0, noise_dropout=0.0, unconditional_guidance_scale=1.0,
-                      unconditional_conditioning=None, guidance=None, generator=None, disable_progress=False):
+                      unconditional_conditioning=None, guidance=None, generator=None, disable_progress=False,
+                      start_step=0, pre_step=None):
         device = self.model.betas.device
         b = shape[0]
         img = self._randn(shape, device, generator) if x_T is None else x_T.to(device)
         time_range = np.flip(self.ddim_timesteps)
         total_steps = self.ddim_timesteps.shape[0]
         intermediates = {"x_inter": [img], "pred_x0": [img]}
-        for i, step in enumerate(tqdm(time_range, desc="DDIM Sampler", total=total_steps, disable=disable_progress,
-                                      leave=False)):
+        for i, step in enumerate(tqdm(time_range[start_step:], desc="DDIM Sampler", total=total_steps - start_step,
+                                      disable=disable_progress, leave=False), start=start_step):
             index = total_steps - i - 1
             ts = torch.full((b,), int(step), device=device, dtype=torch.long)
+            if pre_step is not None:
+                img = pre_step(img, i, ts)
             img, pred_x0 = self.p_sample_ddim(img, cond, ts, index=index, step=i, temperature=temperature,
                                               noise_dropout=noise_dropout,
                                               unconditional_guidance_scale=unconditional_guidance_scale,

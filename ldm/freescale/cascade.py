@@ -1,0 +1,300 @@
+"""FreeScale's tailored self-cascade (Qiu et al., 2024), on this repository's DDIM sampler.
+
+Stage 1 samples at the model's base size. Each later stage
+
+1. decodes the previous stage's latent, resizes the image bicubically in pixel space to the stage size and
+   encodes it again (tiled, with synchronized GroupNorm, when tiling options are given) — or, with
+   ``resize="latent"``, resizes the latent itself (the paper's choice for video);
+2. draws one noise tensor ε for the stage and re-noises: the stage starts at step ``restart_step`` (default
+   30 % of the steps, as released) from z_r = q(z₀, t_r, ε);
+3. denoises from there; before every step i the **skip residual** pulls the latent toward the re-noised
+   stage input, z ← z·(1 − c₁) + q(z₀, t_i, ε)·c₁ with c₁ = (½(1 + cos(π(T − t_i)/T)))^cosine_scale
+   (per pixel with a detail mask: cosine_scale inside the mask, cosine_scale_bg outside);
+4. runs every UNet call with two kinds of processors: **scale fusion** in each self-attention layer
+   (``ldm/freescale/scale_fusion.py``) and the **restrained dilation** of the down and mid blocks
+   (an ordinary re-dilation schedule, ``restrained_dilation``) for steps i < dilate_tau.
+
+Differences from the authors' release (``pipeline_freescale.py``), all deliberate:
+* the sampler is this repository's DDIM (the release uses SDXL's default Euler scheduler), so the stage
+  restarts at DDIM step ``restart_step`` with q_sample noise; the skip residual and c₁ are the same formulas;
+* the dilation factor is max(H, W) // base side (the release divides the *width* by 1024, which gives 1 for
+  a tall 2048×1024 stage); ``dilation_from="width"`` restores theirs;
+* the jitter of the attention windows comes from a generator seeded from the run's seed (the release uses
+  Python's unseeded global ``random``), so a seed gives the same image.
+"""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ldm.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion, self_attention_layers, torch_randint
+from ldm.models.diffusion.ddim import DDIMSampler, classifier_free_guidance
+from ldm.processors import installed
+from ldm.scalecrafter.layers import LayerNames
+from ldm.scalecrafter.plan import LayerSchedule
+from ldm.scalecrafter.redilation import ReDilation
+
+RESIZES = ("pixel", "latent")
+
+
+# ------------------------------------------------------------------------------------------------
+# restrained dilation: one more re-dilation schedule
+
+
+def restrained_layer_names(unet):
+    """Diffusers-style names of the convolutions FreeScale dilates: the downsampler into the deepest level,
+    the deepest level's down ResBlocks and the middle block. For SDXL (3 levels) this is the release's list
+    (down_blocks.1.downsamplers.0.conv, down_blocks.2.resnets.*, mid_block.resnets.*); for the 4-level SD
+    UNets and the demo model the same structural positions (the release has no SD 1.5/2.1 list)."""
+    levels = len(unet.channel_mult)
+    deepest = levels - 1
+    names = [f"down_blocks.{deepest - 1}.downsamplers.0.conv"] if deepest > 0 else []
+    for j in range(unet.num_res_blocks[deepest]):
+        names += [f"down_blocks.{deepest}.resnets.{j}.conv1", f"down_blocks.{deepest}.resnets.{j}.conv2"]
+    names += [f"mid_block.resnets.{j}.conv{k}" for j in (0, 1) for k in (1, 2)]
+    return names
+
+
+def restrained_dilation(unet, factor, tau, layer_names=None):
+    """The LayerSchedule of FreeScale's restrained dilated convolution (own module names -> factor)."""
+    names = LayerNames(unet)
+    own = []
+    for name in layer_names or restrained_layer_names(unet):
+        resolved = names.resolve(name)
+        if resolved is None:
+            raise ValueError(f"restrained dilation: no convolution named {name!r} in this UNet")
+        own.append(resolved)
+    return LayerSchedule({n: float(factor) for n in own}, int(tau), progressive=False), names
+
+
+# ------------------------------------------------------------------------------------------------
+# one stage's guidance: processors installed around plain classifier-free guidance
+
+
+class FreeScaleGuidance:
+    """``guidance`` for the DDIM sampler during one cascade stage."""
+
+    def __init__(self, dilation, names, attention_layers, fusion):
+        self.dilation = dilation      # LayerSchedule or None
+        self.names = names            # LayerNames for the schedule
+        self.attention_layers = attention_layers
+        self.fusion = fusion          # ScaleFusion or None
+
+    def processors(self, step):
+        pairs = []
+        if self.dilation is not None:
+            pairs += [(self.names.module(n), ReDilation(f)) for n, f in self.dilation.at(step).items()]
+        if self.fusion is not None:
+            pairs += [(layer, self.fusion) for layer in self.attention_layers]
+        return pairs
+
+    def __call__(self, model, x, t, cond, uncond, scale, step):
+        with installed(self.processors(step)):
+            return classifier_free_guidance(model, x, t, cond, uncond, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# the cascade
+
+
+def cosine_factor(t, num_timesteps=1000):
+    """½(1 + cos(π(T − t)/T)): 1 at t = T, 0 at t = 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * (num_timesteps - float(t)) / num_timesteps))
+
+
+def default_stages(height, width, base):
+    """Stage sizes doubling the side from the base size up to (height, width), the last one exact.
+
+    The first stage has the target's aspect ratio with its longer side at about the base side, as the
+    release's app does (1024x2048 from 512x1024); e.g. base 512, 2048x2048: 512, 1024, 2048."""
+    n = max(0, math.ceil(math.log2(max(height, width) / base - 1e-9)))
+    stages = []
+    for k in range(n, -1, -1):
+        h, w = height / 2 ** k, width / 2 ** k
+        stages.append((max(8, int(round(h / 8)) * 8), max(8, int(round(w / 8)) * 8)))
+    return stages
+
+
+@dataclass
+class FreeScaleSettings:
+    stages: Sequence[Tuple[int, int]]     # pixel sizes, first = the base stage
+    base: int = 1024                      # the model's training side
+    restart_step: Optional[int] = None    # default: int(0.3 * steps)
+    cosine_scale: float = 2.0
+    cosine_scale_bg: Optional[float] = None  # with a mask: c1 exponent outside the mask
+    dilate_tau: int = 35
+    dilation_from: str = "long_side"      # or "width" (the release)
+    fast_mode: bool = False
+    fusion: bool = True
+    blur: str = "release"
+    window: str = "release"
+    resize: str = "pixel"
+    save_stages: bool = False
+
+    def __post_init__(self):
+        self.stages = [tuple(int(v) for v in s) for s in self.stages]
+        if not self.stages:
+            raise ValueError("FreeScale needs at least one stage size")
+        for s in self.stages:
+            if s[0] <= 0 or s[1] <= 0:
+                raise ValueError(f"stage size {s[0]}x{s[1]} must be positive")
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {self.resize!r}")
+        if self.blur not in BLURS or self.window not in WINDOWS:
+            raise ValueError(f"blur must be one of {BLURS} and window one of {WINDOWS}")
+        if self.dilation_from not in ("long_side", "width"):
+            raise ValueError(f"dilation_from must be 'long_side' or 'width', got {self.dilation_from!r}")
+
+    def scale_of(self, size):
+        """Integer (s_h, s_w) of a stage over the base size (at least 1)."""
+        return max(size[0] // self.base, 1), max(size[1] // self.base, 1)
+
+    def dilation_of(self, size):
+        side = max(size) if self.dilation_from == "long_side" else size[1]
+        return max(side // self.base, 1)
+
+    def describe(self):
+        return {k: (list(map(list, v)) if k == "stages" else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class CascadeResult:
+    latent: torch.Tensor
+    stage_latents: List[torch.Tensor] = field(default_factory=list)
+
+
+class FreeScale:
+    """Runs the cascade for one batch. ``model`` is a LatentDiffusion (SD/SDXL) or the demo model.
+
+    ``f``: the first stage's downsampling factor (8 for SD, 1 for the demo model); ``tiling``: keyword
+    arguments for tiled VAE decoding/encoding (tile_size, overlap, sync_gn), or {} for whole-image passes.
+    """
+
+    def __init__(self, model, settings: FreeScaleSettings, f=8, tiling=None, stage_callback=None):
+        self.model = model
+        self.settings = settings
+        self.f = int(f)
+        self.tiling = dict(tiling or {})
+        self.unet = model.model.diffusion_model
+        self.attention_layers = self_attention_layers(self.unet)
+        self.stage_callback = stage_callback  # called as stage_callback(index, size, latent)
+        for size in settings.stages:
+            if size[0] % self.f or size[1] % self.f:
+                raise ValueError(f"stage size {size[0]}x{size[1]} is not a multiple of the latent factor {self.f}")
+
+    # -- the pieces ---------------------------------------------------------------------------
+
+    def latent_shape(self, size):
+        return (self.unet.in_channels, size[0] // self.f, size[1] // self.f)
+
+    def stage_guidance(self, size, steps, randint):
+        st = self.settings
+        factor = st.dilation_of(size)
+        dilation, names = (restrained_dilation(self.unet, factor, min(st.dilate_tau, steps))
+                           if factor > 1 else (None, None))
+        fusion = None
+        if st.fusion and self.attention_layers and max(st.scale_of(size)) > 1:
+            fusion = ScaleFusion((size[0] // self.f, size[1] // self.f), st.scale_of(size), st.fast_mode,
+                                 randint, st.blur, st.window)
+        return FreeScaleGuidance(dilation, names, self.attention_layers, fusion)
+
+    def upscale(self, latent, size, generator):
+        """The previous stage's latent at the next stage size: through pixels (decode, bicubic, encode) or
+        resized directly (``resize='latent'``)."""
+        target = (size[0] // self.f, size[1] // self.f)
+        if self.settings.resize == "latent":
+            return F.interpolate(latent, size=target, mode="bicubic", align_corners=False)
+        image = self.model.decode_first_stage(latent, **self.tiling)
+        image = F.interpolate(image.float(), size=tuple(size), mode="bicubic", align_corners=False)
+        return encode_image(self.model, image, self.tiling, generator)
+
+    @staticmethod
+    def c1_exponent(settings, mask, latent):
+        """cosine_scale as a scalar, or per pixel from a mask (1 = foreground) resized to the latent."""
+        if mask is None:
+            return settings.cosine_scale
+        bg = settings.cosine_scale_bg if settings.cosine_scale_bg is not None else settings.cosine_scale
+        m = F.interpolate(mask.to(latent.device, torch.float32), size=latent.shape[-2:], mode="bilinear",
+                          align_corners=False).clamp(0, 1)
+        return (m * settings.cosine_scale + (1 - m) * bg).to(latent.dtype)
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def sample(self, sampler: DDIMSampler, steps, cond, uncond, scale, eta, batch_size, generator=None,
+               x_T=None, init_latent=None, mask=None, guidance=None, jitter_seed=0, disable_progress=True):
+        """The whole cascade. Returns CascadeResult (final latent, one latent per stage).
+
+        init_latent: start from this latent of the first stage size instead of sampling stage 1 (image to
+        image: the user's image, encoded). guidance: what stage 1 uses (plain CFG by default).
+        jitter_seed: seeds the window jitter of the scale-fusion layers.
+        """
+        st = self.settings
+        stage_latents = []
+        if init_latent is None:
+            latent, _ = sampler.sample(S=steps, conditioning=cond, batch_size=batch_size,
+                                       shape=self.latent_shape(st.stages[0]), verbose=False,
+                                       unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                                       eta=eta, guidance=guidance, generator=generator, x_T=x_T,
+                                       disable_progress=disable_progress)
+        else:
+            latent = init_latent
+        stage_latents.append(latent)
+        if self.stage_callback:
+            self.stage_callback(0, st.stages[0], latent)
+        restart = int(0.3 * steps) if st.restart_step is None else int(st.restart_step)
+        if not 0 <= restart < steps:
+            raise ValueError(f"restart_step {restart} must be in [0, {steps})")
+        jitter = torch.Generator().manual_seed(int(jitter_seed))
+        for k, size in enumerate(st.stages[1:], start=1):
+            z0 = self.upscale(latent, size, generator)
+            noise = DDIMSampler._randn(z0.shape, z0.device, generator).to(z0.dtype)
+            sampler.make_schedule(steps, ddim_eta=eta, verbose=False)
+            times = list(reversed(sampler.ddim_timesteps.tolist()))
+            T = int(self.model.num_timesteps)
+            exponent = self.c1_exponent(st, mask, z0)
+
+            def noised(i, z0=z0, noise=noise):
+                t = torch.full((z0.shape[0],), int(times[i]), device=z0.device, dtype=torch.long)
+                return self.model.q_sample(z0, t, noise)
+
+            def skip_residual(z, i, ts, noised=noised, exponent=exponent):
+                c1 = cosine_factor(times[i], T) ** exponent
+                if not torch.is_tensor(c1) and c1 == 0:
+                    return z
+                return z * (1 - c1) + noised(i) * c1
+
+            latent, _ = sampler.sample(S=steps, conditioning=cond, batch_size=batch_size,
+                                       shape=self.latent_shape(size), verbose=False,
+                                       unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                                       eta=eta, guidance=self.stage_guidance(size, steps, torch_randint(jitter)),
+                                       generator=generator, x_T=noised(restart), start_step=restart,
+                                       pre_step=skip_residual, disable_progress=disable_progress)
+            stage_latents.append(latent)
+            if self.stage_callback:
+                self.stage_callback(k, size, latent)
+        return CascadeResult(latent, stage_latents)
+
+
+def encode_image(model, image, tiling=None, generator=None):
+    """Images in [-1, 1] -> scaled latents, sampling the posterior with ``generator`` (one, or one per image).
+
+    Tiled (synchronized GroupNorm) when ``tiling`` is given and the autoencoder can; in float32 with autocast
+    off for models whose VAE must stay in float32 (SDXL)."""
+    fs = model.first_stage_model
+    params = next(iter(fs.parameters()), None)
+    if params is not None:
+        image = image.to(params.dtype)
+    guard = (torch.autocast(device_type=image.device.type, enabled=False)
+             if getattr(model, "vae_fp32", False) else nullcontext())
+    with torch.no_grad(), guard:
+        if tiling and hasattr(fs, "encode_tiled"):
+            posterior = fs.encode_tiled(image, **tiling)
+        else:
+            posterior = model.encode_first_stage(image)
+    if isinstance(posterior, torch.Tensor):
+        return model.get_first_stage_encoding(posterior)
+    noise = DDIMSampler._randn(posterior.mean.shape, posterior.mean.device, generator).to(posterior.mean.dtype)
+    return model.scale_factor * (posterior.mean + posterior.std * noise)
