@@ -154,7 +154,8 @@ def add_pipeline_parser(sub):
     q = sub.add_parser("pipeline", help="one whole sampling run with random weights (text encoders, guided DDIM "
                                         "steps with a preset, tiled VAE decoding): time and peak memory per phase")
     q.add_argument("--config", default=str(CONFIGS["sdxl"]), help="model config (default: SDXL base)")
-    q.add_argument("--preset", default=None, help="ScaleCrafter preset YAML (default: none, direct sampling)")
+    q.add_argument("--preset", default=None, help="ScaleCrafter or FreeScale (configs/freescale/) preset YAML "
+                                                  "(default: none, direct sampling)")
     q.add_argument("--size", type=int, nargs="+", default=None,
                    help="image side, or H W, in pixels (default: the preset's, else 1024)")
     q.add_argument("--steps", type=int, default=2,
@@ -192,7 +193,11 @@ def pipeline_size(args):
     """The preset named by ``args.preset`` (or None) and the image size (H, W): ``--size``, else the preset's."""
     preset = None
     if args.preset:
-        from ldm.scalecrafter.presets import load_preset
+        from omegaconf import OmegaConf
+        if OmegaConf.load(args.preset).get("method") == "freescale":
+            from ldm.freescale.presets import load_preset
+        else:
+            from ldm.scalecrafter.presets import load_preset
         preset = load_preset(args.preset)
     size = args.size or ([preset["height"], preset["width"]] if preset else [1024])
     H, W = (size[0], size[0]) if len(size) == 1 else size[:2]
@@ -200,11 +205,12 @@ def pipeline_size(args):
 
 
 def method_scopes(model, preset, use_freeu):
-    """The ScaleCrafter guidance of ``preset`` (None for direct sampling) and the FreeU context (a no-op
-    without ``use_freeu``), as scripts/txt2img.py sets them up."""
+    """The ScaleCrafter guidance of ``preset`` (None for direct sampling, and for a FreeScale preset, which
+    ``guided_run`` runs itself) and the FreeU context (a no-op without ``use_freeu``), as scripts/txt2img.py
+    sets them up."""
     unet = model.model.diffusion_model
     guidance = None
-    if preset is not None:
+    if preset is not None and preset.get("method") != "freescale":
         import warnings
         from ldm.scalecrafter.guidance import ScaleCrafterGuidance
         from ldm.scalecrafter.presets import plan_from_preset
@@ -218,18 +224,33 @@ def method_scopes(model, preset, use_freeu):
     return guidance, freeu(unet, **dict((preset or {}).get("freeu") or FREEU_DEFAULTS[family]))
 
 
-def guided_run(model, sampler, guidance, H, W, steps, phase, tiling):
+def guided_run(model, sampler, guidance, H, W, steps, phase, tiling, preset=None, mark=None):
     """Text encoding, guided DDIM sampling and decoding, each inside ``phase(name, fn)``; ``tiling()`` gives
-    the decoder's tiling options once sampling is done."""
+    the decoder's tiling options once sampling is done. A FreeScale ``preset`` samples its whole cascade,
+    ``steps`` per stage (restart at 30 % of them); ``mark(name)`` then closes each stage's record (the peak
+    since the previous mark)."""
     prompt = "a professional photograph of an astronaut riding a horse"
     c = phase("text encoders", lambda: model.get_learned_conditioning([prompt]))
     uc = model.get_learned_conditioning([""])
-    samples = phase("sampling", lambda: sampler.sample(
-        S=steps, conditioning=c, batch_size=1, shape=(4, H // 8, W // 8), verbose=False,
-        unconditional_guidance_scale=5.0, unconditional_conditioning=uc, eta=1.0, guidance=guidance)[0])
+    if preset is not None and preset.get("method") == "freescale":
+        samples = freescale_stages(model, sampler, preset, H, W, steps, c, uc, phase, tiling(), mark)
+    else:
+        samples = phase("sampling", lambda: sampler.sample(
+            S=steps, conditioning=c, batch_size=1, shape=(4, H // 8, W // 8), verbose=False,
+            unconditional_guidance_scale=5.0, unconditional_conditioning=uc, eta=1.0, guidance=guidance)[0])
     c = uc = None  # not needed while decoding
     options = tiling()
     phase("decoding", lambda: model.decode_first_stage(samples, **options))
+
+
+def freescale_stages(model, sampler, preset, H, W, steps, c, uc, phase, tiling, mark=None):
+    """The FreeScale cascade as one "sampling" phase; ``mark`` records each stage (its upscaling and denoising)."""
+    from ldm.freescale.cascade import FreeScale
+    from ldm.freescale.presets import make_settings
+    settings = make_settings(H, W, int(preset["base"]), preset)
+    callback = (lambda k, size, latent: mark(f"stage {k + 1} ({size[1]}x{size[0]})")) if mark else None
+    runner = FreeScale(model, settings, f=8, tiling=tiling, stage_callback=callback)
+    return phase("sampling", lambda: runner.sample(sampler, steps, c, uc, 5.0, 0.0, 1)).latent
 
 
 def tiling_options(args, **extra):
@@ -268,23 +289,40 @@ def run_pipeline(args):
     phases = {}
     weights_gib = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else None
 
+    last = {"t": None}
+
     def phase(name, fn):
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
+        t = last["t"] = time.perf_counter()
+        before = set(phases)
         out = fn()
         if cuda:
             torch.cuda.synchronize(device)
         rec = {"seconds": time.perf_counter() - t}
-        if cuda:
-            rec["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
+        if cuda:  # stages marked inside this phase reset the peak: the phase's peak is the largest of them
+            inner = [phases[n] for n in set(phases) - before]
+            rec["peak_gib"] = max([torch.cuda.max_memory_allocated(device) / 2 ** 30] + [r["peak_gib"] for r in inner])
+            rec["peak_reserved_gib"] = max([torch.cuda.max_memory_reserved(device) / 2 ** 30]
+                                           + [r["peak_reserved_gib"] for r in inner])
         phases[name] = rec
         return out
 
+    def mark(name):  # a FreeScale stage: peak and time since the previous mark
+        torch.cuda.synchronize(device) if cuda else None
+        rec = {"seconds": time.perf_counter() - last["t"]}
+        if cuda:
+            torch.cuda.synchronize(device)
+            rec["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
+            torch.cuda.reset_peak_memory_stats(device)
+        phases[name] = rec
+        last["t"] = time.perf_counter()
+
     with torch.no_grad(), autocast, freeu_scope:
-        guided_run(model, DDIMSampler(model), guidance, H, W, args.steps, phase, lambda: tiling_options(args))
+        guided_run(model, DDIMSampler(model), guidance, H, W, args.steps, phase, lambda: tiling_options(args),
+                   preset, mark)
     res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
            "H": H, "W": W, "steps": args.steps, "precision": args.precision if cuda else "full",
            "tiled": not args.no_tiled, "freeu": args.freeu, "cap_gib": args.cap_gib, "build_seconds": build_s,
@@ -379,14 +417,23 @@ def simulate_pipeline(args):
         def phase(name, fn):
             fc.counter.reset_peak()
             start = fc.current_bytes
+            before = set(phases)
             out = fn()
-            phases[name] = {"peak_gib": fc.peak_bytes / 2 ** 30, "start_gib": start / 2 ** 30}
+            inner = [phases[n]["peak_gib"] for n in set(phases) - before]  # FreeScale stages (they reset the peak)
+            phases[name] = {"peak_gib": max([fc.peak_bytes / 2 ** 30] + inner), "start_gib": start / 2 ** 30}
             return out
 
         with fc.tracking(), autocast, freeu_scope, fused_attention():
             # offload=None on a real card: the budget computed from the memory free when decoding starts
+            def mark(name):  # a FreeScale stage: the peak since the previous mark
+                phases[name] = {"peak_gib": fc.peak_bytes / 2 ** 30, "start_gib": stage_start[0] / 2 ** 30}
+                fc.counter.reset_peak()
+                stage_start[0] = fc.current_bytes
+            stage_start = [fc.current_bytes]
+
             guided_run(model, sampler, guidance, H, W, args.steps, phase,
-                       lambda: tiling_options(args, device_budget=default_device_budget(cap - fc.current_bytes)))
+                       lambda: tiling_options(args, device_budget=default_device_budget(cap - fc.current_bytes)),
+                       preset, mark)
     res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
            "H": H, "W": W, "steps": args.steps, "precision": args.precision, "tiled": not args.no_tiled,
            "freeu": args.freeu, "weights_gib": weights / 2 ** 30, "phases": phases, "simulated": True}

@@ -272,7 +272,7 @@ def test_restart_zero_without_residual_is_a_plain_sample_of_the_stage(demo_model
     uc = demo_model.get_learned_conditioning([""])
     z0 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(fs, "upscale", lambda latent, size, generator: z0)
-    guidance = fs.stage_guidance((64, 64), 4, SF.torch_randint(torch.Generator().manual_seed(0)))
+    guidance = fs.stage_guidance((64, 64), 4, random.Random(0).randint)
     monkeypatch.setattr(fs, "stage_guidance", lambda size, steps, randint: guidance)
     sampler = DDIMSampler(demo_model)
     got = fs.sample(sampler, 4, c, uc, 3.0, 0.0, 1, generator=torch.Generator().manual_seed(9),

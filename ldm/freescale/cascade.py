@@ -23,6 +23,7 @@ Differences from the authors' release (``pipeline_freescale.py``), all deliberat
   Python's unseeded global ``random``), so a seed gives the same image.
 """
 import math
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -30,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ldm.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion, self_attention_layers, torch_randint
+from ldm.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion, self_attention_layers
 from ldm.models.diffusion.ddim import DDIMSampler, classifier_free_guidance
 from ldm.processors import installed
 from ldm.scalecrafter.layers import LayerNames
@@ -247,7 +248,7 @@ class FreeScale:
         restart = int(0.3 * steps) if st.restart_step is None else int(st.restart_step)
         if not 0 <= restart < steps:
             raise ValueError(f"restart_step {restart} must be in [0, {steps})")
-        jitter = torch.Generator().manual_seed(int(jitter_seed))
+        jitter = random.Random(int(jitter_seed))  # python ints only: also runs on fake tensors (benchmark)
         for k, size in enumerate(st.stages[1:], start=1):
             z0 = self.upscale(latent, size, generator)
             noise = DDIMSampler._randn(z0.shape, z0.device, generator).to(z0.dtype)
@@ -269,7 +270,7 @@ class FreeScale:
             latent, _ = sampler.sample(S=steps, conditioning=cond, batch_size=batch_size,
                                        shape=self.latent_shape(size), verbose=False,
                                        unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                                       eta=eta, guidance=self.stage_guidance(size, steps, torch_randint(jitter)),
+                                       eta=eta, guidance=self.stage_guidance(size, steps, jitter.randint),
                                        generator=generator, x_T=noised(restart), start_step=restart,
                                        pre_step=skip_residual, disable_progress=disable_progress)
             stage_latents.append(latent)

@@ -20,9 +20,9 @@ What the authors' release (``scale_attention.py``) does, and what this module do
   half the base size on the short axis); ``window="base"``: level grid / (s_h, s_w), the base grid.
 * jitter: ``randint(-j, j)`` per view (one-sided at the borders, none for a window spanning an axis),
   j = window // 8, with the grid zero-padded by j so that jittered windows stay inside; padded tokens take
-  part in the window's attention, as in the release. Draws come from the ``randint`` callable given (a
-  seeded ``torch.Generator`` in the sampler, so a seed reproduces the image; the release draws from Python's
-  global ``random``). Their crop ``value[j:-j]`` is empty when j = 0 (windows under 8 tokens); here j = 0 means
+  part in the window's attention, as in the release. Draws come from the ``randint`` callable given (in the
+  cascade ``random.Random(seed).randint``, so a seed reproduces the image; the release draws from Python's
+  unseeded global ``random``, i.e. the same generator type). Their crop ``value[j:-j]`` is empty when j = 0 (windows under 8 tokens); here j = 0 means
   no padding and no crop.
 * G is applied once, to ``local − global`` (G is linear: G(l) + g − G(g) = g + G(l − g)), and as three 1-D
   passes (the 3-D kernel is separable and zero padding is per axis), instead of two full 3-D convolutions.
@@ -113,11 +113,6 @@ def window_views(grid_hw, geometry, randint=None):
     return views
 
 
-def torch_randint(generator):
-    """``randint(a, b)`` (inclusive) drawing from a ``torch.Generator``."""
-    return lambda a, b: int(torch.randint(a, b + 1, (1,), generator=generator))
-
-
 # ------------------------------------------------------------------------------------------------
 # the Gaussian split
 
@@ -162,7 +157,7 @@ class ScaleFusion:
 
     latent_hw: the stage's latent size (the token grid of each level follows from it).
     scale_hw: (s_h, s_w), the stage's integer scale over the base size per axis.
-    randint: jitter source (``torch_randint(generator)``); None disables the jitter.
+    randint: jitter source, ``randint(a, b)`` inclusive (``random.Random(seed).randint``); None: no jitter.
     max_window_batch_tokens: windows are evaluated in batches of at most this many query tokens, so memory
     stays bounded at any size (the attention itself is the fused SDPA kernel; no N×N matrix is formed).
     """
