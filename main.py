@@ -36,7 +36,9 @@ import pytorch_lightning as pl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, LatentDiffusion  # noqa: E402
-from ldm.util import get_obj_from_str, instantiate_from_config  # noqa: E402
+from ldm.inference import UsageError  # noqa: E402
+from ldm.util import (check_config_target, check_config_targets, get_obj_from_str,  # noqa: E402
+                      instantiate_from_config, trusted_configs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +227,7 @@ class ProgressAndCheckpoints(pl.Callback):
 
 def build_model(config, step_offset=0):
     """The config's model as a trainable LightningModule (the target must be LatentDiffusion)."""
+    check_config_target(config.model.target)
     target = get_obj_from_str(config.model.target)
     if not issubclass(target, LatentDiffusion):
         raise SystemExit(f"main.py trains LatentDiffusion models; the config's target is {config.model.target}")
@@ -311,12 +314,24 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=23, help="global seed (initialisation, noise, caption dropout)")
     p.add_argument("--export", default=None, metavar="CKPT", help="write a release file from a training checkpoint")
     p.add_argument("--out", default=None, help="output path for --export")
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow config targets outside this package (ldm.*, torch.nn.Identity): building a config "
+                        "calls every class or function it names, so only for configs you trust")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     config = OmegaConf.merge(*[OmegaConf.load(b) for b in args.base])
+    try:
+        check_config_targets(config, trust=args.trust_config)
+    except UsageError as err:
+        raise SystemExit(f"{' + '.join(args.base)}: {err}") from None
+    with trusted_configs(args.trust_config):
+        return train_or_export(args, config)
+
+
+def train_or_export(args, config):
     if args.export:
         if not args.out:
             raise SystemExit("--export needs --out")

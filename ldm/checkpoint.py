@@ -6,11 +6,15 @@ file looks like it belongs to.
 """
 import os
 import pickle
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
-from ldm.util import instantiate_from_config, no_weight_init
+from ldm.inference import InputWarning
+from ldm.util import check_config_targets, instantiate_from_config, no_weight_init, trusted_configs
 
 # where users get the original files (the file name is what shellscripts/ and the README expect)
 KNOWN_CHECKPOINTS = {
@@ -56,25 +60,105 @@ def missing_checkpoint_message(path):
     return "\n".join(lines)
 
 
-def load_state_dict_file(path, allow_unsafe=False, return_meta=False):
-    """Read a ``.ckpt``/``.pt``/``.pth`` (``weights_only``) or ``.safetensors`` file into a flat state dict."""
+def sniff_checkpoint_format(path):
+    """What the file's first bytes say it is: 'zip' (torch.save), 'pickle' (legacy torch.save),
+    'safetensors', 'empty', or a short description of something that is not a checkpoint at all."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # pickle protocol 2..5 opcode
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+        return "safetensors"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer file, not the file itself (fetch it with `git lfs pull` or download it directly)"
+    text = head.lstrip()
+    if text[:1] == b"<":
+        return "an HTML/XML page (a failed download saved as the file?)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the end of the 64 bytes read
+            return f"in an unknown format (it begins with the bytes {head[:8].hex(' ')})"
+    return f"a text file (it begins {head[:24].decode('utf-8', errors='replace')!r})"
+
+
+def check_checkpoint_file(path):
+    """Cheap check before anything is built: the file exists and looks like a checkpoint; returns its
+    format (see :func:`sniff_checkpoint_format`) or raises :class:`CheckpointError`."""
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(missing_checkpoint_message(path))
-    meta = {}
+    fmt = sniff_checkpoint_format(path)
+    if fmt == "empty":
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy? Get the file again.")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path, device="cpu")
+        return fmt  # the safetensors reader names a corrupt header itself (load_state_dict_file)
+    if fmt == "zip" and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: it starts like a PyTorch checkpoint (a zip archive) but the archive's "
+            f"directory at its end is missing ({os.path.getsize(path)} bytes; an interrupted download or copy?). "
+            "Download or copy the file again.")
+    if fmt not in ("zip", "pickle", "safetensors"):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it is {fmt}. Expected a PyTorch .ckpt/.pt (zip or pickle) or a "
+            ".safetensors file; see checkpoints/README.md for where the original files come from.")
+    return fmt
+
+
+def _corrupt(path, err):
+    first = (str(err).splitlines() or [""])[0] or type(err).__name__
+    return CheckpointError(f"{path} is truncated or corrupt: PyTorch cannot read it ({type(err).__name__}: {first}). "
+                           "Download or copy the file again.")
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError (header, size, dtype problems)
+        hint = ""
+        if sniff_checkpoint_format(path) in ("zip", "pickle"):
+            hint = " It is a PyTorch pickle/zip checkpoint: rename it to .ckpt."
+        raise CheckpointError(f"{path} is not a valid .safetensors file ({err}): it is corrupt or truncated. "
+                              f"Download or copy the file again.{hint}") from None
+
+
+def load_state_dict_file(path, allow_unsafe=False, return_meta=False):
+    """Read a ``.ckpt``/``.pt``/``.pth`` (``weights_only``) or ``.safetensors`` file into a flat state dict."""
+    path = str(path)
+    fmt = check_checkpoint_file(path)
+    meta = {}
+    if path.endswith(".safetensors") or fmt == "safetensors":
+        sd = _load_safetensors(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
+            if "weights only load failed" not in str(err).lower():
+                raise _corrupt(path, err) from None
             if not allow_unsafe:
+                reason = next((line.strip() for line in str(err).splitlines()
+                               if "unsupported global" in line.lower()), str(err).splitlines()[0])
+                reason = reason.split(" Please use")[0].rstrip(".")  # torch's own advice would bypass the opt-in
                 raise CheckpointError(
-                    f"{path} contains Python objects that torch refuses to load safely ({str(err).splitlines()[0]}). "
+                    f"{path} contains Python objects that torch refuses to load safely ({reason}). "
                     "Loading it runs code from the file. If you trust its source, re-run with --unsafe_load "
                     "(Python API: allow_unsafe=True); better, convert it once to .safetensors.") from None
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            warnings.warn(f"{path}: loading with full unpickling (--unsafe_load): this runs any code the file "
+                          "contains; convert it once to .safetensors to avoid that", InputWarning, stacklevel=2)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as err2:
+                first = (str(err2).splitlines() or [""])[0]
+                raise CheckpointError(f"{path} cannot be loaded even with --unsafe_load ({type(err2).__name__}: "
+                                      f"{first}): it needs Python code that is not available here, or it is "
+                                      "corrupt") from None
+        except Exception as err:  # truncated/corrupt archives: RuntimeError, EOFError, OSError, KeyError, ...
+            raise _corrupt(path, err) from None
         if isinstance(obj, dict) and "state_dict" in obj:
             meta = {k: obj[k] for k in ("global_step", "epoch") if k in obj}
             sd = obj["state_dict"]
@@ -169,16 +253,21 @@ def load_checkpoint_into(model, ckpt, strict=True, use_ema=True, allow_unsafe=Fa
 
 
 def load_model_from_config(config, ckpt=None, device="cpu", strict=True, use_ema=True, allow_unsafe=False,
-                           config_name="config", verbose=False):
-    """Build ``config.model`` and load ``ckpt`` into it; the model is returned in eval mode on ``device``."""
-    if ckpt is not None and not os.path.isfile(str(ckpt)):
-        raise CheckpointError(missing_checkpoint_message(ckpt))  # before spending time on construction
+                           config_name="config", verbose=False, trust=False):
+    """Build ``config.model`` and load ``ckpt`` into it; the model is returned in eval mode on ``device``.
+
+    ``trust=True`` allows config targets outside this package (a config is code; see
+    ``ldm.util.instantiate_from_config``)."""
+    if ckpt is not None:
+        check_checkpoint_file(ckpt)  # before spending time on construction
     model_config = config.model if "model" in config else config
-    if ckpt is not None and strict:
-        with no_weight_init():  # every weight comes from the file (the strict check guarantees it)
+    check_config_targets(model_config, trust=trust)
+    with trusted_configs(trust):
+        if ckpt is not None and strict:
+            with no_weight_init():  # every weight comes from the file (the strict check guarantees it)
+                model = instantiate_from_config(model_config)
+        else:
             model = instantiate_from_config(model_config)
-    else:
-        model = instantiate_from_config(model_config)
     if ckpt is not None:
         load_checkpoint_into(model, ckpt, strict=strict, use_ema=use_ema, allow_unsafe=allow_unsafe,
                              config_name=config_name, verbose=verbose)

@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from PIL.PngImagePlugin import PngInfo
 
 class UsageError(ValueError):
     """Bad user input; the message names the input and the fix."""
+
+
+class InputWarning(UserWarning):
+    """Input that is used, but not entirely as given (a prompt cut to the encoder's length, an unsafe load);
+    the scripts print these as one ``warning: ...`` line each."""
 
 
 def pick_device(name="auto"):
@@ -34,7 +40,10 @@ def seed_everything(seed):
 def check_size(H, W, f):
     """Image sides must be positive multiples of the first stage's downsampling factor f."""
     for name, v in (("--H", H), ("--W", W)):
-        if v <= 0 or v % f:
+        if v <= 0:
+            raise UsageError(f"{name} {v}: the image side must be a positive multiple of {f} (the latent "
+                             f"downsampling factor --f), e.g. 512")
+        if v % f:
             lo = max(f, (v // f) * f)
             hi = lo + f if v % f else lo
             raise UsageError(f"{name} {v} is not a multiple of {f} (the latent downsampling factor --f); "
@@ -45,11 +54,74 @@ def read_prompt_file(path, repeat=1):
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--from-file {path}: no such file")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:start].count(b"\n") + 1
+        raise UsageError(f"--from-file {path} is not UTF-8 text: byte 0x{data[start]:02x} at offset {start} "
+                         f"(line {line}) cannot be decoded; save the file as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise UsageError(f"--from-file {path}: the file has no prompts (one prompt per non-empty line)")
     return [p for p in prompts for _ in range(repeat)]
+
+
+def check_output_dir(folder, flag="--outdir"):
+    """Fail early (before a model is loaded) if ``folder`` cannot be created or written; creates nothing.
+
+    Catches a path that is an existing file, a path below a file, and a folder (or the nearest existing
+    parent) that refuses writes: ``os.access``, then a real probe file, created and removed at once,
+    because root passes ``os.access`` everywhere but still cannot write to read-only file systems."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is an existing file, not a folder; give a folder path "
+                         "(or move the file away)")
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder; "
+                         "give a path inside a folder")
+    reason = None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "no write permission"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tmp-writecheck-", dir=existing)
+        except OSError as err:
+            reason = err.strerror or str(err)
+        else:
+            os.close(fd)
+            try:
+                os.unlink(probe)
+            except FileNotFoundError:  # removed meanwhile (another run cleaning its temporary files)
+                pass
+    if reason:
+        if existing == folder:
+            msg = f"{flag} {folder} is not writable ({reason})"
+        else:
+            msg = f"{flag} {folder} cannot be created: {existing} is not writable ({reason})"
+        raise UsageError(msg + "; choose a folder you can write to")
+
+
+def remove_stale_temp_files(folder):
+    """Delete ``.tmp-*.png`` files that an earlier, killed run left between writing and renaming
+    (``save_png``); returns how many were removed."""
+    n = 0
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".tmp-") and name.endswith(".png"):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n
 
 
 def chunk(items, size):
@@ -72,20 +144,59 @@ def to_pil(x):
     return Image.fromarray(arr)
 
 
-def save_png(img, path, metadata=None):
-    """Write atomically (temp file + rename) with text metadata: an interrupted run leaves no partial file."""
+def create_temp_file(directory, prefix=".tmp-", suffix=""):
+    """Like ``tempfile.mkstemp`` (a new file, opened O_EXCL for writing; returns ``(fd, path)``), but with the
+    permissions of a normal new file: ``0o666`` minus the umask (and the folder's default ACL, if any), not
+    mkstemp's 0600. The kernel applies the umask when the file is created, so the umask is never read or
+    changed here: reading it with ``os.umask`` means setting it, which races with other threads."""
+    directory = os.fspath(directory)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name {prefix}*{suffix} in {directory}")
+
+
+def fsync_directory(directory):
+    """Make a rename into ``directory`` durable (POSIX). Where a folder cannot be opened or synced (Windows,
+    some network file systems) this does nothing."""
+    try:
+        fd = os.open(os.fspath(directory), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_png(img, path, metadata=None, tmp_prefix=".tmp-"):
+    """Write atomically (temp file + rename) with text metadata: an interrupted run leaves no partial file.
+
+    The data is fsync'ed before the rename and the folder after it, so that after a crash or power loss the
+    file is either absent or complete (never renamed but empty). The file gets the permissions of a normal
+    new file (0666 minus the umask, see :func:`create_temp_file`). ``tmp_prefix`` names the temporary file
+    (``ldm.sweep`` puts its job's id in it)."""
     path = Path(path)
     info = PngInfo()
     for k, v in (metadata or {}).items():
         info.add_text(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
+    fd, tmp = create_temp_file(path.parent, tmp_prefix, ".png")
     try:
-        img.save(tmp, pnginfo=info)
+        with os.fdopen(fd, "wb") as fh:
+            img.save(fh, format="PNG", pnginfo=info)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    fsync_directory(path.parent)
 
 
 def make_grid(images, n_rows):

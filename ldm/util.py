@@ -1,6 +1,78 @@
 """Small helpers shared by the whole package (config-driven construction, misc)."""
+import contextlib
+import contextvars
 import importlib
+from collections.abc import Mapping
 from inspect import isfunction
+
+from ldm.inference import UsageError
+
+# A config is code: instantiating it calls every ``target`` it names. Unless the caller says it trusts
+# the config, only this package's classes and the few library classes the shipped configs use are allowed.
+ALLOWED_TARGET_PREFIXES = ("ldm.",)
+ALLOWED_TARGETS = frozenset({"torch.nn.Identity"})
+_TRUSTED = contextvars.ContextVar("ldm_trusted_configs", default=False)
+
+
+class UntrustedConfigError(UsageError):
+    """A config names a ``target`` outside the allowed set and the config was not marked as trusted."""
+
+
+@contextlib.contextmanager
+def trusted_configs(enabled=True):
+    """Within this block ``instantiate_from_config`` builds any target, nested configs included
+    (what ``--trust_config`` / ``trust=True`` turn on). ``enabled=False`` changes nothing."""
+    token = _TRUSTED.set(True) if enabled else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _TRUSTED.reset(token)
+
+
+def _untrusted(target, why=""):
+    allowed = ", ".join(sorted(ALLOWED_TARGETS))
+    return UntrustedConfigError(
+        f"the config names target '{target}'{why}, which is neither part of this package (ldm.*) nor one of "
+        f"the allowed library classes ({allowed}). A config is code: building it calls every target it "
+        "names. If you trust this config, pass --trust_config (Python API: trust=True)")
+
+
+def check_config_target(target, obj=None):
+    """Raise :class:`UntrustedConfigError` unless ``target`` (a dotted path) may be built without trust.
+
+    ``obj``, the resolved object, must then also be defined inside the package (so that a name such as
+    ``ldm.some_module.os`` cannot reach a library object imported there)."""
+    if _TRUSTED.get():
+        return
+    target = str(target)
+    if target in ALLOWED_TARGETS:
+        return
+    if not target.startswith(ALLOWED_TARGET_PREFIXES):
+        raise _untrusted(target)
+    if obj is not None:
+        module = getattr(obj, "__module__", None) or ""
+        if not module.startswith(ALLOWED_TARGET_PREFIXES):
+            raise _untrusted(target, f" (an object from {module or 'outside the package'})")
+
+
+def check_config_targets(config, trust=False):
+    """Check every ``target`` in a (nested) config before anything is built; ``trust=True`` skips it."""
+    if trust or _TRUSTED.get():
+        return
+    if type(config).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+        config = OmegaConf.to_container(config, resolve=False)
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            target = node.get("target")
+            if isinstance(target, str):
+                check_config_target(target)
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def get_obj_from_str(string, reload=False):
@@ -12,16 +84,27 @@ def get_obj_from_str(string, reload=False):
     return getattr(mod, cls)
 
 
-def instantiate_from_config(config, **extra_kwargs):
-    """Build ``config.target(**config.params)``, the CompVis way every YAML names its classes."""
+def instantiate_from_config(config, *, trust=False, **extra_kwargs):
+    """Build ``config.target(**config.params)``, the CompVis way every YAML names its classes.
+
+    Targets outside ``ldm.*`` and :data:`ALLOWED_TARGETS` raise :class:`UntrustedConfigError` unless
+    ``trust=True`` (which also covers the nested configs the constructors build) or the call happens
+    inside :func:`trusted_configs`."""
+    if trust:
+        with trusted_configs():
+            return instantiate_from_config(config, **extra_kwargs)
     if "target" not in config:
         # the original uses these two markers for "no model" in unconditional configs
         if config in ("__is_first_stage__", "__is_unconditional__"):
             return None
         raise KeyError("Expected key `target` to instantiate.")
+    target = config["target"]
+    check_config_target(target)
     params = dict(config.get("params", dict()) or {})
     params.update(extra_kwargs)
-    return get_obj_from_str(config["target"])(**params)
+    obj = get_obj_from_str(target)
+    check_config_target(target, obj)
+    return obj(**params)
 
 
 def exists(x):

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Objective repetition measurement on the demo model, and the report docs/demo_results.md.
 
-    python scripts/eval_repetition.py                      # 64 seeds x 5 settings -> docs/demo_results.md
+    python scripts/eval_repetition.py                      # 64 seeds x 5 settings -> outputs/demo_results/
+    python scripts/eval_repetition.py --write-docs         # the same, written over the committed report:
+                                                           #   docs/demo_results.md, docs/images/demo_grid.png
     python scripts/eval_repetition.py --n 16 --no_docs     # quick look, table on stdout only
     python scripts/eval_repetition.py --settings 64_direct --custom "64 tau10=/tmp/my_preset.yaml" --no_docs
 
@@ -11,8 +13,9 @@ initial noise for every setting of one size), counts the objects in each sample 
 ``ldm.evaluation.repetition.count_objects`` (connected blobs of saturated colour above a minimum area)
 and reports the share of samples with exactly one, more than one and no object, with 95 % Wilson
 intervals, plus the mean object area relative to the image (one enlarged object vs. several copies).
-With docs enabled it writes the table, the machine, checkpoint and settings, the targets' verdicts and
-a grid of the first samples of every setting (docs/images/demo_grid.png).
+It writes a report with the table, the machine, checkpoint and settings, the targets' verdicts and a
+grid of the first samples of every setting: to outputs/demo_results/ (--out, --grid), or, with
+--write-docs, over the committed docs/demo_results.md and docs/images/demo_grid.png.
 """
 import argparse
 import datetime
@@ -38,6 +41,8 @@ from ldm.evaluation import repetition  # noqa: E402
 from ldm.inference import pick_device  # noqa: E402
 
 TARGETS = {"native_one": 0.90, "direct2x_multi": 0.50, "cure_factor": 0.5}
+DEFAULT_OUT, DEFAULT_GRID = "outputs/demo_results/demo_results.md", "outputs/demo_results/demo_grid.png"
+DOCS_OUT, DOCS_GRID = "docs/demo_results.md", "docs/images/demo_grid.png"  # committed: only with --write-docs
 
 
 def parse_custom(spec):
@@ -118,11 +123,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--grid_n", type=int, default=8, help="samples per setting in the grid")
-    p.add_argument("--out", default="docs/demo_results.md")
-    p.add_argument("--grid", default="docs/images/demo_grid.png")
+    p.add_argument("--out", default=None, help=f"the report (default {DEFAULT_OUT}; {DOCS_OUT} with --write-docs)")
+    p.add_argument("--grid", default=None, help=f"the grid (default {DEFAULT_GRID}; {DOCS_GRID} with --write-docs)")
+    p.add_argument("--write-docs", dest="write_docs", action="store_true",
+                   help=f"write the committed report: {DOCS_OUT} and {DOCS_GRID} (overwrites them)")
     p.add_argument("--json", default=None, help="also write the raw counts as JSON here")
-    p.add_argument("--no_docs", action="store_true", help="print the table only")
+    p.add_argument("--no_docs", action="store_true", help="print the table only (no report, no grid)")
     opt = p.parse_args(argv)
+    if opt.write_docs and (opt.out or opt.grid or opt.no_docs):
+        p.error("--write-docs writes the committed docs/ files: give it without --out, --grid and --no_docs")
+    opt.out = opt.out or (DOCS_OUT if opt.write_docs else DEFAULT_OUT)
+    opt.grid = opt.grid or (DOCS_GRID if opt.write_docs else DEFAULT_GRID)
 
     torch.set_num_threads(opt.threads)
     device = pick_device(opt.device)

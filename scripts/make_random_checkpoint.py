@@ -18,10 +18,11 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 
-def make_random_state_dict(config, seed=0, std=None):
-    """Build the model with its default random init (optionally re-drawn with a fixed std)."""
+def make_random_state_dict(config, seed=0, std=None, trust=False):
+    """Build the model with its default random init (optionally re-drawn with a fixed std).
+    ``trust=True`` allows config targets outside this package (see ``ldm.util.instantiate_from_config``)."""
     torch.manual_seed(seed)
-    model = instantiate_from_config(config.model)
+    model = instantiate_from_config(config.model, trust=trust)
     if std is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -46,8 +47,10 @@ def main(argv=None):
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help=".ckpt (a dict with state_dict) or .safetensors")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow config targets outside this package (ldm.*); a config is code, like a pickle")
     opt = p.parse_args(argv)
-    sd = make_random_state_dict(OmegaConf.load(opt.config), seed=opt.seed)
+    sd = make_random_state_dict(OmegaConf.load(opt.config), seed=opt.seed, trust=opt.trust_config)
     print(f"wrote {save_checkpoint(sd, opt.out)} ({len(sd)} tensors)")
 
 

@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
-The numeric oracles and key/shape manifests computed with the original CompVis/Stability code live
-outside the repository, in ``../shared/reference`` (override with ``$LDM_REFERENCE_DIR``).
+The numeric oracles and key/shape manifests computed with the original CompVis/Stability code are in
+``tests/reference/`` (provenance: its README.md); ``$LDM_REFERENCE_DIR`` points the tests at another copy.
 """
 import os
 from pathlib import Path
@@ -21,13 +21,18 @@ def load_script(name):
     return mod
 
 
+REFERENCE_DIR = REPO_ROOT / "tests" / "reference"
+
+
 def reference_dir() -> Path:
     env = os.environ.get("LDM_REFERENCE_DIR")
-    path = Path(env) if env else REPO_ROOT.parent / "shared" / "reference"
+    path = Path(env) if env else REFERENCE_DIR
     if not path.is_dir():
         raise FileNotFoundError(
-            f"reference data not found at {path}; set LDM_REFERENCE_DIR to the folder holding "
-            "the oracles (oracle_unet_v2_tiny.pt, sd21_base_state_dict.json, ...)"
+            f"reference data not found at {path}"
+            + (" (from $LDM_REFERENCE_DIR)" if env else "; it is part of the repository (tests/reference/)")
+            + "; set LDM_REFERENCE_DIR to the folder holding the oracles (oracle_unet_v2_tiny.pt, "
+            "sd21_base_state_dict.json, ...)"
         )
     return path
 

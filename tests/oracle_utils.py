@@ -1,4 +1,4 @@
-"""Rebuild the weights of the *_regen oracles from the recipe in ../shared/reference/README.md (4.1)."""
+"""Rebuild the weights of the *_regen oracles from the recipe in tests/reference/README.md (4.1)."""
 import zlib
 
 import torch

@@ -1,7 +1,7 @@
 """SDXL base in the LDM core: layout, conditioning, loading, sampling through txt2img, ScaleCrafter presets.
 
 The full-size model is only built on the meta device; numerics use configs/tiny/tiny-sdxl.yaml (SDXL's
-structure with tiny widths) and the reference oracles in ../shared/reference.
+structure with tiny widths) and the reference oracles in tests/reference/.
 """
 import json
 import types

@@ -87,14 +87,15 @@ def test_resume_skips_complete_images_and_rerenders_partial_batches(tmp_path, ca
     settings = {"steps": 3, "seed": 1, "device": "cpu"}
     render = FakeRender()
     res = sweep.run_sweep(render, PROMPTS, 2, 3, 1, tmp_path, settings, progress=False)
-    assert res == {"generated": 10, "batches": 4, "skipped": 0, "total": 10}
+    assert res == {"generated": 10, "batches": 4, "skipped": 0, "damaged": 0, "total": 10}
     assert render.calls == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     assert sorted(os.listdir(tmp_path / "samples")) == EXPECTED
     first = {n: (tmp_path / "samples" / n).read_bytes() for n in EXPECTED}
     man = _read_manifest(tmp_path)
     assert [r["index"] for r in man] == list(range(10))
     assert man[3] == {"index": 3, "file": "samples/000001_001.png", "prompt": "a blue square", "prompt_index": 1,
-                      "sample_index": 1, "seed": sweep.derive_seed(1, 1, 1), "base_seed": 1, "settings": settings}
+                      "sample_index": 1, "seed": sweep.derive_seed(1, 1, 1), "base_seed": 1, "settings": settings,
+                      "sha256": hashlib.sha256(first["000001_001.png"]).hexdigest()}
     im = Image.open(tmp_path / "samples/000001_001.png")
     assert im.text["prompt"] == "a blue square" and im.text["seed"] == str(sweep.derive_seed(1, 1, 1))
     assert json.loads(im.text["parameters"])["sweep"]["index"] == 3
@@ -105,7 +106,7 @@ def test_resume_skips_complete_images_and_rerenders_partial_batches(tmp_path, ca
     render = FakeRender()
     capsys.readouterr()
     res = sweep.run_sweep(render, PROMPTS, 2, 3, 1, tmp_path, settings, progress=False)
-    assert res == {"generated": 1, "batches": 1, "skipped": 9, "total": 10}
+    assert res == {"generated": 1, "batches": 1, "skipped": 9, "damaged": 0, "total": 10}
     assert render.calls == [[3, 4, 5]]  # the whole batch again, only the missing file written
     assert "9 already complete (skipped)" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "samples")) == EXPECTED  # temporary file removed
@@ -126,7 +127,7 @@ def test_resume_skips_complete_images_and_rerenders_partial_batches(tmp_path, ca
         sweep.run_sweep(render, PROMPTS[::-1], 2, 3, 1, tmp_path, settings, progress=False)
 
 
-def test_single_prompt_sweep_in_process(ckpts, tmp_path):
+def test_single_prompt_sweep_in_process(ckpts, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--config", TINY_SD2, "--ckpt", ckpts["sd2"], "--outdir", out, "--steps", "2", "--H", "64", "--W", "64",
             "--prompt", "a corgi", "--n_samples", "2", "--n_iter", "2", "--seed", "7", "--sweep", "--fixed_code"]
@@ -138,6 +139,12 @@ def test_single_prompt_sweep_in_process(ckpts, tmp_path):
     assert man[0]["settings"]["fixed_code"] is True
     pix = [np.asarray(Image.open(out / "samples" / f"000000_00{k}.png")) for k in range(4)]
     assert not np.array_equal(pix[0], pix[1])
+    assert all(r["sha256"] == hashlib.sha256((out / r["file"]).read_bytes()).hexdigest() for r in man)
+    # the same folder with other settings: refused with exit status 2, naming the folder and the difference
+    steps = args.index("--steps") + 1
+    assert txt2img.main([str(a) for a in args[:steps] + ["3"] + args[steps + 1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out} holds a sweep made with other settings (settings.steps: 2 before, 3 now)" in err
 
 
 @pytest.fixture(scope="module")

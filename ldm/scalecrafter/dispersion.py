@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -437,7 +436,7 @@ def get_dispersion_transform(
             directory.mkdir(parents=True, exist_ok=True)
             # Write to a temporary file and rename, so concurrent readers never
             # see a half-written array.
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".npy")
+            fd = os.open(tmp := str(directory / f".tmp_{os.urandom(8).hex()}.npy"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 with os.fdopen(fd, "wb") as f:
                     np.save(f, R)

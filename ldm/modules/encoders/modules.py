@@ -5,12 +5,15 @@ weights come later from the Stable Diffusion checkpoint, whose key layout they r
 open_clip and transformers are imported inside the constructors because importing them is slow.
 """
 import math
+import warnings
 from collections.abc import Mapping
 from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+
+from ldm.inference import InputWarning
 
 
 def disabled_train(self, mode=True):
@@ -40,6 +43,21 @@ class AbstractEncoder(nn.Module):
 
     def encode(self, *args, **kwargs):
         raise NotImplementedError
+
+
+def warn_truncated(encoder, text, n_dropped, dropped_text, max_length):
+    """Warn (:class:`ldm.inference.InputWarning`) that ``text`` lost ``n_dropped`` tokens to the encoder's
+    ``max_length``; once per prompt and encoder (``encoder._truncation_warned``, a set that SDXL's
+    conditioner shares between its text encoders, so each prompt is reported once per loaded model)."""
+    seen = getattr(encoder, "_truncation_warned", None)
+    if seen is None:
+        seen = encoder._truncation_warned = set()
+    if text in seen:
+        return
+    seen.add(text)
+    warnings.warn(f"The following part of your input was truncated because CLIP can only handle sequences up to "
+                  f"{max_length} tokens ({n_dropped} token(s) dropped from the prompt {text[:40]!r}"
+                  f"{'...' if len(text) > 40 else ''}): {dropped_text.strip()!r}", InputWarning, stacklevel=4)
 
 
 class IdentityEncoder(AbstractEncoder):
@@ -212,6 +230,12 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         import open_clip  # its tokenizer pads with 0 and keeps <end_of_text> on truncation, as SD2 did
         if isinstance(text, str):
             text = [text]
+        bpe = getattr(open_clip.tokenizer, "_tokenizer", None)  # the instance open_clip.tokenize uses
+        for t in text if bpe is not None else ():
+            ids = bpe.encode(t)
+            if len(ids) > self.max_length - 2:
+                dropped = ids[self.max_length - 2:]
+                warn_truncated(self, t, len(dropped), bpe.decode(dropped), self.max_length)
         return open_clip.tokenize(list(text), context_length=self.max_length)
 
     def forward(self, text):
@@ -383,7 +407,12 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         from .tokenizer import get_sd1_tokenizer
         if isinstance(text, str):
             text = [text]
-        return get_sd1_tokenizer()(list(text), max_length=self.max_length)
+        tokenizer = get_sd1_tokenizer()
+        tokens, overflow = tokenizer(list(text), max_length=self.max_length, return_overflow=True)
+        for t, dropped in zip(text, overflow):
+            if dropped:
+                warn_truncated(self, t, len(dropped), tokenizer.decode(dropped), self.max_length)
+        return tokens
 
     def forward(self, text):
         tokens = self.tokenize(text).to(self.device)
@@ -514,6 +543,9 @@ class GeneralConditioner(nn.Module):
             keys.append(cfg["input_key"])
         self.embedders = nn.ModuleList(embedders)
         self.input_keys = keys
+        shared = set()  # a prompt cut by both text encoders is reported once
+        for emb in embedders:
+            emb._truncation_warned = shared
 
     def forward(self, batch, force_zero_embeddings=None):
         """``batch``: {input_key: value}. ``force_zero_embeddings``: input keys whose embeddings are replaced

@@ -146,15 +146,20 @@ class CLIPBPETokenizer:
         text = "".join(self.decoder[int(i)] for i in ids)
         return bytes(byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
-    def __call__(self, texts, max_length=None):
+    def __call__(self, texts, max_length=None, return_overflow=False):
+        """Token ids (B, max_length); with ``return_overflow`` also, per text, the list of BPE token ids
+        cut off to fit (empty if nothing was)."""
         if isinstance(texts, str):
             texts = [texts]
         length = max_length or self.max_length
         out = torch.full((len(texts), length), self.pad_token_id, dtype=torch.long)
+        overflow = []
         for row, text in enumerate(texts):
-            ids = [self.sot_token_id] + self.encode(text)[:length - 2] + [self.eot_token_id]
+            encoded = self.encode(text)
+            overflow.append(encoded[length - 2:])
+            ids = [self.sot_token_id] + encoded[:length - 2] + [self.eot_token_id]
             out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+        return (out, overflow) if return_overflow else out
 
 
 @lru_cache()

@@ -20,7 +20,7 @@ from typing import List, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ldm.inference import UsageError
+from ldm.inference import InputWarning, UsageError
 
 PAD_ID = 0
 UNK_ID = 1
@@ -90,8 +90,13 @@ class WordEmbedder(nn.Module):
                 warnings.warn(msg + "; they are encoded as <unk>", stacklevel=2)
             ids = [self.word_to_id.get(w, UNK_ID) for w in words]
             if len(ids) > self.max_length:
-                warnings.warn(f"prompt {t!r} has {len(ids)} words; only the first {self.max_length} are used",
-                              stacklevel=2)
+                seen = self.__dict__.setdefault("_truncation_warned", set())  # once per prompt and model
+                if t not in seen:
+                    seen.add(t)
+                    dropped = words[self.max_length:]
+                    warnings.warn(f"prompt {t!r} has {len(ids)} words but this model reads at most "
+                                  f"{self.max_length}: the last {len(dropped)} ({' '.join(dropped)!r}) are dropped",
+                                  InputWarning, stacklevel=2)
                 ids = ids[:self.max_length]
             rows.append(ids + [PAD_ID] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
