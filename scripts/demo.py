@@ -36,13 +36,15 @@ DEFAULT_CKPT = "checkpoints/demo/shapes32.ckpt"
 # sampler settings the demo model was evaluated with (guidance is needed with this little training)
 STEPS, ETA, SCALE = 25, 1.0, 3.0
 
-# the settings of the demo, in grid order: (key, label, side, ScaleCrafter preset or None)
+# the settings of the demo, in grid order: (key, label, side, ScaleCrafter/FreeScale preset or None)
 SETTINGS = [
     ("32_direct", "32x32 (training size)", 32, None),
     ("64_direct", "64x64 direct", 64, None),
     ("64_scalecrafter", "64x64 ScaleCrafter", 64, "configs/scalecrafter/demo_64x64.yaml"),
+    ("64_freescale", "64x64 FreeScale", 64, "configs/freescale/demo_64x64.yaml"),
     ("128_direct", "128x128 direct", 128, None),
     ("128_scalecrafter", "128x128 ScaleCrafter", 128, "configs/scalecrafter/demo_128x128.yaml"),
+    ("128_freescale", "128x128 FreeScale", 128, "configs/freescale/demo_128x128.yaml"),
 ]
 # the demo's columns: one caption per column (every colour and every shape appears)
 DEMO_CAPTIONS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
@@ -54,12 +56,22 @@ def repo_path(p):
     return p if p.is_absolute() or p.exists() else REPO_ROOT / p
 
 
-def load_demo_model(config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device="cpu"):
+def load_demo_model(config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device="cpu", trust=False):
     config_path, ckpt_path = repo_path(config), repo_path(ckpt)
     if not config_path.is_file():
         raise UsageError(f"config not found: {config_path}")
     cfg = OmegaConf.load(config_path)
-    return load_model_from_config(cfg, str(ckpt_path), device=device, config_name=str(config))
+    return load_model_from_config(cfg, str(ckpt_path), device=device, config_name=str(config), trust=trust)
+
+
+def freescale_runner(model, preset, side):
+    """The FreeScale cascade of a configs/freescale preset at side x side, or None for any other preset."""
+    if preset is None or OmegaConf.load(repo_path(preset)).get("method") != "freescale":
+        return None
+    from ldm.freescale.cascade import FreeScale
+    from ldm.freescale.presets import load_preset, make_settings
+    cfg = load_preset(repo_path(preset))
+    return FreeScale(model, make_settings(side, side, int(cfg["base"]), cfg), f=1)
 
 
 def make_guidance(model, preset):
@@ -82,19 +94,25 @@ def sample_images(model, captions, seeds, side, preset=None, steps=STEPS, eta=ET
                   progress=None):
     """uint8 HxWx3 arrays, one per (caption, seed); ``progress(done, total)`` is called after each batch."""
     device = model.betas.device
-    guidance = make_guidance(model, preset)
+    cascade = freescale_runner(model, preset, side)
+    guidance = make_guidance(model, preset) if cascade is None else None
+    first_side = cascade.settings.stages[0][0] if cascade else side  # FreeScale starts at the base size
     sampler = DDIMSampler(model)
     out = []
     for start in range(0, len(seeds), batch_size):
         caps, sds = captions[start:start + batch_size], seeds[start:start + batch_size]
         c = model.get_learned_conditioning(list(caps))
         uc = model.get_learned_conditioning([""] * len(caps)) if scale != 1.0 else None
-        x_t = initial_noise(sds, model.channels, side, device)
+        x_t = initial_noise(sds, model.channels, first_side, device)
         # per-step noise: a generator seeded by the batch's first seed and the size, shared by all methods
         gen = torch.Generator().manual_seed(1_000_003 * int(sds[0]) + side)
-        z, _ = sampler.sample(S=steps, conditioning=c, batch_size=len(caps), shape=(model.channels, side, side),
-                              verbose=False, unconditional_guidance_scale=scale, unconditional_conditioning=uc,
-                              eta=eta, guidance=guidance, x_T=x_t, generator=gen)
+        if cascade is not None:
+            z = cascade.sample(sampler, steps, c, uc, scale, eta, len(caps), generator=gen, x_T=x_t,
+                               jitter_seed=int(sds[0])).latent
+        else:
+            z, _ = sampler.sample(S=steps, conditioning=c, batch_size=len(caps), shape=(model.channels, side, side),
+                                  verbose=False, unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                                  eta=eta, guidance=guidance, x_T=x_t, generator=gen)
         x = model.decode_first_stage(z)
         x = torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
         arr = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).round().astype(np.uint8)
@@ -151,7 +169,7 @@ def run(opt):
     t_start = time.time()
     torch.set_num_threads(opt.threads)
     device = pick_device(opt.device)
-    model = load_demo_model(opt.config, opt.ckpt, device)
+    model = load_demo_model(opt.config, opt.ckpt, device, trust=opt.trust_config)
     print(f"loaded {opt.ckpt} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) on {device}")
     captions = [DEMO_CAPTIONS[i % len(DEMO_CAPTIONS)] for i in range(opt.n)]
     seeds = [opt.seed + i for i in range(opt.n)]
@@ -172,7 +190,7 @@ def run(opt):
         (outdir / key).mkdir(exist_ok=True)
         for i, (im, cap, sd) in enumerate(zip(imgs, captions, seeds)):
             meta = {"prompt": cap, "seed": str(sd), "parameters": {"setting": label, "H": side, "W": side,
-                    "steps": opt.steps, "eta": opt.ddim_eta, "scale": opt.scale, "scalecrafter": preset,
+                    "steps": opt.steps, "eta": opt.ddim_eta, "scale": opt.scale, "preset": preset,
                     "ckpt": str(opt.ckpt), "objects_counted": n_obj[i]}}
             save_png(Image.fromarray(im), outdir / key / f"{i:02d}_{cap.replace(' ', '_')}.png", meta)
         rows.append((label, imgs))
@@ -190,6 +208,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--ckpt", default=DEFAULT_CKPT)
+    p.add_argument("--trust_config", action="store_true",
+                   help="allow config targets outside this package (ldm.*); a config is code, like a pickle")
     p.add_argument("--outdir", default="outputs/demo")
     p.add_argument("--n", type=int, default=4, help="samples (columns) per setting")
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")

@@ -38,3 +38,23 @@ run_preset() {  # $1 = preset name without model prefix, e.g. 1024x1024
     --prompt "$PROMPT" --seed "${SEED:-23}" --ddim_eta 1 --scale "${SCALE:-7.5}" --steps 50 --n_samples 1 --n_iter 1 \
     --precision "${PRECISION:-autocast}" --outdir "${OUTDIR:-outputs/${MODEL}_$1${SUFFIX}}" ${EXTRA[@]+"${EXTRA[@]}"} "${@:2}"
 }
+run_freescale() {  # $1 = image size, e.g. 4096x4096: FreeScale with configs/freescale/${MODEL}_$1.yaml
+  # Sampling as the FreeScale release: 50 steps, guidance 7.5, its negative prompt, FreeU on for SDXL
+  # (FREEU=0 turns it off); deterministic DDIM (eta 0) in place of its Euler scheduler. Tiled decoding/encoding
+  # with synchronized GroupNorm from 4096 px on (TILED=0 turns it off).
+  local preset="configs/freescale/${MODEL}_$1.yaml"
+  if [ ! -f "$preset" ]; then
+    echo "no FreeScale preset $preset; presets for MODEL=$MODEL:" \
+      $(ls configs/freescale/ | sed -n "s/^${MODEL}_\(.*\)\.yaml$/\1/p") >&2
+    exit 2
+  fi
+  local fs_extra=()
+  if [ "$MODEL" = sdxl ] && [ "${FREEU:-1}" = 1 ]; then fs_extra+=(--freeu); fi
+  local side=${1%%x*}
+  if [ "${TILED:-auto}" = auto ] && [ "$side" -ge 4096 ]; then fs_extra+=(--tiled_decoding --sync_gn); fi
+  python3 scripts/txt2img.py --config "$CONFIG" --ckpt "$CKPT" --method freescale --freescale_config "$preset" \
+    --prompt "$PROMPT" --seed "${SEED:-123}" --ddim_eta 0 --scale "${FS_SCALE:-7.5}" --steps 50 --n_samples 1 \
+    --n_iter 1 --negative_prompt "${NEGATIVE:-blurry, ugly, duplicate, poorly drawn, deformed, mosaic}" \
+    --precision "${PRECISION:-autocast}" --outdir "${OUTDIR:-outputs/freescale_${MODEL}_$1}" \
+    ${fs_extra[@]+"${fs_extra[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} "${@:2}"
+}

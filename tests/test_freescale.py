@@ -305,3 +305,100 @@ def test_detail_mask_sets_the_exponent_per_pixel():
     assert torch.equal(e[0, 0, :, 4:], torch.full((8, 4), 3.0)) and torch.equal(e[0, 0, :, :4], torch.full((8, 4), 0.5))
     assert FreeScale.c1_exponent(st, None, torch.zeros(1)) == 3.0
     assert cosine_factor(1000) == 1.0 and abs(cosine_factor(0)) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/txt2img.py --method freescale (tiny random-weight models in the original layouts)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory):
+    from conftest import load_script
+    make = load_script("make_random_checkpoint")
+    d = tmp_path_factory.mktemp("fs_ckpt")
+    out = {}
+    for name in ("sd2", "sdxl"):
+        config = REPO / f"configs/tiny/tiny-{name}.yaml"
+        out[name] = (config, make.save_checkpoint(make.make_random_state_dict(OmegaConf.load(config), seed=3),
+                                                  d / f"{name}.ckpt"))
+    return out
+
+
+def _txt2img(args):
+    from conftest import load_script
+    return load_script("txt2img").main([str(a) for a in args])
+
+
+def _params(path):
+    import json
+    from PIL import Image
+    im = Image.open(path)
+    return im.size, json.loads(im.text["parameters"])
+
+
+def test_txt2img_freescale_sdxl_writes_stages_and_is_deterministic(tiny_ckpts, tmp_path):
+    config, ckpt = tiny_ckpts["sdxl"]
+    args = ["--config", config, "--ckpt", ckpt, "--prompt", "a corgi", "--steps", "4", "--scale", "5",
+            "--method", "freescale", "--freescale_stages", "64x64", "128x128", "--H", "128", "--W", "128",
+            "--save_stages", "--seed", "7", "--tiled_decoding", "--sync_gn", "--tile_size", "8", "--overlap", "2"]
+    assert _txt2img(args + ["--outdir", tmp_path / "a"]) == 0
+    assert _txt2img(args + ["--outdir", tmp_path / "b"]) == 0
+    size, params = _params(tmp_path / "a/samples/00000.png")
+    assert size == (128, 128) and params["method"] == "freescale"
+    assert params["freescale"]["stages"] == [[64, 64], [128, 128]] and params["freescale"]["restart_step"] is None
+    assert params["size_conditioning"]["target_size_as_tuple"] == [64, 64]  # the first stage's, as released
+    assert _params(tmp_path / "a/samples/00000-stage1.png")[0] == (64, 64)
+    for name in ("00000.png", "00000-stage1.png"):
+        assert (tmp_path / "a/samples" / name).read_bytes() == (tmp_path / "b/samples" / name).read_bytes()
+
+
+def test_txt2img_freescale_sd2_init_image_mask_and_sweep(tiny_ckpts, tmp_path):
+    from PIL import Image
+    config, ckpt = tiny_ckpts["sd2"]
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "init.png")
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (8, 0, 16, 16))
+    mask.save(tmp_path / "mask.png")
+    base = ["--config", config, "--ckpt", ckpt, "--prompt", "a red house", "--steps", "4", "--scale", "5",
+            "--method", "freescale", "--H", "128", "--W", "128", "--cosine_scale", "3", "--cosine_scale_bg", "0.5"]
+    assert _txt2img(base + ["--outdir", tmp_path / "img2img", "--init_image", tmp_path / "init.png",
+                            "--detail_mask", tmp_path / "mask.png"]) == 0
+    size, params = _params(tmp_path / "img2img/samples/00000.png")
+    assert size == (128, 128) and params["freescale"]["stages"] == [[64, 64], [128, 128]]  # tiny base: 8 x 8
+    assert params["freescale"]["init_image"].endswith("init.png")
+    assert _txt2img(base + ["--outdir", tmp_path / "sweep", "--sweep", "--n_samples", "2"]) == 0
+    assert _params(tmp_path / "sweep/samples/000000_000.png")[0] == (128, 128)
+    assert _params(tmp_path / "sweep/samples/000000_001.png")[0] == (128, 128)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--method", "freescale", "--scalecrafter_config", "configs/scalecrafter/sd2.1_1024x1024.yaml"],
+     "ScaleCrafter options"),
+    (["--save_stages"], "add --method freescale"),
+    (["--method", "freescale", "--freescale_config", "configs/freescale/sdxl_2048x2048.yaml"], "preset for sdxl"),
+    (["--method", "freescale", "--freescale_stages", "64x64", "96x96"], "last stage"),
+    (["--method", "freescale", "--freescale_stages", "64by64", "128x128"], "expected HxW"),
+    (["--method", "freescale", "--init_image", "missing.png"], "no such file"),
+])
+def test_txt2img_freescale_bad_input(tiny_ckpts, tmp_path, capsys, extra, needle):
+    config, ckpt = tiny_ckpts["sd2"]
+    code = _txt2img(["--config", config, "--ckpt", ckpt, "--H", "128", "--W", "128", "--outdir", tmp_path / "o",
+                     "--steps", "2", *extra])
+    assert code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_freescale_shell_script_runs(tiny_ckpts, tmp_path):
+    import os
+    import subprocess
+    config, ckpt = tiny_ckpts["sdxl"]
+    env = dict(os.environ, MODEL="sdxl", CONFIG=str(config), CKPT=str(ckpt), OUTDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(REPO / "shellscripts/freescale_4096x4096.sh"), "--H", "128", "--W", "128",
+                           "--freescale_stages", "64x64", "128x128", "--steps", "3"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size, params = _params(tmp_path / "samples/00000.png")
+    assert size == (128, 128) and params["freescale"]["preset"] == "configs/freescale/sdxl_4096x4096.yaml"
+    assert params["freeu"] == {"b1": 1.1, "b2": 1.2, "s1": 0.6, "s2": 0.4} and params["tiled_decoding"]
+    assert params["scale"] == 7.5 and params["eta"] == 0.0
+    assert params["negative_prompt"] == "blurry, ugly, duplicate, poorly drawn, deformed, mosaic"

@@ -49,3 +49,52 @@ def make_settings(height, width, base, preset=None, **overrides):
     else:
         stages = default_stages(height, width, int(values["base"]))
     return FreeScaleSettings(stages=stages, **values)
+
+
+# ------------------------------------------------------------------------------------------------
+# command line (scripts/txt2img.py)
+
+
+def add_args(parser):
+    g = parser.add_argument_group("FreeScale (--method freescale; docs/freescale.md)")
+    g.add_argument("--freescale_config", type=str, default=None,
+                   help="a preset YAML, e.g. configs/freescale/sdxl_4096x4096.yaml (its height/width become the "
+                        "defaults for --H/--W)")
+    g.add_argument("--freescale_stages", type=str, nargs="+", default=None, metavar="HxW",
+                   help="stage sizes in pixels, base size first, the last one --H x --W (default: the preset's, "
+                        "else doubling the side from the model's base size)")
+    g.add_argument("--restart_step", type=int, default=None,
+                   help="step at which each later stage starts (default: the preset's, else 30%% of --steps)")
+    g.add_argument("--cosine_scale", type=float, default=None, help="skip-residual exponent (default 2.0)")
+    g.add_argument("--cosine_scale_bg", type=float, default=None,
+                   help="with --detail_mask: the exponent outside the mask (release default 0.5; 3.0 inside)")
+    g.add_argument("--detail_mask", type=str, default=None,
+                   help="greyscale image: white = foreground (cosine_scale), black = background (cosine_scale_bg)")
+    g.add_argument("--freescale_dilate_tau", type=int, default=None,
+                   help="restrained dilation for steps < TAU (default: the preset's, else 35)")
+    g.add_argument("--fast_mode", action="store_true",
+                   help="global attention over dilated sub-lattices instead of all tokens (faster, some quality loss)")
+    g.add_argument("--latent_resize", action="store_true",
+                   help="resize latents between stages instead of decode - bicubic - encode")
+    g.add_argument("--save_stages", action="store_true", help="also write every earlier stage's image")
+    g.add_argument("--init_image", type=str, default=None,
+                   help="start the cascade from this image (resized to the first stage) instead of sampling stage 1")
+    return g
+
+
+def parse_size(text):
+    h, sep, w = str(text).lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit():
+        raise PresetError(f"stage size {text!r}: expected HxW in pixels, e.g. 1024x1024")
+    return int(h), int(w)
+
+
+def settings_from_args(opt, preset, height, width, base):
+    """FreeScaleSettings from a preset (or None) and the command-line overrides."""
+    stages = [parse_size(s) for s in opt.freescale_stages] if opt.freescale_stages else None
+    return make_settings(height, width, int((preset or {}).get("base", base)), preset,
+                         stages=stages, restart_step=opt.restart_step, cosine_scale=opt.cosine_scale,
+                         cosine_scale_bg=opt.cosine_scale_bg, dilate_tau=opt.freescale_dilate_tau,
+                         fast_mode=True if opt.fast_mode else None,
+                         resize="latent" if opt.latent_resize else None,
+                         save_stages=True if opt.save_stages else None)
