@@ -29,3 +29,10 @@ def installed(modules_and_processors):
     finally:
         for module in touched:
             del module.forward
+
+
+def self_attention_layers(unet):
+    """The self-attention modules of a UNet (``attn1`` of transformer blocks that have self-attention), where
+    attention processors (FreeScale's scale fusion, attention scaling) are installed."""
+    from ldm.modules.attention import BasicTransformerBlock
+    return [m.attn1 for m in unet.modules() if isinstance(m, BasicTransformerBlock) and not m.disable_self_attn]

@@ -166,6 +166,10 @@ def add_pipeline_parser(sub):
     q.add_argument("--no_tiled", action="store_true", help="decode in one piece instead of tiles with synced GroupNorm")
     q.add_argument("--tile_size", type=int, default=None, help="tile side in latent pixels (default: the decoder's)")
     q.add_argument("--freeu", action="store_true", help="FreeU on, with the family's values")
+    q.add_argument("--prompt", default="a professional photograph of an astronaut riding a horse",
+                   help="the prompt (the demo model knows only its own words, e.g. 'a red circle')")
+    q.add_argument("--ckpt", default=None,
+                   help="load these weights instead of random ones (e.g. checkpoints/demo/shapes32.ckpt)")
     q.add_argument("--cap_gib", type=float, default=None,
                    help="cap this process's CUDA memory (e.g. 24 on a larger GPU: a run that needs more fails)")
     q.add_argument("--write", type=str, default=None, help="update this markdown file")
@@ -224,19 +228,26 @@ def method_scopes(model, preset, use_freeu):
     return guidance, freeu(unet, **dict((preset or {}).get("freeu") or FREEU_DEFAULTS[family]))
 
 
-def guided_run(model, sampler, guidance, H, W, steps, phase, tiling, preset=None, mark=None):
+def latent_factor(model):
+    """The first stage's downsampling factor: 1 for a pixel-space model, 2^(levels - 1) for the KL VAE."""
+    decoder = getattr(model.first_stage_model, "decoder", None)
+    return 2 ** (decoder.num_resolutions - 1) if decoder is not None else 1
+
+
+def guided_run(model, sampler, guidance, H, W, steps, phase, tiling, preset=None, mark=None,
+               prompt="a professional photograph of an astronaut riding a horse"):
     """Text encoding, guided DDIM sampling and decoding, each inside ``phase(name, fn)``; ``tiling()`` gives
     the decoder's tiling options once sampling is done. A FreeScale ``preset`` samples its whole cascade,
     ``steps`` per stage (restart at 30 % of them); ``mark(name)`` then closes each stage's record (the peak
     since the previous mark)."""
-    prompt = "a professional photograph of an astronaut riding a horse"
+    f = latent_factor(model)
     c = phase("text encoders", lambda: model.get_learned_conditioning([prompt]))
     uc = model.get_learned_conditioning([""])
     if preset is not None and preset.get("method") == "freescale":
         samples = freescale_stages(model, sampler, preset, H, W, steps, c, uc, phase, tiling(), mark)
     else:
         samples = phase("sampling", lambda: sampler.sample(
-            S=steps, conditioning=c, batch_size=1, shape=(4, H // 8, W // 8), verbose=False,
+            S=steps, conditioning=c, batch_size=1, shape=(model.channels, H // f, W // f), verbose=False,
             unconditional_guidance_scale=5.0, unconditional_conditioning=uc, eta=1.0, guidance=guidance)[0])
     c = uc = None  # not needed while decoding
     options = tiling()
@@ -249,7 +260,7 @@ def freescale_stages(model, sampler, preset, H, W, steps, c, uc, phase, tiling, 
     from ldm.freescale.presets import make_settings
     settings = make_settings(H, W, int(preset["base"]), preset)
     callback = (lambda k, size, latent: mark(f"stage {k + 1} ({size[1]}x{size[0]})")) if mark else None
-    runner = FreeScale(model, settings, f=8, tiling=tiling, stage_callback=callback)
+    runner = FreeScale(model, settings, f=latent_factor(model), tiling=tiling, stage_callback=callback)
     return phase("sampling", lambda: runner.sample(sampler, steps, c, uc, 5.0, 0.0, 1)).latent
 
 
@@ -280,7 +291,11 @@ def run_pipeline(args):
     if half:
         cast_for_half_precision(model, torch.float16)
     model.to(device)
-    random_weights_(model)
+    if args.ckpt:
+        from ldm.checkpoint import load_checkpoint_into
+        load_checkpoint_into(model, args.ckpt)
+    else:
+        random_weights_(model)
     build_s = time.perf_counter() - t0
     if hasattr(model, "set_size_conditioning"):
         model.set_size_conditioning((H, W))
@@ -322,7 +337,7 @@ def run_pipeline(args):
 
     with torch.no_grad(), autocast, freeu_scope:
         guided_run(model, DDIMSampler(model), guidance, H, W, args.steps, phase, lambda: tiling_options(args),
-                   preset, mark)
+                   preset, mark, args.prompt)
     res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
            "H": H, "W": W, "steps": args.steps, "precision": args.precision if cuda else "full",
            "tiled": not args.no_tiled, "freeu": args.freeu, "cap_gib": args.cap_gib, "build_seconds": build_s,

@@ -13,7 +13,6 @@ list shared by the processes: ``OUTDIR/samples/{prompt:06d}_{sample:03d}.png`` w
 files for any number of processes, resumable, with ``OUTDIR/manifest.jsonl`` (docs/cluster.md).
 """
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from ldm.checkpoint import CheckpointError, load_model_from_config  # noqa: E402
 from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, chunk,  # noqa: E402
                            make_grid, next_free_index, pick_device, read_prompt_file, remove_stale_temp_files,
                            save_png, seed_everything, to_pil)
+from ldm import baselines  # noqa: E402
 from ldm.freescale import presets as freescale_options  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.util import check_config_targets  # noqa: E402
@@ -92,9 +92,9 @@ def build_parser():
                         "or function it names, so only for configs you trust")
     p.add_argument("--no_ema", action="store_true", help="ignore model_ema.* weights in a training checkpoint")
     p.add_argument("--method", choices=METHODS, default=None,
-                   help="direct sampling, ScaleCrafter (--scalecrafter_config or --dilate) or FreeScale "
-                        "(--freescale_config or the FreeScale options); default: scalecrafter when its flags are "
-                        "given, else direct")
+                   help="direct sampling, ScaleCrafter (--scalecrafter_config or --dilate), FreeScale "
+                        "(--freescale_config or the FreeScale options), attention scaling (Jin et al.) or "
+                        "MultiDiffusion; default: scalecrafter when its flags are given, else direct")
     sc = p.add_argument_group("ScaleCrafter (tuning-free higher resolution)")
     sc.add_argument("--scalecrafter_config", type=str, default=None,
                     help="a preset YAML, e.g. configs/scalecrafter/sd2.1_2048x2048.yaml")
@@ -124,24 +124,29 @@ def build_parser():
     sx.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                     help="the target size SDXL conditions on (default: --H --W)")
     freescale_options.add_args(p)
+    baselines.add_args(p)
     sweep_mode.add_sweep_args(p)
     return p
 
 
-METHODS = ("direct", "scalecrafter", "freescale")
+METHODS = ("direct", "scalecrafter", "freescale", "attn_scale", "multidiffusion", "demofusion")
 
 
 def resolve_method(opt):
     """The --method, checked against the method flags that were given."""
     scalecrafter = bool(opt.scalecrafter_config) or opt.dilate is not None
-    freescale = opt.freescale_config or opt.freescale_stages or opt.init_image or opt.detail_mask or opt.save_stages
+    freescale = opt.freescale_config or opt.freescale_stages or opt.detail_mask
+    cascade = opt.init_image or opt.save_stages  # FreeScale's or DemoFusion's
     method = opt.method or ("scalecrafter" if scalecrafter else "freescale" if opt.freescale_config else "direct")
     if method != "scalecrafter" and scalecrafter:
         raise UsageError(f"--scalecrafter_config/--dilate are ScaleCrafter options; they do not apply to "
                          f"--method {method}")
     if method != "freescale" and freescale:
-        raise UsageError(f"--freescale_config/--freescale_stages/--init_image/--detail_mask/--save_stages are "
-                         f"FreeScale options; add --method freescale (got --method {method})")
+        raise UsageError(f"--freescale_config/--freescale_stages/--detail_mask are FreeScale options; add --method "
+                         f"freescale (got --method {method})")
+    if method not in ("freescale", "demofusion") and cascade:
+        raise UsageError(f"--init_image/--save_stages work with the cascades: add --method freescale or demofusion "
+                         f"(got --method {method})")
     return method
 
 
@@ -285,11 +290,12 @@ def run(opt):
             raise UsageError(f"FreeScale: {err}") from None
         for h, w in fs_settings.stages:
             check_size(h, w, f)
+        if model_family(config) == "sdxl" and opt.target_size is None:  # as the release: the first stage's size
+            opt.target_size = list(fs_settings.stages[0])
+    if method in ("freescale", "demofusion"):
         for flag in ("init_image", "detail_mask"):
             if getattr(opt, flag) and not Path(getattr(opt, flag)).is_file():
                 raise UsageError(f"--{flag} {getattr(opt, flag)}: no such file")
-        if model_family(config) == "sdxl" and opt.target_size is None:  # as the release: the first stage's size
-            opt.target_size = list(fs_settings.stages[0])
     if opt.ckpt is None:
         raise UsageError("--ckpt is required: the checkpoint file matching --config (see checkpoints/README.md)")
     batch_size = opt.n_samples
@@ -321,10 +327,26 @@ def run(opt):
         tiling = {"overlap": opt.overlap, "sync_gn": opt.sync_gn}
         if opt.tile_size is not None:
             tiling["tile_size"] = opt.tile_size
-    freescale = None
+    if method in ("attn_scale", "multidiffusion"):
+        base_latent = int(config.model.params.get("image_size", 64))
+        try:
+            guidance, method_settings = baselines.build_guidance(method, opt, model, base_latent, (opt.H, opt.W), f)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    freescale = None  # a cascade: FreeScale, or DemoFusion on the same stage machinery
     if fs_settings is not None:
         from ldm.freescale.cascade import FreeScale
         freescale = FreeScaleRun(FreeScale(model, fs_settings, f=f, tiling=tiling), opt, device)
+    if method == "demofusion":
+        from ldm.baselines.demofusion import DemoFusion
+        base = int(config.model.params.get("image_size", 64)) * f
+        try:
+            runner = DemoFusion(model, opt.H, opt.W, base, f=f, tiling=tiling, stride=opt.df_stride,
+                                sigma=opt.df_sigma, cosine_scales=opt.df_cosine_scales, view_batch=opt.df_view_batch)
+        except ValueError as err:
+            raise UsageError(f"DemoFusion: {err}") from None
+        freescale = FreeScaleRun(runner, opt, device)
+        method_settings = runner.describe()
 
     created = [d for d in (sample_path, outdir) if not d.exists()]
     if not sweeping:  # (sweep mode does the same in ldm/sweep.py)
@@ -335,8 +357,9 @@ def run(opt):
     grid_count = next_free_index(outdir, r"^grid-(\d+)\.png$")
 
     seed_everything(opt.seed)
-    # FreeScale starts at its first stage's size
-    shape = freescale.runner.latent_shape(fs_settings.stages[0]) if freescale else (C, opt.H // f, opt.W // f)
+    # the cascades start at their first stage's size
+    shape = (freescale.runner.latent_shape(freescale.runner.settings.stages[0]) if freescale
+             else (C, opt.H // f, opt.W // f))
     start_code = torch.randn([batch_size, *shape], device=device) if opt.fixed_code else None
     use_autocast = opt.precision in ("autocast", "half") and device.type == "cuda"
     precision_scope = torch.autocast("cuda", dtype=getattr(torch, opt.autocast_dtype)) if use_autocast else nullcontext()
@@ -350,6 +373,8 @@ def run(opt):
                           "progressive_dilate": opt.progressive_dilate} if opt.dilate is not None else None),
         "freeu": freeu_args, "tiled_decoding": tiling or None, "method": method,
     }
+    if method in ("attn_scale", "multidiffusion", "demofusion"):
+        settings[method] = method_settings
     if fs_settings is not None:
         settings["freescale"] = {"preset": opt.freescale_config, **fs_settings.describe(),
                                  "init_image": opt.init_image, "detail_mask": opt.detail_mask}

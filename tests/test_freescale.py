@@ -159,7 +159,8 @@ def test_processor_off_is_bit_identical_and_restored():
     x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, cfg.params.context_dim)
     with torch.no_grad():
         before = unet(x, t, context=c)
-        layers = SF.self_attention_layers(unet)
+        from ldm.processors import self_attention_layers
+        layers = self_attention_layers(unet)
         assert layers
         with installed([]):
             assert torch.equal(unet(x, t, context=c), before)

@@ -111,8 +111,7 @@ def test_old_manifest_without_hashes_is_read_and_completed(tmp_path, capsys):
 
 def test_size_check_uses_image_size_over_settings(tmp_path):
     run(tmp_path)
-    res, render = sweep.run_sweep(FakeRender(), PROMPTS, 2, 3, 11, tmp_path, SETTINGS, progress=False,
-                                  image_size=(6, 4)), None
+    res = sweep.run_sweep(FakeRender(), PROMPTS, 2, 3, 11, tmp_path, SETTINGS, progress=False, image_size=(6, 4))
     assert res["damaged"] == 8  # every file is 4x6, not the 6x4 asked for
     with pytest.raises(FileNotFoundError):
         sweep.check_image(tmp_path / "samples" / "no_such.png")

@@ -31,9 +31,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ldm.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion, self_attention_layers
+from ldm.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion
 from ldm.models.diffusion.ddim import DDIMSampler, classifier_free_guidance
-from ldm.processors import installed
+from ldm.processors import installed, self_attention_layers
 from ldm.scalecrafter.layers import LayerNames
 from ldm.scalecrafter.plan import LayerSchedule
 from ldm.scalecrafter.redilation import ReDilation

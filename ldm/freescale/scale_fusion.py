@@ -19,15 +19,14 @@ What the authors' release (``scale_attention.py``) does, and what this module do
 * ``window="release"``: window = level grid / max(s_h, s_w) on both axes (for a 2:1 image a window covers
   half the base size on the short axis); ``window="base"``: level grid / (s_h, s_w), the base grid.
 * jitter: ``randint(-j, j)`` per view (one-sided at the borders, none for a window spanning an axis),
-  j = window // 8, with the grid zero-padded by j so that jittered windows stay inside; padded tokens take
+  j = window // 8, with the grid zero-padded by j so jittered windows stay inside; padded tokens take
   part in the window's attention, as in the release. Draws come from the ``randint`` callable given (in the
   cascade ``random.Random(seed).randint``, so a seed reproduces the image; the release draws from Python's
-  unseeded global ``random``, i.e. the same generator type). Their crop ``value[j:-j]`` is empty when j = 0 (windows under 8 tokens); here j = 0 means
-  no padding and no crop.
+  unseeded global ``random``, i.e. the same generator type). Their crop ``value[j:-j]`` is empty when j = 0
+  (windows under 8 tokens); here j = 0 means no padding and no crop.
 * G is applied once, to ``local − global`` (G is linear: G(l) + g − G(g) = g + G(l − g)), and as three 1-D
   passes (the 3-D kernel is separable and zero padding is per axis), instead of two full 3-D convolutions.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -230,9 +229,3 @@ class ScaleFusion:
                     out = grid.new_zeros(b, h, w, o.shape[-1])
                 out[:, a::s_h, d::s_w] = o
         return out
-
-
-def self_attention_layers(unet):
-    """The self-attention modules (``attn1`` of transformer blocks that have self-attention)."""
-    from ldm.modules.attention import BasicTransformerBlock
-    return [m.attn1 for m in unet.modules() if isinstance(m, BasicTransformerBlock) and not m.disable_self_attn]

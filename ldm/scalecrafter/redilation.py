@@ -10,7 +10,7 @@ to the original.
   twice as large, so a target factor d is reached with dilation d/2 on k' (fractional if d/2 is).
 """
 import math
-import torch
+
 import torch.nn.functional as F
 
 from ldm.processors import installed  # noqa: F401  (the one install mechanism; re-exported)
@@ -106,10 +106,11 @@ def basis_dispersed_conv(conv, x, transform, dilation, max_bytes=BASIS_MAX_INTER
 
 
 # Measured rule for choosing the path (scripts/benchmark.py dispersion-layers; docs/benchmarks.md): the
-# basis path wins when the dense 1×1 work dominates its depthwise term, i.e. with many output channels.
-# Threshold per device type; CUDA: no GPU measurement yet, so the direct path (the one the authors timed)
-# stays the default there until `benchmark.py dispersion-layers --device cuda` gives a threshold.
-BASIS_MIN_OUT_CHANNELS = {"cpu": 1280}
+# basis path wins when the dense 1×1 work dominates its depthwise term, i.e. with many output channels. On
+# the 2-core CPU it was faster for every 640- and 1280-channel layer measured (8² to 64²) and for two of three
+# 320-channel ones, so the threshold is 640. CUDA: no GPU measurement yet, so the direct path (the one the
+# authors timed) stays the default there until `benchmark.py dispersion-layers --device cuda` gives one.
+BASIS_MIN_OUT_CHANNELS = {"cpu": 640}
 
 
 def choose_dispersion_path(conv, x):

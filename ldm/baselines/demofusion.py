@@ -1,0 +1,155 @@
+"""DemoFusion (Du et al., CVPR 2024): progressive upscaling with skip residuals, MultiDiffusion local paths and
+dilated-sampling global paths.
+
+Phase 1 samples at the base size (the target's aspect ratio, long side = base). Phase k (k = 2 … K,
+K = max(H, W) // base) upsamples the previous latent bicubically to k times the base, re-noises it to the first
+step with one noise tensor, and denoises with
+
+* the skip residual z ← z·(1 − c₁) + q(z₀, t_i, ε)·c₁, c₁ = cos_factor^cosine_scale_1 (3), as FreeScale's
+  cascade (``ldm/freescale/cascade.py``, which this module reuses with latent resizing and restart step 0);
+* local paths: base-size windows (stride half a window, jitter up to (window − stride)/4 on a zero-padded latent,
+  each with its SDXL crop conditioning), averaged;
+* global paths: the k×k dilated sub-lattices z[a::k, b::k] of a Gaussian-blurred copy of the latent (kernel 2k − 1,
+  σ = sigma·c₃, c₃ = 0.99·cos_factor^cosine_scale_3 + 0.01, re-standardised to the latent's mean and std) as the
+  UNet's input, their predictions applied to the unblurred latent;
+* fused as (1 − c₂)·local + c₂·global, c₂ = cos_factor^cosine_scale_2 (1).
+
+The step is affine in the model output for a fixed latent, so fusing the per-path denoised latents (as the
+reference does) is fusing the model outputs, which is what ``DemoFusionGuidance`` returns to the DDIM sampler.
+
+Differences from the reference (``pipeline_demofusion_sdxl.py``): DDIM instead of SDXL's Euler scheduler; the
+last phase is the requested size (the reference's K = int(max(H, W) / 1024) truncates, so 2560 comes out 2048):
+when max(H, W) is not a multiple of the base, one more phase at exactly H×W is added; the jitter is drawn from the
+run's seed; the final latent is decoded with this repository's tiled VAE (synchronized GroupNorm) instead of its
+unsynchronised tiles. Kept as released: σ = 0.8 (the README's and demos' value; the signature default is 1.0),
+window crops conditioned at their padded coordinates, original = target size = the final image for every path.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ldm.baselines.multidiffusion import SDXLWindowConditioning, _repeat
+from ldm.freescale.cascade import FreeScale, FreeScaleSettings, cosine_factor
+from ldm.freescale.scale_fusion import gaussian_1d, window_views
+from ldm.models.diffusion.ddim import classifier_free_guidance
+
+
+def demofusion_stages(height, width, base):
+    """Phase sizes (pixels): long side base·k for k = 1 … K (K = max(H, W) // base), short side scaled by the
+    aspect ratio (multiples of 8), and H×W exactly as the last phase."""
+    long_side, short_side = max(height, width), min(height, width)
+    aspect = short_side / long_side
+    k_max = max(1, long_side // base)
+    stages = []
+    for k in range(1, k_max + 1):
+        l, s = base * k, max(8, int(round(base * k * aspect / 8)) * 8)
+        stages.append((l, s) if height >= width else (s, l))
+    if stages[-1] != (height, width):
+        if k_max * base == long_side:
+            stages[-1] = (height, width)
+        else:
+            stages.append((height, width))
+    return stages
+
+
+def gaussian_blur_2d(x, kernel_size, sigma):
+    """Per-channel zero-padded Gaussian blur of (B, C, H, W), as the reference's conv2d."""
+    if kernel_size <= 1:
+        return x
+    g = gaussian_1d(kernel_size, sigma, x.dtype, x.device)
+    k2 = (g[:, None] * g[None, :]).expand(x.shape[1], 1, kernel_size, kernel_size)
+    return F.conv2d(x, k2, padding=kernel_size // 2, groups=x.shape[1])
+
+
+class DemoFusionGuidance:
+    def __init__(self, scale_num, window, stride, randint=None, sigma=0.8, cosine_scale_2=1.0, cosine_scale_3=1.0,
+                 num_timesteps=1000, window_conditioning=None, view_batch=16):
+        self.s = int(scale_num)
+        self.window, self.stride = int(window), int(stride)
+        self.jitter = (self.window - self.stride) // 4
+        self.randint = randint
+        self.sigma, self.cs2, self.cs3 = float(sigma), float(cosine_scale_2), float(cosine_scale_3)
+        self.T = int(num_timesteps)
+        self.window_conditioning = window_conditioning
+        self.view_batch = max(1, int(view_batch))
+
+    def _cond(self, cond, views, f_views=None):
+        if cond is None:
+            return None
+        if self.window_conditioning is None or not isinstance(cond, dict) or "vector" not in cond or f_views is None:
+            return _repeat(cond, len(views))
+        out = _repeat({k: v for k, v in cond.items() if k != "vector"}, len(views))
+        out["vector"] = torch.cat([self.window_conditioning(cond["vector"], v) for v in f_views])
+        return out
+
+    def local(self, model, x, t, cond, uncond, scale):
+        b, _, H, W = x.shape
+        j = self.jitter
+        geometry = (self.window, self.window, self.stride, self.stride, j, j)
+        views = window_views((H, W), geometry, self.randint)  # in the padded latent
+        xp = F.pad(x, (j, j, j, j)) if j else x
+        value = torch.zeros_like(xp)
+        count = torch.zeros(1, 1, xp.shape[2], xp.shape[3], dtype=x.dtype, device=x.device)
+        for k in range(0, len(views), self.view_batch):
+            chunk = views[k:k + self.view_batch]
+            xs = torch.cat([xp[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in chunk])
+            out = classifier_free_guidance(model, xs, t.repeat(len(chunk)), self._cond(cond, chunk, chunk),
+                                           self._cond(uncond, chunk, chunk), scale)
+            for (h0, h1, w0, w1), o in zip(chunk, out.split(b)):
+                value[:, :, h0:h1, w0:w1] += o
+                count[:, :, h0:h1, w0:w1] += 1
+        return (value / count.clamp(min=1))[:, :, j:j + H, j:j + W]
+
+    def global_(self, model, x, t, cond, uncond, scale, cf):
+        b, _, H, W = x.shape
+        s = self.s
+        hp, wp = (s - H % s) % s, (s - W % s) % s
+        xg = F.pad(x, (wp, 0, hp, 0)) if (hp or wp) else x
+        c3 = 0.99 * cf ** self.cs3 + 1e-2
+        std, mean = xg.std(), xg.mean()
+        blurred = gaussian_blur_2d(xg, 2 * s - 1, self.sigma * c3)
+        blurred = (blurred - blurred.mean()) / blurred.std() * std + mean
+        out = torch.zeros_like(xg)
+        lattices = [(a, c) for a in range(s) for c in range(s)]
+        for k in range(0, len(lattices), self.view_batch):
+            chunk = lattices[k:k + self.view_batch]
+            xs = torch.cat([blurred[:, :, a::s, c::s] for a, c in chunk])
+            o = classifier_free_guidance(model, xs, t.repeat(len(chunk)), self._cond(cond, chunk),
+                                         self._cond(uncond, chunk), scale)
+            for (a, c), oo in zip(chunk, o.split(b)):
+                out[:, :, a::s, c::s] = oo
+        return out[:, :, hp:, wp:]
+
+    def __call__(self, model, x, t, cond, uncond, scale, step):
+        cf = cosine_factor(int(t.reshape(-1)[0]), self.T)
+        local = self.local(model, x, t, cond, uncond, scale)
+        if self.s <= 1:
+            return local
+        c2 = cf ** self.cs2
+        return local * (1 - c2) + self.global_(model, x, t, cond, uncond, scale, cf) * c2
+
+
+class DemoFusion(FreeScale):
+    """The phases on FreeScale's cascade (latent resize, restart 0, skip residual), DemoFusion's guidance."""
+
+    def __init__(self, model, height, width, base, f=8, tiling=None, stride=None, sigma=0.8, cosine_scales=(3, 1, 1),
+                 view_batch=16, stage_callback=None):
+        settings = FreeScaleSettings(stages=demofusion_stages(height, width, base), base=base, restart_step=0,
+                                     cosine_scale=float(cosine_scales[0]), resize="latent", fusion=False)
+        super().__init__(model, settings, f=f, tiling=tiling, stage_callback=stage_callback)
+        self.window = base // f
+        self.stride = int(stride) if stride else self.window // 2  # 64 of 128 for SDXL, as released
+        self.sigma, self.cs2, self.cs3 = sigma, float(cosine_scales[1]), float(cosine_scales[2])
+        self.view_batch = view_batch
+        self.window_conditioning = (SDXLWindowConditioning(model, (height, width), f, target="image")
+                                    if hasattr(model, "conditioner") else None)
+
+    def describe(self):
+        return {"stages": [list(s) for s in self.settings.stages], "window": self.window, "stride": self.stride,
+                "sigma": self.sigma, "cosine_scales": [self.settings.cosine_scale, self.cs2, self.cs3]}
+
+    def stage_guidance(self, size, steps, randint):
+        scale_num = max(1, math.ceil(max(size) / self.settings.base - 1e-9))
+        return DemoFusionGuidance(scale_num, self.window, self.stride, randint, self.sigma, self.cs2, self.cs3,
+                                  int(self.model.num_timesteps), self.window_conditioning, self.view_batch)
