@@ -348,8 +348,9 @@ def run_pipeline(args):
     lines = [f"### Sampling run: {res['config']}, {res['preset'] or 'direct'}, {W}x{H}, {args.device}", "",
              f"Machine: {res['machine']}. Precision {res['precision']}, tiled decoding "
              f"{'with synchronized GroupNorm' if res['tiled'] else 'off'}, FreeU {'on' if args.freeu else 'off'}"
-             f"{f', memory capped at {args.cap_gib:g} GiB' if args.cap_gib else ''}; random weights; "
-             f"{args.steps} DDIM steps (the preset's first, most expensive).", ""]
+             f"{f', memory capped at {args.cap_gib:g} GiB' if args.cap_gib else ''}; "
+             f"{f'weights {args.ckpt}' if args.ckpt else 'random weights'}; {args.steps} DDIM steps"
+             f"{' per stage' if preset and preset.get('method') == 'freescale' else ''}.", ""]
     if cuda:
         lines += [f"Weights on the GPU: {weights_gib:.2f} GiB.", "",
                   "| phase | seconds | s / step | peak allocated (GiB) | peak reserved (GiB) |", "|---|---|---|---|---|"]
