@@ -42,6 +42,21 @@ def ref_dir() -> Path:
     return reference_dir()
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory):
+    """{"sd2" | "sdxl": (config, checkpoint)}: random-weight checkpoints in the original layouts of the tiny
+    SD 2.x- and SDXL-structured configs (configs/tiny/), made once per test session."""
+    from omegaconf import OmegaConf
+    make = load_script("make_random_checkpoint")
+    d = tmp_path_factory.mktemp("tiny_ckpts")
+    out = {}
+    for name in ("sd2", "sdxl"):
+        config = REPO_ROOT / f"configs/tiny/tiny-{name}.yaml"
+        out[name] = (config, make.save_checkpoint(make.make_random_state_dict(OmegaConf.load(config), seed=3),
+                                                  d / f"{name}.ckpt"))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # two cores on CI; keep results independent of the thread count where it matters

@@ -129,19 +129,7 @@ def test_sdxl_window_conditioning_is_the_models_own_size_conditioning(tiny_sdxl)
 
 
 # ---------------------------------------------------------------------------------------------
-# end to end
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpts(tmp_path_factory):
-    make = load_script("make_random_checkpoint")
-    d = tmp_path_factory.mktemp("bl_ckpt")
-    out = {}
-    for name in ("sd2", "sdxl"):
-        config = REPO / f"configs/tiny/tiny-{name}.yaml"
-        out[name] = (config, make.save_checkpoint(make.make_random_state_dict(OmegaConf.load(config), seed=4),
-                                                  d / f"{name}.ckpt"))
-    return out
+# end to end (tiny_ckpts: conftest.py)
 
 
 @pytest.mark.parametrize("model", ["sd2", "sdxl"])

@@ -309,20 +309,7 @@ def test_detail_mask_sets_the_exponent_per_pixel():
 
 
 # ---------------------------------------------------------------------------------------------
-# scripts/txt2img.py --method freescale (tiny random-weight models in the original layouts)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpts(tmp_path_factory):
-    from conftest import load_script
-    make = load_script("make_random_checkpoint")
-    d = tmp_path_factory.mktemp("fs_ckpt")
-    out = {}
-    for name in ("sd2", "sdxl"):
-        config = REPO / f"configs/tiny/tiny-{name}.yaml"
-        out[name] = (config, make.save_checkpoint(make.make_random_state_dict(OmegaConf.load(config), seed=3),
-                                                  d / f"{name}.ckpt"))
-    return out
+# scripts/txt2img.py --method freescale (tiny random-weight models in the original layouts: conftest.tiny_ckpts)
 
 
 def _txt2img(args):
