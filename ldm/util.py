@@ -148,3 +148,20 @@ class no_weight_init:
         for n, f in self._saved.items():
             setattr(init, n, f)
         return False
+
+
+def load_yaml_preset(path, known_keys, what, folder, error=ValueError):
+    """A method preset (plain YAML data, no targets) as a dict with ``_path``; a missing file or an unknown key
+    raises ``error`` naming the file, the key and the keys that are known."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} preset not found: {path} (presets are in {folder})")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    unknown = set(cfg) - set(known_keys)
+    if unknown:
+        raise error(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known_keys)}")
+    cfg["_path"] = path
+    return cfg

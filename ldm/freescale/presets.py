@@ -1,16 +1,12 @@
 """FreeScale presets (``configs/freescale/*.yaml``): stage sizes and the method's settings, per model."""
-from pathlib import Path
-
-from omegaconf import OmegaConf
-
 from ldm.freescale.cascade import FreeScaleSettings, default_stages
+from ldm.util import load_yaml_preset
 
 PRESET_KEYS = {"method", "base_model", "height", "width", "base", "stages", "restart_step", "cosine_scale",
                "cosine_scale_bg", "dilate_tau", "dilation_from", "fast_mode", "fusion", "blur", "window", "resize",
                "freeu", "steps", "scale", "eta", "negative_prompt", "notes"}
 SETTING_KEYS = {"base", "restart_step", "cosine_scale", "cosine_scale_bg", "dilate_tau", "dilation_from",
                 "fast_mode", "fusion", "blur", "window", "resize"}
-BASE_SIDE = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 
 class PresetError(ValueError):
@@ -18,16 +14,9 @@ class PresetError(ValueError):
 
 
 def load_preset(path):
-    path = Path(path)
-    if not path.is_file():
-        raise PresetError(f"FreeScale preset not found: {path} (presets are in configs/freescale/)")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
-    unknown = set(cfg) - PRESET_KEYS
-    if unknown:
-        raise PresetError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(PRESET_KEYS)}")
+    cfg = load_yaml_preset(path, PRESET_KEYS, "FreeScale", "configs/freescale/", PresetError)
     if cfg.get("method", "freescale") != "freescale":
-        raise PresetError(f"{path}: method is {cfg.get('method')!r}, not freescale")
-    cfg["_path"] = path
+        raise PresetError(f"{cfg['_path']}: method is {cfg.get('method')!r}, not freescale")
     return cfg
 
 

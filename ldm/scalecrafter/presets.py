@@ -8,11 +8,10 @@ SDXL files name ``down_blocks.3`` …) are reported as a warning when ``dead_nam
 import warnings
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from ldm.scalecrafter.layers import LayerNames, flag_layers
 from ldm.scalecrafter.plan import LayerSchedule, ScaleCrafterPlan
 from ldm.scalecrafter.redilation import Dispersion
+from ldm.util import load_yaml_preset
 
 
 class SettingsError(ValueError):
@@ -97,15 +96,8 @@ PRESET_KEYS = {"dilate_settings", "dilate_tau", "progressive", "ndcfg_dilate_set
 
 
 def load_preset(path):
-    path = Path(path)
-    if not path.is_file():
-        raise SettingsError(f"ScaleCrafter preset not found: {path} (presets are in configs/scalecrafter/)")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
-    unknown = set(cfg) - PRESET_KEYS
-    if unknown:
-        raise SettingsError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(PRESET_KEYS)}")
-    cfg["_dir"] = path.parent
-    cfg["_path"] = path
+    cfg = load_yaml_preset(path, PRESET_KEYS, "ScaleCrafter", "configs/scalecrafter/", SettingsError)
+    cfg["_dir"] = cfg["_path"].parent
     return cfg
 
 
