@@ -46,6 +46,14 @@ SETTINGS = [
     ("128_scalecrafter", "128x128 ScaleCrafter", 128, "configs/scalecrafter/demo_128x128.yaml"),
     ("128_freescale", "128x128 FreeScale", 128, "configs/freescale/demo_128x128.yaml"),
 ]
+# the comparison methods on the demo model (scripts/eval_repetition.py --settings ...; not in the demo grid):
+# "method:NAME" instead of a preset. MultiDiffusion: 32x32 windows (the base size) at stride 8; DemoFusion: its
+# phases 32 -> 64 (-> 96 -> 128), windows 32 at stride 16.
+COMPARISON_SETTINGS = [
+    ("64_multidiffusion", "64x64 MultiDiffusion", 64, "method:multidiffusion"),
+    ("64_demofusion", "64x64 DemoFusion", 64, "method:demofusion"),
+    ("128_demofusion", "128x128 DemoFusion", 128, "method:demofusion"),
+]
 # the demo's columns: one caption per column (every colour and every shape appears)
 DEMO_CAPTIONS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
                  "a red square", "a green triangle", "a blue circle", "a yellow square"]
@@ -65,8 +73,12 @@ def load_demo_model(config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device="cpu", trus
 
 
 def freescale_runner(model, preset, side):
-    """The FreeScale cascade of a configs/freescale preset at side x side, or None for any other preset."""
-    if preset is None or OmegaConf.load(repo_path(preset)).get("method") != "freescale":
+    """The FreeScale cascade of a configs/freescale preset at side x side (DemoFusion's for "method:demofusion"),
+    or None for any other setting."""
+    if preset == "method:demofusion":
+        from ldm.baselines.demofusion import DemoFusion
+        return DemoFusion(model, side, side, base=model.image_size, f=1)
+    if preset is None or preset.startswith("method:") or OmegaConf.load(repo_path(preset)).get("method") != "freescale":
         return None
     from ldm.freescale.cascade import FreeScale
     from ldm.freescale.presets import load_preset, make_settings
@@ -75,9 +87,13 @@ def freescale_runner(model, preset, side):
 
 
 def make_guidance(model, preset):
-    """ScaleCrafterGuidance for a preset path (None: plain classifier-free guidance)."""
+    """ScaleCrafterGuidance for a preset path (None: plain classifier-free guidance), MultiDiffusion's for
+    "method:multidiffusion"."""
     if preset is None:
         return None
+    if preset == "method:multidiffusion":
+        from ldm.baselines.multidiffusion import MultiDiffusionGuidance
+        return MultiDiffusionGuidance(model.image_size, stride=8, window_batch=16)
     from ldm.scalecrafter.guidance import ScaleCrafterGuidance
     from ldm.scalecrafter.presets import plan_from_preset
     return ScaleCrafterGuidance(plan_from_preset(model.model.diffusion_model, str(repo_path(preset))))
@@ -119,7 +135,7 @@ def sample_images(model, captions, seeds, side, preset=None, steps=STEPS, eta=ET
         out.extend(list(arr))
         if progress:
             progress(len(out), len(seeds))
-    if guidance is not None:
+    if hasattr(guidance, "plan"):
         guidance.plan.release()
     return out
 

@@ -67,6 +67,13 @@ def cpu_name():
 def describe_preset(path):
     if path is None:
         return "direct inference (no re-dilation)"
+    if path == "method:multidiffusion":
+        return ("MultiDiffusion (`ldm/baselines/multidiffusion.py`): 32x32 windows (the training size) at stride 8, "
+                "averaged every step")
+    if path == "method:demofusion":
+        return ("DemoFusion (`ldm/baselines/demofusion.py`): phases at 32, 64, ... px up to the size, each re-noised to "
+                "the first step, skip residual (c1 exponent 3), 32x32 jittered windows at stride 16 + dilated "
+                "global paths (sigma 0.8), fused with c2 = cos")
     cfg = OmegaConf.load(demo.repo_path(path))
     if cfg.get("method") == "freescale":
         stages = " -> ".join(f"{h}x{w}" for h, w in cfg.stages)
@@ -124,7 +131,8 @@ def main(argv=None):
                    help="seeds per setting above 64x64 (each 128x128 sample costs 16 native ones on a CPU)")
     p.add_argument("--seed", type=int, default=1000, help="first seed (sample i uses seed + i)")
     p.add_argument("--settings", nargs="*", default=None,
-                   help="subset of: " + ", ".join(k for k, *_ in demo.SETTINGS) + " (default: all)")
+                   help="subset of: " + ", ".join(k for k, *_ in demo.SETTINGS + demo.COMPARISON_SETTINGS)
+                        + " (default: the demo's settings, " + ", ".join(k for k, *_ in demo.SETTINGS) + ")")
     p.add_argument("--custom", action="append", default=[],
                    help="extra setting 'SIDE LABEL=PRESET.yaml' (or 'SIDE LABEL' for direct), for experiments")
     p.add_argument("--steps", type=int, default=demo.STEPS)
@@ -149,7 +157,8 @@ def main(argv=None):
     torch.set_num_threads(opt.threads)
     device = pick_device(opt.device)
     keys = opt.settings if opt.settings is not None else [k for k, *_ in demo.SETTINGS]
-    settings = [s for s in demo.SETTINGS if s[0] in keys] + [parse_custom(c) for c in opt.custom]
+    settings = [s for s in demo.SETTINGS + demo.COMPARISON_SETTINGS if s[0] in keys] + [parse_custom(c)
+                                                                                        for c in opt.custom]
     model = demo.load_demo_model(opt.config, opt.ckpt, device)
     ckpt_path = demo.repo_path(opt.ckpt)
     meta = torch.load(ckpt_path, map_location="cpu", weights_only=True)
