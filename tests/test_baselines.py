@@ -228,3 +228,12 @@ def test_txt2img_demofusion(tiny_ckpts, tmp_path, model):
     assert params["demofusion"]["stages"] == [[64, 64], [128, 128]] and params["demofusion"]["stride"] == 4
     assert Image.open(tmp_path / "a/samples/00000-stage1.png").size == (64, 64)
     assert (tmp_path / "a/samples/00000.png").read_bytes() == (tmp_path / "b/samples/00000.png").read_bytes()
+
+
+@pytest.mark.parametrize("setting", ["method:multidiffusion", "method:demofusion"])
+def test_demo_model_runs_the_comparison_settings(setting):
+    demo = load_script("demo")
+    model = demo.load_demo_model()
+    imgs = demo.sample_images(model, ["a red circle"], [0], 64, setting, steps=3)
+    assert len(imgs) == 1 and imgs[0].shape == (64, 64, 3)
+    assert {s[3] for s in demo.COMPARISON_SETTINGS} == {"method:multidiffusion", "method:demofusion"}
