@@ -133,6 +133,13 @@ def format_table(results, title, machine, warmup=1):
     return "\n".join(lines) + "\n"
 
 
+def publish(table, args, default_key):
+    """Print a result table and, with ``--write``, put it into the markdown file under ``--key`` (or the default)."""
+    print(table)
+    if args.write:
+        write_section(args.write, args.key or default_key, table)
+
+
 def write_section(path, key, text):
     """Replace the block between `<!-- bench:key -->` markers (append it if absent)."""
     path = Path(path)
@@ -361,9 +368,7 @@ def run_pipeline(args):
         lines += ["| phase | seconds |", "|---|---|"] + [f"| {n} | {r['seconds']:.2f} |" for n, r in phases.items()]
         lines += ["", f"Process max RSS: {res['max_rss_gib']:.2f} GiB."]
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        write_section(args.write, args.key or f"pipeline-{Path(args.config).stem}-{H}x{W}-{args.device}", table)
+    publish(table, args, f"pipeline-{Path(args.config).stem}-{H}x{W}-{args.device}")
     return res
 
 
@@ -464,9 +469,7 @@ def simulate_pipeline(args):
              "| phase | allocated at start (GiB) | peak allocated (GiB) |", "|---|---|---|"]
     lines += [f"| {n} | {r['start_gib']:.2f} | {r['peak_gib']:.2f} |" for n, r in phases.items()]
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        write_section(args.write, args.key or f"simulated-{Path(args.config).stem}-{H}x{W}", table)
+    publish(table, args, f"simulated-{Path(args.config).stem}-{H}x{W}")
     return res
 
 
@@ -494,9 +497,7 @@ def memory_table(args):
         lines.append(f"| {r['W']}×{r['H']} | {r['preset'] or 'direct'} | {r['weights_gib']:.2f} | "
                      f"{r['phases']['sampling']['peak_gib']:.2f} | {r['phases']['decoding']['peak_gib']:.2f} |")
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        write_section(args.write, args.key or f"memory-{Path(args.config).stem}", table)
+    publish(table, args, f"memory-{Path(args.config).stem}")
     return rows
 
 
@@ -593,9 +594,7 @@ def dispersion_layers(args):
                      f"{t['direct, kernel per call'] / base:.2f}× | {t['direct, kernel kept'] / base:.2f}× | "
                      f"{t['basis'] / base:.2f}× | {t['kernel map alone'] / base:.2f}× | {faster} | {r['auto']} |")
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        write_section(args.write, args.key or f"dispersion-layers-{args.device}", table)
+    publish(table, args, f"dispersion-layers-{args.device}")
     return rows
 
 
@@ -659,10 +658,8 @@ def main(argv=None):
         machine += "; load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
     title = f"{FAMILY_TITLES[args.family]} UNet" + (f" ({Path(args.config).name})" if args.config else "")
     table = format_table(results, f"{title}, {args.device}", machine, args.warmup)
-    print(table)
-    if args.write:
-        default_key = f"unet-{args.family + '-' if args.family != 'sd2' else ''}{args.device}-{'-'.join(args.modes)}"
-        write_section(args.write, args.key or default_key, table)
+    family = args.family + "-" if args.family != "sd2" else ""
+    publish(table, args, f"unet-{family}{args.device}-{'-'.join(args.modes)}")
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ def build_parser():
     p.add_argument("--no_ema", action="store_true", help="ignore model_ema.* weights in a training checkpoint")
     p.add_argument("--method", choices=METHODS, default=None,
                    help="direct sampling, ScaleCrafter (--scalecrafter_config or --dilate), FreeScale "
-                        "(--freescale_config or the FreeScale options), attention scaling (Jin et al.) or "
-                        "MultiDiffusion; default: scalecrafter when its flags are given, else direct")
+                        "(--freescale_config or the FreeScale options), attention scaling (Jin et al.), "
+                        "MultiDiffusion or DemoFusion; default: scalecrafter when its flags are given, else direct")
     sc = p.add_argument_group("ScaleCrafter (tuning-free higher resolution)")
     sc.add_argument("--scalecrafter_config", type=str, default=None,
                     help="a preset YAML, e.g. configs/scalecrafter/sd2.1_2048x2048.yaml")
@@ -255,6 +255,7 @@ def run(opt):
     f_cfg, c_cfg = first_stage_factor(config)
     f = opt.f or f_cfg
     C = opt.C or c_cfg
+    base_latent = int(config.model.params.get("image_size", 64))  # latent side at the training size
     method = resolve_method(opt)
     fs_preset = None
     if opt.freescale_config:
@@ -283,9 +284,8 @@ def run(opt):
                          f"{opt.config} is not an SDXL config")
     fs_settings = None
     if method == "freescale":
-        base = int(config.model.params.get("image_size", 64)) * f  # the training size (latent side x f)
         try:
-            fs_settings = freescale_options.settings_from_args(opt, fs_preset, opt.H, opt.W, base)
+            fs_settings = freescale_options.settings_from_args(opt, fs_preset, opt.H, opt.W, base_latent * f)
         except (freescale_options.PresetError, ValueError) as err:
             raise UsageError(f"FreeScale: {err}") from None
         for h, w in fs_settings.stages:
@@ -328,7 +328,6 @@ def run(opt):
         if opt.tile_size is not None:
             tiling["tile_size"] = opt.tile_size
     if method in ("attn_scale", "multidiffusion"):
-        base_latent = int(config.model.params.get("image_size", 64))
         try:
             guidance, method_settings = baselines.build_guidance(method, opt, model, base_latent, (opt.H, opt.W), f)
         except ValueError as err:
@@ -339,9 +338,8 @@ def run(opt):
         freescale = FreeScaleRun(FreeScale(model, fs_settings, f=f, tiling=tiling), opt, device)
     if method == "demofusion":
         from ldm.baselines.demofusion import DemoFusion
-        base = int(config.model.params.get("image_size", 64)) * f
         try:
-            runner = DemoFusion(model, opt.H, opt.W, base, f=f, tiling=tiling, stride=opt.df_stride,
+            runner = DemoFusion(model, opt.H, opt.W, base_latent * f, f=f, tiling=tiling, stride=opt.df_stride,
                                 sigma=opt.df_sigma, cosine_scales=opt.df_cosine_scales, view_batch=opt.df_view_batch)
         except ValueError as err:
             raise UsageError(f"DemoFusion: {err}") from None

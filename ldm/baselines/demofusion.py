@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ldm.baselines.multidiffusion import SDXLWindowConditioning, _repeat
+from ldm.baselines.multidiffusion import SDXLWindowConditioning, window_conditions
 from ldm.freescale.cascade import FreeScale, FreeScaleSettings, cosine_factor
 from ldm.freescale.scale_fusion import gaussian_1d, window_views
 from ldm.models.diffusion.ddim import classifier_free_guidance
@@ -74,15 +74,6 @@ class DemoFusionGuidance:
         self.window_conditioning = window_conditioning
         self.view_batch = max(1, int(view_batch))
 
-    def _cond(self, cond, views, f_views=None):
-        if cond is None:
-            return None
-        if self.window_conditioning is None or not isinstance(cond, dict) or "vector" not in cond or f_views is None:
-            return _repeat(cond, len(views))
-        out = _repeat({k: v for k, v in cond.items() if k != "vector"}, len(views))
-        out["vector"] = torch.cat([self.window_conditioning(cond["vector"], v) for v in f_views])
-        return out
-
     def local(self, model, x, t, cond, uncond, scale):
         b, _, H, W = x.shape
         j = self.jitter
@@ -94,8 +85,9 @@ class DemoFusionGuidance:
         for k in range(0, len(views), self.view_batch):
             chunk = views[k:k + self.view_batch]
             xs = torch.cat([xp[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in chunk])
-            out = classifier_free_guidance(model, xs, t.repeat(len(chunk)), self._cond(cond, chunk, chunk),
-                                           self._cond(uncond, chunk, chunk), scale)
+            out = classifier_free_guidance(model, xs, t.repeat(len(chunk)),
+                                           window_conditions(cond, chunk, self.window_conditioning),
+                                           window_conditions(uncond, chunk, self.window_conditioning), scale)
             for (h0, h1, w0, w1), o in zip(chunk, out.split(b)):
                 value[:, :, h0:h1, w0:w1] += o
                 count[:, :, h0:h1, w0:w1] += 1
@@ -115,8 +107,9 @@ class DemoFusionGuidance:
         for k in range(0, len(lattices), self.view_batch):
             chunk = lattices[k:k + self.view_batch]
             xs = torch.cat([blurred[:, :, a::s, c::s] for a, c in chunk])
-            o = classifier_free_guidance(model, xs, t.repeat(len(chunk)), self._cond(cond, chunk),
-                                         self._cond(uncond, chunk), scale)
+            # the global paths keep the image's own conditioning (crop 0)
+            o = classifier_free_guidance(model, xs, t.repeat(len(chunk)), window_conditions(cond, chunk),
+                                         window_conditions(uncond, chunk), scale)
             for (a, c), oo in zip(chunk, o.split(b)):
                 out[:, :, a::s, c::s] = oo
         return out[:, :, hp:, wp:]

@@ -47,6 +47,18 @@ def _repeat(cond, n):
     return cond.repeat(n, *([1] * (cond.dim() - 1)))
 
 
+def window_conditions(cond, views, window_conditioning=None):
+    """The batch of conditions for ``views`` (each repeating the batch): as given, or, with a
+    ``window_conditioning`` and a dict condition carrying SDXL's "vector", with each view's own vector."""
+    if cond is None:
+        return None
+    if window_conditioning is None or not isinstance(cond, dict) or "vector" not in cond:
+        return _repeat(cond, len(views))
+    out = _repeat({k: v for k, v in cond.items() if k != "vector"}, len(views))
+    out["vector"] = torch.cat([window_conditioning(cond["vector"], v) for v in views])
+    return out
+
+
 class SDXLWindowConditioning:
     """SDXL's vector condition for a window: the text part of the given vector, the size embeddings recomputed
     for (original = whole image, crop = the window's offset, target = the window's size), in pixels.
@@ -104,16 +116,6 @@ class MultiDiffusionGuidance:
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
 
-    def _cond_for(self, cond, chunk):
-        n = len(chunk)
-        if cond is None:
-            return None
-        if self.window_conditioning is None or not isinstance(cond, dict) or "vector" not in cond:
-            return _repeat(cond, n)
-        out = _repeat({k: v for k, v in cond.items() if k != "vector"}, n)
-        out["vector"] = torch.cat([self.window_conditioning(cond["vector"], v) for v in chunk])
-        return out
-
     def __call__(self, model, x, t, cond, uncond, scale, step):
         b, _, height, width = x.shape
         value = torch.zeros_like(x)
@@ -122,8 +124,9 @@ class MultiDiffusionGuidance:
         for k in range(0, len(all_views), self.window_batch):
             chunk = all_views[k:k + self.window_batch]
             xs = torch.cat([x[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in chunk])
-            out = classifier_free_guidance(model, xs, t.repeat(len(chunk)), self._cond_for(cond, chunk),
-                                           self._cond_for(uncond, chunk), scale)
+            out = classifier_free_guidance(model, xs, t.repeat(len(chunk)),
+                                           window_conditions(cond, chunk, self.window_conditioning),
+                                           window_conditions(uncond, chunk, self.window_conditioning), scale)
             for (h0, h1, w0, w1), o in zip(chunk, out.split(b)):
                 value[:, :, h0:h1, w0:w1] += o
                 count[:, :, h0:h1, w0:w1] += 1
