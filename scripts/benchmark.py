@@ -15,6 +15,7 @@ its own subprocess so that the CPU peak (max RSS) belongs to that measurement al
 method modules (see docs/benchmarks.md for what each mode runs).
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -48,6 +49,14 @@ def build_unet(device, dtype, config=None):
     from ldm.util import instantiate_from_config
     cfg = OmegaConf.load(config or CONFIGS["sd2"]).model.params.unet_config
     cfg.params.use_checkpoint = False
+    import torch
+    from ldm.util import no_weight_init
+    if torch.device(device).type == "cuda":  # no initialisation on the CPU (minutes for SDXL): random values on the GPU
+        with no_weight_init():
+            unet = instantiate_from_config(cfg).eval()
+        unet.to(device)
+        random_weights_(unet)
+        return unet.to(dtype=dtype)
     unet = instantiate_from_config(cfg).eval()
     return unet.to(device=device, dtype=dtype)
 
@@ -64,7 +73,9 @@ def measure_once(args):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
+    # half-precision weights run under autocast, as scripts/txt2img.py runs them (GroupNorm32 computes in float32)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         for _ in range(args.warmup):
             step(0)  # warm-up (kernel selection, allocator)
         if device.type == "cuda":
@@ -288,7 +299,8 @@ def run_pipeline(args):
     cuda = device.type == "cuda"
     if cuda and args.cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2 ** 30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2 ** 30 / total),
+                                                torch.cuda.current_device())
     config = OmegaConf.load(args.config)
     preset, H, W = pipeline_size(args)
     t0 = time.perf_counter()
@@ -598,6 +610,178 @@ def dispersion_layers(args):
     return rows
 
 
+METHOD_PRESETS = {  # method -> (flag, folder): the method's preset made for the benchmark's size, where one exists
+    "scalecrafter": ("--scalecrafter_config", "scalecrafter"),
+    "freescale": ("--freescale_config", "freescale"),
+    "fouriscale": ("--fouri_config", "fouriscale"),
+}
+
+
+def add_methods_parser(sub):
+    m = sub.add_parser("methods", help="every txt2img --method at one size: UNet evaluations per image, time and "
+                                       "peak memory relative to direct sampling (one process, one model)")
+    m.add_argument("--config", default=str(CONFIGS["sdxl"]), help="model config (default: SDXL base)")
+    m.add_argument("--ckpt", default=None, help="real weights (e.g. checkpoints/demo/shapes32.ckpt); default: random")
+    m.add_argument("--size", type=int, nargs="+", default=[2048], help="image side, or H W, in pixels")
+    m.add_argument("--steps", type=int, default=50)
+    m.add_argument("--methods", nargs="+", default=None, help="default: all of scripts/txt2img.py --method")
+    m.add_argument("--extra", nargs="*", default=[], metavar="METHOD=FLAGS",
+                   help="more txt2img flags for one method, e.g. sdsr='--sr_ckpt random'")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--prompt", default="a professional photograph of an astronaut riding a horse")
+    m.add_argument("--write", default=None)
+    m.add_argument("--key", default=None)
+
+
+def methods_table(args):
+    """Runs scripts/txt2img.py's own run() once per method in this process. With random weights the loader is
+    replaced by a builder of random-weight models (cached per config, so every method shares one model); a
+    forward pre-hook on each UNet counts evaluations (batch elements) and their latent area."""
+    import shlex
+    import tempfile
+    import torch
+    from omegaconf import OmegaConf
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    txt2img = _load_script("txt2img")
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    H, W = (args.size[0], args.size[0]) if len(args.size) == 1 else args.size[:2]
+    config = OmegaConf.load(args.config)
+    family = txt2img.model_family(config)
+    prefix = {"sdxl": "sdxl", "sd2": "sd2.1", "sd1": "sd1.5"}.get(family, family)
+    counter = {"evals": 0, "area": 0, "sampling_s": 0.0}
+    models = {}
+
+    def count(module, inputs):
+        x = inputs[0]
+        counter["evals"] += x.shape[0]
+        counter["area"] += x.shape[0] * x.shape[-2] * x.shape[-1]
+
+    def random_model(cfg, ckpt, device=None, **kw):  # the txt2img loader, with random weights
+        from ldm.util import instantiate_from_config, no_weight_init
+        key = OmegaConf.to_yaml(cfg)
+        if key not in models:
+            with no_weight_init():
+                model = instantiate_from_config(cfg.model).eval().requires_grad_(False)
+            model.to(device)
+            random_weights_(model)
+            models[key] = model
+        model = models[key]
+        model.model.diffusion_model._benchmark_hook = getattr(
+            model.model.diffusion_model, "_benchmark_hook", None) or model.model.diffusion_model.register_forward_pre_hook(count)
+        return model
+
+    if args.ckpt is None:
+        txt2img.load_model_from_config = random_model
+    else:
+        real_loader = txt2img.load_model_from_config
+
+        def counted_loader(*a, **k):
+            model = real_loader(*a, **k)
+            model.model.diffusion_model.register_forward_pre_hook(count)
+            return model
+        txt2img.load_model_from_config = counted_loader
+    sample = txt2img.DDIMSampler.sample
+
+    def timed_sample(self, *a, **k):  # sampling time alone (cascades call this once per stage)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = sample(self, *a, **k)
+        if cuda:
+            torch.cuda.synchronize()
+        counter["sampling_s"] += time.perf_counter() - t
+        return out
+    txt2img.DDIMSampler.sample = timed_sample
+
+    extra = {}
+    for item in args.extra:
+        name, _, flags = item.partition("=")
+        extra[name] = shlex.split(flags)
+    methods = args.methods or list(txt2img.METHODS)
+    methods = methods if "direct" in methods else ["direct"] + methods  # the reference of every ratio
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def argv_for(method):
+            argv = ["--prompt", args.prompt, "--config", args.config, "--ckpt", args.ckpt or "random",
+                    "--H", str(H), "--W", str(W), "--steps", str(args.steps), "--method", method,
+                    "--n_samples", "1", "--n_iter", "1", "--seed", "42", "--skip_grid", "--device", args.device,
+                    "--outdir", str(Path(tmp) / method)]
+            if method in METHOD_PRESETS:
+                flag, folder = METHOD_PRESETS[method]
+                name = "demo" if "configs/demo/" in Path(args.config).resolve().as_posix() else prefix
+                preset = REPO_ROOT / "configs" / folder / f"{name}_{W}x{H}.yaml"
+                if preset.is_file():
+                    argv += [flag, str(preset)]
+            return argv + extra.get(method, [])
+
+        def one(method):
+            opt = txt2img.build_parser().parse_args(argv_for(method))
+            counter.update(evals=0, area=0, sampling_s=0.0)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            txt2img.run(opt)
+            if cuda:
+                torch.cuda.synchronize()
+            rec = {"method": method, "seconds": time.perf_counter() - t, "sampling_s": counter["sampling_s"],
+                   "unet_evals": counter["evals"], "unet_area": counter["area"],
+                   "preset": next((a for a in argv_for(method) if a.endswith(".yaml") and "configs/" in a
+                                   and a != args.config), None)}
+            if cuda:
+                rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            return rec
+
+        print(f"warm-up (direct, model build) ...", flush=True)
+        try:
+            one("direct")  # model build, kernel selection: not timed
+        except Exception as err:  # noqa: BLE001
+            raise SystemExit(f"direct sampling failed: {err}")
+        for method in methods:
+            try:
+                rec = one(method)
+            except Exception as err:  # noqa: BLE001 - one method's failure is a row, not the end of the table
+                rec = {"method": method, "error": f"{type(err).__name__}: {err}"[:300]}
+            print("RESULT " + json.dumps(rec), flush=True)
+            rows.append(rec)
+    direct = next((r for r in rows if r["method"] == "direct" and "error" not in r), None)
+    machine = machine_description(args.device)
+    lines = [f"### Methods at {W}x{H}: {Path(args.config).name}, {args.device}", "",
+             f"Machine: {machine}. {'Weights ' + args.ckpt if args.ckpt else 'Random weights'}; {args.steps} DDIM "
+             f"steps, batch 1, scripts/txt2img.py defaults otherwise (precision "
+             f"{'half' if cuda else 'float32'}); the preset made for this size where the method has one. "
+             "UNet evaluations: batch elements through the UNet per image (a guided step of direct sampling is 2); "
+             "latent area: their summed latent pixels relative to direct. Total time includes text encoding, "
+             "decoding and writing the PNG.", "",
+             "| method | preset | UNet evals / image | latent area vs direct | sampling s | vs direct | total s "
+             "| vs direct |" + (" peak GiB |" if cuda else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | – | failed: {r['error']} |" + " |" * (6 if cuda else 5))
+            continue
+        rel = (lambda a, b: f"{a / b:.2f}×") if direct else (lambda a, b: "–")
+        lines.append(
+            f"| {r['method']} | {Path(r['preset']).name if r['preset'] else '–'} | {r['unet_evals']} | "
+            f"{rel(r['unet_area'], direct['unet_area']) if direct else '–'} | {r['sampling_s']:.2f} | "
+            f"{rel(r['sampling_s'], direct['sampling_s']) if direct else '–'} | {r['seconds']:.2f} | "
+            f"{rel(r['seconds'], direct['seconds']) if direct else '–'} |" + (f" {r['peak_gib']:.2f} |" if cuda else ""))
+    table = "\n".join(lines) + "\n"
+    publish(table, args, f"methods-{Path(args.config).stem}-{H}x{W}-{args.device}")
+    return rows
+
+
+def _load_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -618,6 +802,7 @@ def main(argv=None):
     u.add_argument("--key", type=str, default=None, help="section key in the markdown file")
     add_pipeline_parser(sub)
     add_dispersion_layers_parser(sub)
+    add_methods_parser(sub)
     m = sub.add_parser("memory", help="estimated peak CUDA memory of whole sampling runs, no GPU needed "
                                       "(pipeline --simulate for several cases, one table)")
     m.add_argument("--config", default=str(CONFIGS["sdxl"]), help="model config (default: SDXL base)")
@@ -635,6 +820,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cmd == "dispersion-layers":
         return dispersion_layers(args)
+    if args.cmd == "methods":
+        return methods_table(args)
     if args.cmd == "memory":
         return memory_table(args)
     if args.cmd == "pipeline":
