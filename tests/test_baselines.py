@@ -214,6 +214,31 @@ def test_demofusion_guidance_fuses_local_and_global_paths():
     torch.testing.assert_close(got, local * (1 - cf) + glob * cf, rtol=1e-5, atol=1e-5)
 
 
+def test_demofusion_guidance_with_one_window_and_no_global_path_is_plain_guidance():
+    """c2 = 0 (scale 1: no global path) and one window covering the latent (stride = window: no jitter)."""
+    from ldm.baselines.demofusion import DemoFusionGuidance
+    from ldm.models.diffusion.ddim import classifier_free_guidance
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([300, 300])
+    cond, uncond = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    got = DemoFusionGuidance(1, window=16, stride=16)(_WindowMean(), x, t, cond, uncond, 6.0, 0)
+    assert torch.equal(got, classifier_free_guidance(_WindowMean(), x, t, cond, uncond, 6.0))
+
+
+@pytest.mark.parametrize("model", ["sd2", "sdxl"])
+def test_demofusion_with_one_phase_is_direct_sampling(tiny_ckpts, tmp_path, model):
+    """At the base size DemoFusion has one phase (plain sampling, no skip residual): the same PNG as direct."""
+    config, ckpt = tiny_ckpts[model]
+    txt2img = load_script("txt2img")
+    side = int(OmegaConf.load(config).model.params.image_size) * 8
+    args = ["--config", config, "--ckpt", ckpt, "--prompt", "a house", "--steps", "3", "--H", side, "--W", side,
+            "--seed", "5", "--skip_grid"]
+    for method in ("direct", "demofusion"):
+        assert txt2img.main([str(a) for a in args + ["--method", method, "--outdir", tmp_path / method]]) == 0
+    a, b = Image.open(tmp_path / "direct/samples/00000.png"), Image.open(tmp_path / "demofusion/samples/00000.png")
+    assert json.loads(b.text["parameters"])["demofusion"]["stages"] == [[side, side]]
+    assert a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize("model", ["sd2", "sdxl"])
 def test_txt2img_demofusion(tiny_ckpts, tmp_path, model):
     config, ckpt = tiny_ckpts[model]
