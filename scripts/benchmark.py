@@ -341,6 +341,7 @@ def run_pipeline(args):
             rec["peak_reserved_gib"] = max([torch.cuda.max_memory_reserved(device) / 2 ** 30]
                                            + [r["peak_reserved_gib"] for r in inner])
         phases[name] = rec
+        print(f"  {name}: {rec}", flush=True)  # a run killed at its time limit still shows how far it got
         return out
 
     def mark(name):  # a FreeScale stage: peak and time since the previous mark
@@ -352,6 +353,7 @@ def run_pipeline(args):
             rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
             torch.cuda.reset_peak_memory_stats(device)
         phases[name] = rec
+        print(f"  {name}: {rec}", flush=True)
         last["t"] = time.perf_counter()
 
     with torch.no_grad(), autocast, freeu_scope:
