@@ -677,6 +677,11 @@ def methods_table(args):
 
     if args.ckpt is None:
         txt2img.load_model_from_config = random_model
+        upscaling = getattr(txt2img, "upscaling", None)  # --method sdsr loads the x4 upscaler through this
+        if upscaling is not None and hasattr(upscaling, "load_upscaler"):
+            upscaling.load_upscaler = lambda cfg, ckpt, device=None, **kw: random_model(OmegaConf.load(cfg), ckpt, device)
+            import ldm.checkpoint
+            ldm.checkpoint.check_checkpoint_file = lambda *a, **k: None  # no file: random weights
     else:
         real_loader = txt2img.load_model_from_config
 
@@ -698,7 +703,8 @@ def methods_table(args):
         return out
     txt2img.DDIMSampler.sample = timed_sample
 
-    extra = {}
+    extra = {"sdsr": ["--sr_config", str(REPO_ROOT / "configs/stable-diffusion/x4-upscaling.yaml"),
+                      "--sr_ckpt", args.ckpt or "random"]}
     for item in args.extra:
         name, _, flags = item.partition("=")
         extra[name] = shlex.split(flags)
