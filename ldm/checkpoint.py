@@ -23,6 +23,8 @@ KNOWN_CHECKPOINTS = {
     "v1-5-pruned-emaonly.ckpt": "Stable Diffusion 1.5, the v1-5 release (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 on Hugging Face)",
     "v1-5-pruned-emaonly.safetensors": "Stable Diffusion 1.5, the v1-5 release (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 on Hugging Face)",
     "sd_xl_base_1.0.safetensors": "SDXL base 1.0, stabilityai/stable-diffusion-xl-base-1.0 on Hugging Face",
+    "x4-upscaler-ema.ckpt": "the SD 2.x x4 upscaler, stabilityai/stable-diffusion-x4-upscaler on Hugging Face",
+    "x4-upscaler-ema.safetensors": "the SD 2.x x4 upscaler, stabilityai/stable-diffusion-x4-upscaler on Hugging Face",
 }
 
 FAMILY_CONFIGS = {
@@ -30,6 +32,8 @@ FAMILY_CONFIGS = {
     "sd2": ("SD 2.x", "configs/stable-diffusion/v2-inference.yaml (512 base) or "
                       "configs/stable-diffusion/v2-inference-v.yaml (768-v)"),
     "sdxl": ("SDXL base", "configs/stable-diffusion/sdxl-base-inference.yaml"),
+    "sd2-x4": ("SD 2.x x4 upscaler", "configs/stable-diffusion/x4-upscaling.yaml (with scripts/upscale.py, or as "
+                                     "--sr_config of scripts/txt2img.py --method sdsr)"),
 }
 
 # buffers derived from the config; files that omit them still load (they are recomputed)
@@ -40,6 +44,11 @@ OPTIONAL_KEYS = {
     "cond_stage_model.transformer.text_model.embeddings.position_ids", "denoiser.sigmas",
     # SDXL: the same HF CLIP buffer under the conditioner (absent from files written with transformers >= 4.31)
     "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+    # the x4 upscaler's noise-augmentation schedule (ldm.modules.diffusionmodules.upscaling)
+    "low_scale_model.betas", "low_scale_model.alphas_cumprod", "low_scale_model.alphas_cumprod_prev",
+    "low_scale_model.sqrt_alphas_cumprod", "low_scale_model.sqrt_one_minus_alphas_cumprod",
+    "low_scale_model.log_one_minus_alphas_cumprod", "low_scale_model.sqrt_recip_alphas_cumprod",
+    "low_scale_model.sqrt_recipm1_alphas_cumprod",
 }
 
 
@@ -170,10 +179,16 @@ def load_state_dict_file(path, allow_unsafe=False, return_meta=False):
 
 
 def identify_family(keys):
-    """Guess the model family from state-dict keys: 'sd1', 'sd2', 'sdxl', or None."""
+    """Guess the model family from state-dict keys: 'sd1', 'sd2', 'sd2-x4' (the x4 upscaler), 'sdxl', or None."""
     keys = set(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys):
         return "sdxl"
+    # the upscaler: its noise-augmentation buffers, or (files without them) the noise-level class embedding
+    # of an SD 2.x UNet (an nn.Embedding: SDXL's label_emb is label_emb.0.0.weight)
+    if any(k.startswith("low_scale_model.") for k in keys) or (
+            "model.diffusion_model.label_emb.weight" in keys
+            and any(k.startswith("cond_stage_model.model.transformer.") for k in keys)):
+        return "sd2-x4"
     if any(k.startswith("cond_stage_model.model.transformer.") for k in keys):
         return "sd2"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):

@@ -3,6 +3,7 @@
 
     python scripts/make_random_checkpoint.py --config configs/stable-diffusion/v2-inference.yaml \
         --out checkpoints/random-sd21.ckpt
+    python scripts/make_random_checkpoint.py --config configs/tiny/tiny-x4-upscaler.yaml --out x4-tiny.ckpt
 """
 import argparse
 import sys

@@ -235,3 +235,49 @@ class LatentDiffusion(nn.Module):
     def ema_scope(self, context=None):
         # EMA weights are swapped in at load time; kept for scripts written against the original API
         yield
+
+
+class LatentUpscaleDiffusion(LatentDiffusion):
+    """The x4 upscaler of Stable Diffusion 2.x (``configs/stable-diffusion/x4-upscaling.yaml``).
+
+    A ``LatentDiffusion`` with ``conditioning_key: hybrid-adm`` and a frozen ``low_scale_model``
+    (``ldm.modules.diffusionmodules.upscaling``) that noises the low-resolution image; the condition is
+    ``{"c_concat": [noised image], "c_crossattn": [text], "c_adm": noise level}``: the UNet input is the latent
+    followed by the noised image (channels 4 + 3) and the level is its class label. The low-scale model's
+    schedule buffers follow the rest of the state dict (``low_scale_model.betas``, ...), as in the original.
+    """
+
+    def __init__(self, *args, low_scale_config, low_scale_key="LR", noise_level_key=None, **kwargs):
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(*args, **kwargs)
+        if self.cond_stage_trainable:
+            raise ValueError("LatentUpscaleDiffusion needs cond_stage_trainable: false")
+        self.low_scale_model = instantiate_from_config(low_scale_config).eval()
+        self.low_scale_model.train = partial(disabled_train, self.low_scale_model)
+        for p in self.low_scale_model.parameters():
+            p.requires_grad = False
+        self.low_scale_key = low_scale_key
+        self.noise_level_key = noise_level_key
+        if ckpt_path is not None:
+            from ldm.checkpoint import load_checkpoint_into
+            load_checkpoint_into(self, ckpt_path, ignore_keys=ignore_keys)
+
+    @property
+    def upscale_factor(self):
+        """Output pixels per latent (= low-resolution) pixel: the first stage's downsampling factor (4)."""
+        return 2 ** (self.first_stage_model.decoder.num_resolutions - 1)
+
+    @property
+    def unet_multiple(self):
+        """What the latent sides must be a multiple of for the UNet's downsamplings (8)."""
+        return 2 ** (len(self.model.diffusion_model.channel_mult) - 1)
+
+    def low_scale_conditioning(self, x_low, noise_level=None, noise=None, generator=None):
+        """(noised low-resolution image, noise level) for ``x_low`` (B, 3, h, w) in [-1, 1]."""
+        return self.low_scale_model(x_low, noise_level, noise=noise, generator=generator)
+
+    def upscale_conditioning(self, c, x_low, noise_level=None, noise=None, generator=None):
+        """The sampler's condition for text embeddings ``c`` and low-resolution images ``x_low``."""
+        x_aug, level = self.low_scale_conditioning(x_low, noise_level, noise=noise, generator=generator)
+        return {"c_concat": [x_aug], "c_crossattn": [c], "c_adm": level}
