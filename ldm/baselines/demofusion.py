@@ -12,7 +12,9 @@ step with one noise tensor, and denoises with
 * global paths: the k×k dilated sub-lattices z[a::k, b::k] of a Gaussian-blurred copy of the latent (kernel 2k − 1,
   σ = sigma·c₃, c₃ = 0.99·cos_factor^cosine_scale_3 + 0.01, re-standardised to the latent's mean and std) as the
   UNet's input, their predictions applied to the unblurred latent;
-* fused as (1 − c₂)·local + c₂·global, c₂ = cos_factor^cosine_scale_2 (1).
+* fused as (1 − c₂)·local + c₂·global, c₂ = cos_factor^cosine_scale_2 (1);
+
+and at the end of the phase re-standardises the latent to phase 1's mean and std (the reference's anchor).
 
 The step is affine in the model output for a fixed latent, so fusing the per-path denoised latents (as the
 reference does) is fusing the model outputs, which is what ``DemoFusionGuidance`` returns to the DDIM sampler.
@@ -21,8 +23,14 @@ Differences from the reference (``pipeline_demofusion_sdxl.py``): DDIM instead o
 last phase is the requested size (the reference's K = int(max(H, W) / 1024) truncates, so 2560 comes out 2048):
 when max(H, W) is not a multiple of the base, one more phase at exactly H×W is added; the jitter is drawn from the
 run's seed; the final latent is decoded with this repository's tiled VAE (synchronized GroupNorm) instead of its
-unsynchronised tiles. Kept as released: σ = 0.8 (the README's and demos' value; the signature default is 1.0),
-window crops conditioned at their padded coordinates, original = target size = the final image for every path.
+unsynchronised tiles; phase sides are rounded to multiples of 8 (the reference floors: 80 instead of 88 px for the
+first phase of 256x288 at base 96); a latent side shorter than the window (e.g. the short side of the second phase
+of 1024x4096) gets one window spanning it, not jittered (the reference keeps a base-size window that overruns into
+the zero padding and jitters it, so the UNet sees padding rows). Kept as released: σ = 0.8 (the README's and demos'
+value; the signature default is 1.0), window crops conditioned at their padded coordinates, original = target
+size = the final image for every path.
+The re-standardisations (of the blurred latent, and of each phase's result to phase 1's statistics) use each
+image's own mean and std (the reference pools them over the batch: identical for one image per prompt, its default).
 """
 import math
 
@@ -99,9 +107,12 @@ class DemoFusionGuidance:
         hp, wp = (s - H % s) % s, (s - W % s) % s
         xg = F.pad(x, (wp, 0, hp, 0)) if (hp or wp) else x
         c3 = 0.99 * cf ** self.cs3 + 1e-2
-        std, mean = xg.std(), xg.mean()
+        # statistics per image (the reference pools them over its batch: the same for one image, but an image
+        # must not depend on its batch neighbours)
+        dims = (1, 2, 3)
+        std, mean = xg.std(dim=dims, keepdim=True), xg.mean(dim=dims, keepdim=True)
         blurred = gaussian_blur_2d(xg, 2 * s - 1, self.sigma * c3)
-        blurred = (blurred - blurred.mean()) / blurred.std() * std + mean
+        blurred = (blurred - blurred.mean(dim=dims, keepdim=True)) / blurred.std(dim=dims, keepdim=True) * std + mean
         out = torch.zeros_like(xg)
         lattices = [(a, c) for a in range(s) for c in range(s)]
         for k in range(0, len(lattices), self.view_batch):
@@ -137,6 +148,26 @@ class DemoFusion(FreeScale):
         self.view_batch = view_batch
         self.window_conditioning = (SDXLWindowConditioning(model, (height, width), f, target="image")
                                     if hasattr(model, "conditioner") else None)
+
+    def sample(self, *args, **kwargs):
+        """FreeScale's cascade, with every upscaling phase's latent re-standardised to the mean and std of phase 1's
+        (the reference's ``anchor_mean``/``anchor_std``; per image) before it is upscaled again or returned; done in
+        place from the stage callback, so stage_latents and the result carry it."""
+        user_callback, anchor, dims = self.stage_callback, [], (1, 2, 3)
+
+        def restandardise(index, size, latent):
+            if index == 0:
+                anchor[:] = [latent.mean(dim=dims, keepdim=True), latent.std(dim=dims, keepdim=True)]
+            else:
+                mean, std = latent.mean(dim=dims, keepdim=True), latent.std(dim=dims, keepdim=True)
+                latent.copy_((latent - mean) / std * anchor[1] + anchor[0])
+            if user_callback:
+                user_callback(index, size, latent)
+        self.stage_callback = restandardise
+        try:
+            return super().sample(*args, **kwargs)
+        finally:
+            self.stage_callback = user_callback
 
     def describe(self):
         return {"stages": [list(s) for s in self.settings.stages], "window": self.window, "stride": self.stride,

@@ -8,7 +8,9 @@ output, so averaging outputs is averaging the per-window denoised latents, which
 Differences from the reference implementation (omerbt/MultiDiffusion, diffusers' panorama pipeline):
 * a last window is aligned with the right/bottom edge when (side − window) is not a multiple of the stride;
   the reference leaves that rim uncovered, where ``where(count > 0, value / count, value)`` sets it to zero
-  (no effect at the papers' sizes, which are multiples of 64 px);
+  (no effect at the papers' sizes, which are multiples of 64 px); a latent side shorter than the window gets one
+  window spanning it (the reference's get_views then returns no views, or, with both sides shorter, windows at
+  negative offsets);
 * for η > 0 one noise draw per step is shared by all windows (the reference draws per window and averages,
   which lowers the noise variance); for η = 0, as in the reference, the two are the same;
 * SDXL: each window is conditioned on its own crop: original size = the whole image, crop = the window's
