@@ -53,6 +53,9 @@ COMPARISON_SETTINGS = [
     ("64_multidiffusion", "64x64 MultiDiffusion", 64, "method:multidiffusion"),
     ("64_demofusion", "64x64 DemoFusion", 64, "method:demofusion"),
     ("128_demofusion", "128x128 DemoFusion", 128, "method:demofusion"),
+    ("64_hidiffusion", "64x64 HiDiffusion", 64, "method:hidiffusion"),
+    ("128_hidiffusion", "128x128 HiDiffusion", 128, "method:hidiffusion"),
+    ("128_multidiffusion", "128x128 MultiDiffusion", 128, "method:multidiffusion"),
 ]
 # the demo's columns: one caption per column (every colour and every shape appears)
 DEMO_CAPTIONS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
@@ -86,14 +89,25 @@ def freescale_runner(model, preset, side):
     return FreeScale(model, make_settings(side, side, int(cfg["base"]), cfg), f=1)
 
 
-def make_guidance(model, preset):
+def make_guidance(model, preset, steps=STEPS, side=None):
     """ScaleCrafterGuidance for a preset path (None: plain classifier-free guidance), MultiDiffusion's for
-    "method:multidiffusion"."""
+    "method:multidiffusion", HiDiffusion's for "method:hidiffusion" (the demo UNet has one ResBlock per level and
+    no self-attention: its RAD conv only, see ldm/baselines/hidiffusion.py), attention scaling's for
+    "method:attn_scale" (no self-attention either: the same images as direct sampling)."""
     if preset is None:
         return None
     if preset == "method:multidiffusion":
         from ldm.baselines.multidiffusion import MultiDiffusionGuidance
         return MultiDiffusionGuidance(model.image_size, stride=8, window_batch=16)
+    if preset == "method:hidiffusion":
+        import warnings
+        from ldm.baselines.hidiffusion import HiDiffusionGuidance
+        with warnings.catch_warnings():  # "no self-attention at the window level": known for this model
+            warnings.simplefilter("ignore")
+            return HiDiffusionGuidance(model.model.diffusion_model, steps, model.image_size, seed=0)
+    if preset == "method:attn_scale":
+        from ldm.baselines.attention_scaling import AttentionScalingGuidance
+        return AttentionScalingGuidance(model.model.diffusion_model, (side / model.image_size) ** 2, "published")
     from ldm.scalecrafter.guidance import ScaleCrafterGuidance
     from ldm.scalecrafter.presets import plan_from_preset
     return ScaleCrafterGuidance(plan_from_preset(model.model.diffusion_model, str(repo_path(preset))))
@@ -111,7 +125,7 @@ def sample_images(model, captions, seeds, side, preset=None, steps=STEPS, eta=ET
     """uint8 HxWx3 arrays, one per (caption, seed); ``progress(done, total)`` is called after each batch."""
     device = model.betas.device
     cascade = freescale_runner(model, preset, side)
-    guidance = make_guidance(model, preset) if cascade is None else None
+    guidance = make_guidance(model, preset, steps, side) if cascade is None else None
     first_side = cascade.settings.stages[0][0] if cascade else side  # FreeScale starts at the base size
     sampler = DDIMSampler(model)
     out = []

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -255,10 +256,21 @@ def test_txt2img_demofusion(tiny_ckpts, tmp_path, model):
     assert (tmp_path / "a/samples/00000.png").read_bytes() == (tmp_path / "b/samples/00000.png").read_bytes()
 
 
-@pytest.mark.parametrize("setting", ["method:multidiffusion", "method:demofusion"])
+@pytest.mark.parametrize("setting", ["method:multidiffusion", "method:demofusion", "method:hidiffusion"])
 def test_demo_model_runs_the_comparison_settings(setting):
     demo = load_script("demo")
     model = demo.load_demo_model()
     imgs = demo.sample_images(model, ["a red circle"], [0], 64, setting, steps=3)
     assert len(imgs) == 1 and imgs[0].shape == (64, 64, 3)
-    assert {s[3] for s in demo.COMPARISON_SETTINGS} == {"method:multidiffusion", "method:demofusion"}
+    assert {s[3] for s in demo.COMPARISON_SETTINGS} >= {"method:multidiffusion", "method:demofusion",
+                                                        "method:hidiffusion"}
+
+
+def test_attention_scaling_on_the_demo_model_is_direct_sampling():
+    """The demo UNet has no self-attention (cross-attention only), so attention scaling changes nothing: its
+    demo row is direct sampling's."""
+    demo = load_script("demo")
+    model = demo.load_demo_model()
+    direct = demo.sample_images(model, ["a red circle"], [4], 64, None, steps=3)
+    scaled = demo.sample_images(model, ["a red circle"], [4], 64, "method:attn_scale", steps=3)
+    assert np.array_equal(direct[0], scaled[0])

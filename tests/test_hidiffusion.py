@@ -362,9 +362,35 @@ def test_bad_settings():
         HD.HiDiffusionGuidance(unet, 10, 8, t1_ratio=1.5)
     with pytest.raises(ValueError, match="aggressive"):
         HD.HiDiffusionGuidance(unet, 10, 8, aggressive=True)
-    demo = instantiate_from_config(OmegaConf.load(REPO / "configs/demo/shapes32.yaml").model.params.unet_config)
-    with pytest.raises(ValueError):  # one ResBlock per level: no pool pair
-        HD.hidiffusion_modules(demo)
+
+
+def test_reduced_mapping_on_the_demo_unet():
+    """One ResBlock per level and no self-attention (the demo model): the RAD conv on level 0's downsampler with
+    SD's schedule, no pool pair, no windows (with a warning); the RAD step equals the UNet with that conv run
+    at stride 4 / dilation 2 / padding 2 by hand."""
+    torch.manual_seed(0)
+    demo = instantiate_from_config(OmegaConf.load(REPO / "configs/demo/shapes32.yaml").model.params.unet_config).eval()
+    m = HD.hidiffusion_modules(demo)
+    assert m.names["rad_conv"] == "input_blocks.2.0.op" and m.pool_block is None and m.window_transformers == []
+    with pytest.warns(Warning, match="no self-attention"):
+        g = HD.HiDiffusionGuidance(demo, 10, 32)
+    # a 64² latent is 2x the demo's 32²: the "sd15_1024" preset, RAD conv for steps [0, int(0.4 * 10))
+    assert g.processors(0, (64, 64)) == [(demo.input_blocks[2][0].op, HD.rad_conv)]
+    assert g.processors(3, (64, 64)) != [] and g.processors(4, (64, 64)) == []
+    conv = demo.input_blocks[2][0].op
+    x = torch.randn(1, 3, 64, 64)
+    t = torch.tensor([500])
+    ctx = torch.randn(1, 4, 64)
+    with torch.no_grad():
+        with installed([(conv, HD.rad_conv)]):
+            got = demo(x, t, context=ctx)
+        conv.forward = lambda inp: torch.nn.functional.conv2d(inp, conv.weight, conv.bias, stride=4, padding=2,
+                                                              dilation=2)
+        try:
+            want = demo(x, t, context=ctx)
+        finally:
+            del conv.forward
+    torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,8 +109,7 @@ def hidiffusion_modules(unet):
         raise ValueError(f"HiDiffusion's module mapping is defined for the SD 1.x/2.x UNet (4 levels) and SDXL's "
                          f"(3 levels); this UNet has {lay['levels']}")
     if min(unet.num_res_blocks[:2]) < 2:
-        raise ValueError("HiDiffusion's pool pair needs 2 ResBlocks on levels 0 and 1 (the up block after the "
-                         "second one must not hold the upsampler)")
+        return _reduced_modules(unet, lay, Downsample)
     di = lay["down_sample"][rad_level]
     down = unet.input_blocks[di][0]
     if not (isinstance(down, Downsample) and isinstance(down.op, nn.Conv2d) and down.op.kernel_size == (3, 3)
@@ -132,6 +131,31 @@ def hidiffusion_modules(unet):
              "unpool_block": f"output_blocks.{ui}", "window_transformers": window_names,
              "release_names": diff}
     return HiDiffusionModules(arch, down.op, unet.input_blocks[pi], unet.output_blocks[ui], windows, names)
+
+
+def _reduced_modules(unet, lay, Downsample):
+    """Other layouts (e.g. the demo model: one ResBlock per level, no self-attention): the RAD conv on level 0's
+    downsampler with SD's schedule, no pool pair (it needs two ResBlocks on levels 0 and 1, the mirror up block
+    must not hold an upsampler), windowed attention where level 0 has self-attention."""
+    from ldm.modules.attention import SpatialTransformer
+    di = lay["down_sample"][0]
+    down = unet.input_blocks[di][0]
+    if not (isinstance(down, Downsample) and isinstance(down.op, nn.Conv2d) and down.op.kernel_size == (3, 3)
+            and down.op.stride == (2, 2)):
+        raise ValueError(f"input_blocks.{di} is not a 3x3 stride-2 conv downsampler: HiDiffusion's RAD conv does "
+                         "not apply to this UNet")
+    windows, window_names = [], []
+    for prefix, idx in (("input_blocks", lay["down_res"][0]), ("output_blocks", lay["up"][0])):
+        blocks = unet.input_blocks if prefix == "input_blocks" else unet.output_blocks
+        for i in idx:
+            for j, m in enumerate(blocks[i]):
+                if isinstance(m, SpatialTransformer) and any(not b.disable_self_attn for b in m.transformer_blocks):
+                    windows.append(m)
+                    window_names.append(f"{prefix}.{i}.{j}")
+    names = {"rad_conv": f"input_blocks.{di}.0.op", "pool_block": None, "unpool_block": None,
+             "window_transformers": window_names,
+             "release_names": {"note": "reduced mapping (not an SD 1.x/2.x or SDXL layout): RAD conv only"}}
+    return HiDiffusionModules("sd", down.op, None, None, windows, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +319,9 @@ class HiDiffusionGuidance:
         if aggressive and self.modules.arch != "sdxl":
             raise ValueError("the aggressive RAU-Net schedule is SDXL's (the release uses it for SDXL only)")
         if apply_window_attn and not self.modules.window_transformers:
-            raise ValueError("this UNet has no self-attention at HiDiffusion's window level; turn the windowed "
-                             "attention off (--no-hidiff_window_attn)")
+            warnings.warn("this UNet has no self-attention at HiDiffusion's window level: the windowed attention "
+                          "has nothing to act on (--no-hidiff_window_attn says so)", InputWarning)
+            apply_window_attn = False
         self.steps, self.base_latent = int(steps), int(base_latent)
         self.apply_raunet, self.apply_window_attn = bool(apply_raunet), bool(apply_window_attn)
         self.t1_ratio, self.t2_ratio, self.aggressive = t1_ratio, t2_ratio, aggressive
@@ -331,7 +356,7 @@ class HiDiffusionGuidance:
             m = self.modules
             if schedule["rad"][0] <= step < schedule["rad"][1]:
                 out.append((m.rad_conv, rad_conv))
-            if schedule["pool"][0] <= step < schedule["pool"][1]:
+            if m.pool_block is not None and schedule["pool"][0] <= step < schedule["pool"][1]:
                 out += [(m.pool_block, self._pair.pool), (m.unpool_block, self._pair.unpool)]
         return out
 
