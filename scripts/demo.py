@@ -56,6 +56,8 @@ COMPARISON_SETTINGS = [
     ("64_hidiffusion", "64x64 HiDiffusion", 64, "method:hidiffusion"),
     ("128_hidiffusion", "128x128 HiDiffusion", 128, "method:hidiffusion"),
     ("128_multidiffusion", "128x128 MultiDiffusion", 128, "method:multidiffusion"),
+    ("64_fouriscale", "64x64 FouriScale", 64, "method:fouriscale"),
+    ("128_fouriscale", "128x128 FouriScale", 128, "method:fouriscale"),
 ]
 # the demo's columns: one caption per column (every colour and every shape appears)
 DEMO_CAPTIONS = ["a red circle", "a green square", "a blue triangle", "a yellow circle",
@@ -105,6 +107,17 @@ def make_guidance(model, preset, steps=STEPS, side=None):
         with warnings.catch_warnings():  # "no self-attention at the window level": known for this model
             warnings.simplefilter("ignore")
             return HiDiffusionGuidance(model.model.diffusion_model, steps, model.image_size, seed=0)
+    if preset == "method:fouriscale":
+        import argparse
+        from ldm.baselines import fouriscale
+        parser = argparse.ArgumentParser()
+        fouriscale.add_args(parser)
+        opt = parser.parse_args([])
+        opt.steps = steps
+        path = repo_path(f"configs/fouriscale/demo_{side}x{side}.yaml")
+        opt.fouri_config = str(path) if path.is_file() else None  # else the release's rule for the steps
+        settings = fouriscale.settings_from_args(opt, model, model.image_size, (side, side), 1)
+        return fouriscale.FouriScaleGuidance(model.model.diffusion_model, settings)
     if preset == "method:attn_scale":
         from ldm.baselines.attention_scaling import AttentionScalingGuidance
         return AttentionScalingGuidance(model.model.diffusion_model, (side / model.image_size) ** 2, "published")

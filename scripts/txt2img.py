@@ -35,6 +35,7 @@ from ldm.inference import (InputWarning, UsageError, check_output_dir, check_siz
 from ldm import baselines  # noqa: E402
 from ldm.freescale import presets as freescale_options  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.modules.diffusionmodules import upscaling  # noqa: E402
 from ldm.util import check_config_targets  # noqa: E402
 from ldm import sweep as sweep_mode  # noqa: E402
 
@@ -94,7 +95,9 @@ def build_parser():
     p.add_argument("--method", choices=METHODS, default=None,
                    help="direct sampling, ScaleCrafter (--scalecrafter_config or --dilate), FreeScale "
                         "(--freescale_config or the FreeScale options), attention scaling (Jin et al.), "
-                        "MultiDiffusion or DemoFusion; default: scalecrafter when its flags are given, else direct")
+                        "MultiDiffusion, DemoFusion, HiDiffusion, FouriScale (--fouri_*) or SD+SR (sdsr: the base "
+                        "model, then the x4 upscaler, --sr_*); default: scalecrafter when its flags are given, else "
+                        "direct")
     sc = p.add_argument_group("ScaleCrafter (tuning-free higher resolution)")
     sc.add_argument("--scalecrafter_config", type=str, default=None,
                     help="a preset YAML, e.g. configs/scalecrafter/sd2.1_2048x2048.yaml")
@@ -125,11 +128,13 @@ def build_parser():
                     help="the target size SDXL conditions on (default: --H --W)")
     freescale_options.add_args(p)
     baselines.add_args(p)
+    upscaling.add_sdsr_args(p)
     sweep_mode.add_sweep_args(p)
     return p
 
 
-METHODS = ("direct", "scalecrafter", "freescale", "attn_scale", "multidiffusion", "demofusion")
+METHODS = ("direct", "scalecrafter", "freescale", "attn_scale", "multidiffusion", "demofusion", "hidiffusion",
+           "fouriscale", "sdsr")
 
 
 def resolve_method(opt):
@@ -238,8 +243,8 @@ def check_options(opt):
                          "for more noise than the step removes and the images come out black")
 
 
-def run(opt):
-    check_options(opt)
+def load_config(opt):
+    """(path, config) of --config, its targets checked and --steps against its training timesteps."""
     config_path = Path(opt.config)
     if not config_path.is_file():
         raise UsageError(f"--config {opt.config}: no such file (the original configs are in configs/stable-diffusion/)")
@@ -252,11 +257,11 @@ def run(opt):
     if not 1 <= opt.steps <= timesteps:
         raise UsageError(f"--steps {opt.steps}: the number of DDIM steps must be between 1 and {timesteps} (DDIM "
                          f"takes its steps from the model's {timesteps} training timesteps; 50 is usual)")
-    f_cfg, c_cfg = first_stage_factor(config)
-    f = opt.f or f_cfg
-    C = opt.C or c_cfg
-    base_latent = int(config.model.params.get("image_size", 64))  # latent side at the training size
-    method = resolve_method(opt)
+    return config_path, config
+
+
+def apply_presets(opt, config):
+    """The FreeScale preset (or None), family-checked; --H/--W not given are taken from the method's preset."""
     fs_preset = None
     if opt.freescale_config:
         try:
@@ -274,7 +279,54 @@ def run(opt):
             raise UsageError(str(err)) from None
         opt.H = opt.H if opt.H is not None else preset.get("height")
         opt.W = opt.W if opt.W is not None else preset.get("width")
+    return fs_preset
+
+
+def freescale_settings(opt, method, fs_preset, config, base_px, f):
+    """FreeScaleSettings of --method freescale at --H x --W (None for other methods), stage sizes checked."""
+    if method != "freescale":
+        return None
+    try:
+        fs_settings = freescale_options.settings_from_args(opt, fs_preset, opt.H, opt.W, base_px)
+    except (freescale_options.PresetError, ValueError) as err:
+        raise UsageError(f"FreeScale: {err}") from None
+    for h, w in fs_settings.stages:
+        check_size(h, w, f)
+    if model_family(config) == "sdxl" and opt.target_size is None:  # as the release: the first stage's size
+        opt.target_size = list(fs_settings.stages[0])
+    return fs_settings
+
+
+def cascade_runner(opt, method, model, fs_settings, base_latent, f, tiling):
+    """The cascade of --method freescale (FreeScale) or demofusion (DemoFusion on the same stage machinery); None
+    for the other methods."""
+    if fs_settings is not None:
+        from ldm.freescale.cascade import FreeScale
+        return FreeScale(model, fs_settings, f=f, tiling=tiling)
+    if method == "demofusion":
+        from ldm.baselines.demofusion import DemoFusion
+        try:
+            return DemoFusion(model, opt.H, opt.W, base_latent * f, f=f, tiling=tiling, stride=opt.df_stride,
+                              sigma=opt.df_sigma, cosine_scales=opt.df_cosine_scales, view_batch=opt.df_view_batch)
+        except ValueError as err:
+            raise UsageError(f"DemoFusion: {err}") from None
+    return None
+
+
+def run(opt):
+    check_options(opt)
+    config_path, config = load_config(opt)
+    f_cfg, c_cfg = first_stage_factor(config)
+    f = opt.f or f_cfg
+    C = opt.C or c_cfg
+    base_latent = int(config.model.params.get("image_size", 64))  # latent side at the training size
+    method = resolve_method(opt)
+    fs_preset = apply_presets(opt, config)
     side = 1024 if model_family(config) == "sdxl" else 512  # the training resolution
+    try:  # a method's preset size and pre-loading defaults (FouriScale)
+        baselines.prepare_options(method, opt, model_family(config), base_latent * f, side)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     opt.H = opt.H if opt.H is not None else side  # 0 is an error below, not "the default"
     opt.W = opt.W if opt.W is not None else side
     check_size(opt.H, opt.W, f)
@@ -282,16 +334,12 @@ def run(opt):
                                                                       opt.target_size)):
         raise UsageError("--original_size/--crop_coords_top_left/--target_size are SDXL's size conditioning; "
                          f"{opt.config} is not an SDXL config")
-    fs_settings = None
-    if method == "freescale":
-        try:
-            fs_settings = freescale_options.settings_from_args(opt, fs_preset, opt.H, opt.W, base_latent * f)
-        except (freescale_options.PresetError, ValueError) as err:
-            raise UsageError(f"FreeScale: {err}") from None
-        for h, w in fs_settings.stages:
-            check_size(h, w, f)
-        if model_family(config) == "sdxl" and opt.target_size is None:  # as the release: the first stage's size
-            opt.target_size = list(fs_settings.stages[0])
+    if upscaling.is_upscaler_config(config):
+        raise UsageError(f"--config {opt.config} is the x4 upscaler, which needs a low-resolution image: use "
+                         "scripts/upscale.py, or pass it as --sr_config with --method sdsr")
+    # --method sdsr: the size the base model samples at (the --sr_* files are checked here, before loading)
+    sdsr_base = upscaling.prepare_sdsr(opt, method, base_latent * f, f, sdxl=model_family(config) == "sdxl")
+    fs_settings = freescale_settings(opt, method, fs_preset, config, base_latent * f, f)
     if method in ("freescale", "demofusion"):
         for flag in ("init_image", "detail_mask"):
             if getattr(opt, flag) and not Path(getattr(opt, flag)).is_file():
@@ -327,23 +375,18 @@ def run(opt):
         tiling = {"overlap": opt.overlap, "sync_gn": opt.sync_gn}
         if opt.tile_size is not None:
             tiling["tile_size"] = opt.tile_size
-    if method in ("attn_scale", "multidiffusion"):
+    sr = None  # --method sdsr: the x4 upscaler, applied to the decoded base images
+    if sdsr_base is not None:
+        sr = upscaling.sdsr_from_args(opt, sdsr_base, device, tiling)
+        print(f"Loaded {opt.sr_ckpt} with {opt.sr_config} (SD+SR: {sdsr_base[0]}x{sdsr_base[1]} -> {opt.H}x{opt.W})")
+    if method in ("attn_scale", "multidiffusion", "hidiffusion", "fouriscale"):
         try:
             guidance, method_settings = baselines.build_guidance(method, opt, model, base_latent, (opt.H, opt.W), f)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    freescale = None  # a cascade: FreeScale, or DemoFusion on the same stage machinery
-    if fs_settings is not None:
-        from ldm.freescale.cascade import FreeScale
-        freescale = FreeScaleRun(FreeScale(model, fs_settings, f=f, tiling=tiling), opt, device)
+    runner = cascade_runner(opt, method, model, fs_settings, base_latent, f, tiling)
+    freescale = FreeScaleRun(runner, opt, device) if runner is not None else None  # FreeScale or DemoFusion
     if method == "demofusion":
-        from ldm.baselines.demofusion import DemoFusion
-        try:
-            runner = DemoFusion(model, opt.H, opt.W, base_latent * f, f=f, tiling=tiling, stride=opt.df_stride,
-                                sigma=opt.df_sigma, cosine_scales=opt.df_cosine_scales, view_batch=opt.df_view_batch)
-        except ValueError as err:
-            raise UsageError(f"DemoFusion: {err}") from None
-        freescale = FreeScaleRun(runner, opt, device)
         method_settings = runner.describe()
 
     created = [d for d in (sample_path, outdir) if not d.exists()]
@@ -358,6 +401,8 @@ def run(opt):
     # the cascades start at their first stage's size
     shape = (freescale.runner.latent_shape(freescale.runner.settings.stages[0]) if freescale
              else (C, opt.H // f, opt.W // f))
+    if sr is not None:  # SD+SR: the base model samples at the base size
+        shape = (C, sdsr_base[0] // f, sdsr_base[1] // f)
     start_code = torch.randn([batch_size, *shape], device=device) if opt.fixed_code else None
     use_autocast = opt.precision in ("autocast", "half") and device.type == "cuda"
     precision_scope = torch.autocast("cuda", dtype=getattr(torch, opt.autocast_dtype)) if use_autocast else nullcontext()
@@ -371,7 +416,7 @@ def run(opt):
                           "progressive_dilate": opt.progressive_dilate} if opt.dilate is not None else None),
         "freeu": freeu_args, "tiled_decoding": tiling or None, "method": method,
     }
-    if method in ("attn_scale", "multidiffusion", "demofusion"):
+    if method in ("attn_scale", "multidiffusion", "demofusion", "hidiffusion", "fouriscale"):
         settings[method] = method_settings
     if fs_settings is not None:
         settings["freescale"] = {"preset": opt.freescale_config, **fs_settings.describe(),
@@ -380,6 +425,8 @@ def run(opt):
         settings["scalecrafter_overrides"] = {"ndcfg_tau": opt.ndcfg_tau, "disperse_tau": opt.disperse_tau}
     if size_conditioning is not None:
         settings["size_conditioning"] = size_conditioning
+    if sr is not None:
+        settings["sdsr"] = sr.describe()
     all_images = []
     unet = model.model.diffusion_model
     freeu_scope = nullcontext()
@@ -388,7 +435,7 @@ def run(opt):
         freeu_scope = freeu(unet, **freeu_args)
     if sweeping:
         run_sweep(opt, model, sampler, shape, settings, guidance, tiling, device, precision_scope, freeu_scope,
-                  freescale)
+                  freescale, sr=sr)
         return []
     total = opt.n_iter * sum(len(b) for b in data)
     try:
@@ -404,6 +451,8 @@ def run(opt):
                         x_T=start_code[:len(batch_prompts)] if start_code is not None else None,
                         jitter_seed=opt.seed + 1000 * n + batch_idx)
                     x = model.decode_first_stage(samples, **tiling)
+                    if sr is not None:  # SD+SR: x4 upscaler with the same prompts, resized to --H/--W
+                        x = sr(x, batch_prompts)
                     stage_images = [model.decode_first_stage(z, **tiling) for z in stages]
                     for j, (img_t, prompt) in enumerate(zip(x, batch_prompts)):
                         img = to_pil(img_t)
@@ -433,15 +482,27 @@ def run(opt):
     return all_images
 
 
-def sample_latents(opt, sampler, c, uc, n, shape, guidance, freescale=None, generator=None, x_T=None, jitter_seed=0):
-    """One batch of final latents, and (FreeScale with --save_stages) the earlier stages' latents."""
+def sample_latents(opt, sampler, c, uc, n, shape, guidance, freescale=None, generator=None, x_T=None, jitter_seed=0,
+                   start_step=0):
+    """One batch of final latents, and (FreeScale with --save_stages) the earlier stages' latents.
+    ``start_step`` > 0 (not with a cascade): ``x_T`` is the latent at that step of the schedule (img2img)."""
     if freescale is None:
         samples, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=n, shape=shape, verbose=False,
                                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                    eta=opt.ddim_eta, guidance=guidance, generator=generator, x_T=x_T)
+                                    eta=opt.ddim_eta, guidance=guidance, generator=generator, x_T=x_T,
+                                    start_step=start_step)
         return samples, []
     result = freescale.sample(sampler, c, uc, n, generator=generator, x_T=x_T, jitter_seed=jitter_seed)
     return result.latent, (result.stage_latents[:-1] if opt.save_stages else [])
+
+
+def load_init_image(path, size, device):
+    """An image file as (1, 3, h, w) in [-1, 1] at ``size`` = (h, w) pixels (PIL bicubic resize)."""
+    from PIL import Image
+    h, w = size
+    img = Image.open(path).convert("RGB").resize((w, h), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    return x.to(device)
 
 
 class FreeScaleRun:
@@ -455,10 +516,7 @@ class FreeScaleRun:
             m = torch.from_numpy(np.asarray(Image.open(opt.detail_mask).convert("L"), dtype=np.float32) / 255.0)
             self.mask = m[None, None].to(device)
         if opt.init_image:
-            h, w = runner.settings.stages[0]
-            img = Image.open(opt.init_image).convert("RGB").resize((w, h), Image.BICUBIC)
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-            self.init_pixels = x.to(device)
+            self.init_pixels = load_init_image(opt.init_image, runner.settings.stages[0], device)
 
     def sample(self, sampler, c, uc, n, generator=None, x_T=None, jitter_seed=0):
         from ldm.freescale.cascade import encode_image
@@ -471,7 +529,7 @@ class FreeScaleRun:
 
 
 def run_sweep(opt, model, sampler, shape, settings, guidance, tiling, device, precision_scope, freeu_scope,
-              freescale=None):
+              freescale=None, sr=None):
     """--sweep / torchrun: the deterministic, resumable, sharded form of the loop above (ldm/sweep.py).
 
     Each image gets its own CPU generator (seed from (seed, prompt index, sample index)) for its starting
@@ -488,12 +546,15 @@ def run_sweep(opt, model, sampler, shape, settings, guidance, tiling, device, pr
         c = model.get_learned_conditioning([it.prompt for it in items])
         generators = [torch.Generator().manual_seed(it.seed) for it in items]
         samples, stages = sample_latents(opt, sampler, c, uc, n, shape, guidance, freescale, generator=generators,
-                                         jitter_seed=items[0].seed)
+                                         jitter_seed=opt.seed)  # shared by all batches: sizes don't matter
         for k, z in enumerate(stages, start=1):  # --save_stages: beside the final files, not in the manifest
             for it, x in zip(items, model.decode_first_stage(z, **tiling)):
                 path = Path(opt.outdir) / "samples" / it.file
                 save_png(to_pil(x), path.with_name(f"{path.stem}-stage{k}.png"), {"prompt": it.prompt, "stage": k})
-        return [to_pil(x) for x in model.decode_first_stage(samples, **tiling)]
+        images = model.decode_first_stage(samples, **tiling)
+        if sr is not None:  # SD+SR: each image's generator goes on into the upscaler's noise
+            images = sr(images, [it.prompt for it in items], generator=generators)
+        return [to_pil(x) for x in images]
 
     dist = sweep_mode.DistContext(device, opt.dist_backend, opt.dist_timeout)
     try:

@@ -256,7 +256,8 @@ def test_txt2img_demofusion(tiny_ckpts, tmp_path, model):
     assert (tmp_path / "a/samples/00000.png").read_bytes() == (tmp_path / "b/samples/00000.png").read_bytes()
 
 
-@pytest.mark.parametrize("setting", ["method:multidiffusion", "method:demofusion", "method:hidiffusion"])
+@pytest.mark.parametrize("setting", ["method:multidiffusion", "method:demofusion", "method:hidiffusion",
+                                     "method:fouriscale"])
 def test_demo_model_runs_the_comparison_settings(setting):
     demo = load_script("demo")
     model = demo.load_demo_model()
