@@ -74,6 +74,16 @@ def describe_preset(path):
         return ("DemoFusion (`ldm/baselines/demofusion.py`): phases at 32, 64, ... px up to the size, each re-noised to "
                 "the first step, skip residual (c1 exponent 3), 32x32 jittered windows at stride 16 + dilated "
                 "global paths (sigma 0.8), fused with c2 = cos")
+    if path == "method:hidiffusion":
+        return ("HiDiffusion (`ldm/baselines/hidiffusion.py`), the reduced mapping of this UNet (one ResBlock per "
+                "level, no self-attention): the first downsampler at stride 4 / dilation 2 for the release's T1 "
+                "share of the steps (0.4 at 2x, 0.7 at 4x the side); no pool pair, no windowed attention")
+    if path == "method:fouriscale":
+        return ("FouriScale (`ldm/baselines/fouriscale.py`): the SD rule's convs dilated x2 (64x64: "
+                "`configs/fouriscale/demo_64x64.yaml`, steps 5/15 of 25) or x4 (128x128: the release's 20 %/70 % "
+                "rule) on low-pass filtered inputs, progressive, guided by the weakly filtered branch")
+    if path == "method:attn_scale":
+        return "attention scaling (no self-attention in this model: direct sampling)"
     cfg = OmegaConf.load(demo.repo_path(path))
     if cfg.get("method") == "freescale":
         stages = " -> ".join(f"{h}x{w}" for h, w in cfg.stages)
