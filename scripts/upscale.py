@@ -211,7 +211,7 @@ IMG2IMG_OPTIONS = {
     "df_stride", "df_sigma", "df_cosine_scales", "df_view_batch",
 }
 REFUSED_HINTS = {
-    "restart_step": "each cascade stage restarts at step round-down((1 - strength) x steps): give --strength",
+    "restart_step": "each cascade stage restarts at step steps - floor(strength x steps): give --strength",
     "init_image": "the image is --image",
     "save_stages": "not written by upscale.py",
 }
@@ -519,15 +519,15 @@ def upscale_one(opt, method, model, sampler, guidance, freeu_args, plan, f, base
             sampler.bar.close()
             sampler.bar = None
     images = model.decode_first_stage(latent, **tiling)
-    settings = image_settings(opt, method, plan, tiling, freeu_args, use_autocast, model.betas.device,
+    settings = image_settings(opt, method, plan, tiling, freeu_args, use_autocast, device,
                               config_path, runner, start_t)
     if getattr(model, "size_conditioning", None) is not None:
         settings["size_conditioning"] = model.size_conditioning
     written = []
     for j, img_t in enumerate(images):
         target = outdir / f"{next_free_index(outdir):05}.png"
-        save_png(to_pil(img_t), target, {"prompt": opt.prompt, "seed": str(opt.seed),
-                                         "parameters": {**settings, "position_in_batch": j, "image_seed": opt.seed + j}})
+        meta = {**settings, "position_in_batch": j, "image_seed": opt.seed + j}
+        save_png(to_pil(img_t), target, {"prompt": opt.prompt, "seed": str(opt.seed), "parameters": meta})
         written.append(target)
     return written
 
