@@ -1,0 +1,627 @@
+#!/usr/bin/env python
+"""Reproduce a paper table from its spec: plan the sampling jobs, run them as resumable sweeps, evaluate, write it.
+
+    python scripts/reproduce_table.py configs/tables/demo.yaml                  # the demo table, 2-core CPU
+    python scripts/reproduce_table.py configs/tables/scalecrafter_sd21.yaml --dry-run   # jobs, images, GPU hours
+    python scripts/reproduce_table.py configs/tables/scalecrafter_sd21.yaml --rows '1024x1024/*' --workers 8
+    python scripts/reproduce_table.py configs/tables/freescale_table1.yaml --slurm slurm/freescale   # SLURM arrays
+
+A spec (``configs/tables/*.yaml``; format in ``ldm/evaluation/tables.py`` and docs/evaluation.md) names rows
+(``--method`` of ``scripts/txt2img.py`` + preset + model) and columns (metric + reference set). Every row of
+a table samples the same prompts with the same seed and sampler settings. The script
+
+1. plans one sampling job per distinct ``txt2img.py --sweep`` command: rows that sample the same images
+   share a job, and the base-resolution reference samples are one job per model and prompt set;
+2. runs the jobs that are not complete, each a ``txt2img.py --sweep`` (in this process; ``--workers N``:
+   under ``torchrun`` with N processes; ``--launcher CMD``: any launcher; ``--isolate``: one subprocess per
+   job). Re-running after an interruption skips finished jobs, and a sweep renders only its missing images;
+3. evaluates every cell with ``ldm.evaluation`` (features computed once per folder, with the feature cache
+   of ``scripts/eval_fid.py``) and writes ``OUT/table.md``, ``table.csv`` and ``table.json`` with N,
+   settings, machine, time per image and peak memory per row.
+
+``--dry-run`` lists the jobs, their image counts and a GPU-hour estimate (measured runs in OUT, else the
+spec's ``timing`` entries, each with its source). ``--slurm DIR`` writes SLURM array job scripts (one task
+per sampling job, then the evaluation) instead of running anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from ldm.evaluation import tables  # noqa: E402
+from ldm.evaluation.metrics import EvalError  # noqa: E402
+
+STOP_AFTER_ENV = "SCALECRAFTER_TABLE_STOP_AFTER"  # test hook: stop after N sampling jobs ran in this invocation
+RUN_ID_ENV = "SCALECRAFTER_TABLE_RUN_ID"           # shared by the processes of one launch (torchrun ranks)
+JOB_FILE = "job.json"
+_TXT2IMG = None
+
+
+class TableInterrupted(Exception):
+    """Stopped on purpose (the STOP_AFTER test hook) or by Ctrl-C; a re-run resumes."""
+
+
+def log(msg):
+    print(f"[table] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/txt2img.py: its method list, its option parser, its main()
+# --------------------------------------------------------------------------------------------------
+def txt2img():
+    global _TXT2IMG
+    if _TXT2IMG is None:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("txt2img_for_tables", REPO_ROOT / "scripts" / "txt2img.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _TXT2IMG = mod
+    return _TXT2IMG
+
+
+def option_check(flags):
+    """ValueError when scripts/txt2img.py would not accept ``flags``."""
+    parser = txt2img().build_parser()
+
+    def error(message):
+        raise ValueError(message)
+
+    parser.error = error
+    _, extra = parser.parse_known_args(list(flags))
+    if extra:
+        raise ValueError(f"scripts/txt2img.py does not take {' '.join(extra)}")
+
+
+def preset_flags():
+    """The txt2img.py option that takes each method's preset: --<method>_config, or --<prefix>_config for a
+    method named <prefix>... (--fouri_config for fouriscale); ScaleCrafter's and FreeScale's are built in."""
+    flags = {}
+    for action in txt2img().build_parser()._actions:
+        for s in action.option_strings:
+            if not s.endswith("_config") or s in ("--config", "--scalecrafter_config", "--freescale_config"):
+                continue
+            prefix = s[2:-7]
+            for method in txt2img().METHODS:
+                if method == prefix or (len(prefix) >= 4 and method.startswith(prefix)):
+                    flags.setdefault(method, s)
+    return flags
+
+
+# --------------------------------------------------------------------------------------------------
+# one job (also the entry point of every process a launcher starts: --run-job FILE)
+# --------------------------------------------------------------------------------------------------
+def _vm_hwm_bytes():
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_job(job_file) -> int:
+    """Run one sampling job (``txt2img.main``) in this process and append its run record: wall time, images
+    written, device, peak memory. Under torchrun every rank calls this; rank 0 counts the images and, when
+    the sweep is complete, writes the job's completion marker."""
+    import resource
+
+    import torch
+    info = json.loads(Path(job_file).read_text())
+    outdir = Path(info["outdir"])
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    threads = os.environ.get("SCALECRAFTER_TABLE_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    expected = info["files"]
+    samples = outdir / "samples"
+
+    def present():
+        have = set(os.listdir(samples)) if samples.is_dir() else set()
+        return sum(1 for f in expected if f in have)
+
+    before = present() if rank == 0 else 0
+    cuda = torch.cuda.is_available() and info.get("device", "auto") != "cpu"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    hwm_reset = _reset_hwm()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.time()
+    rc = txt2img().main(list(info["argv"]))
+    wall = time.time() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    used_cuda = cuda and torch.cuda.is_initialized() and torch.cuda.max_memory_allocated() > 0
+    if used_cuda:
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+        device_name = torch.cuda.get_device_name(torch.cuda.current_device())
+    else:
+        hwm = _vm_hwm_bytes() if hwm_reset else None
+        peak, kind = (hwm, "rss_hwm") if hwm else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                                   "ru_maxrss")
+        device_name = tables.machine_description("cpu").split(",")[0] + " (CPU)"
+    after = present() if rank == 0 else 0
+    record = {"run": os.environ.get(RUN_ID_ENV) or secrets.token_hex(6), "rank": rank, "world_size": world,
+              "rc": rc, "wall_s": wall, "cpu_s": cpu, "generated": max(after - before, 0) if rank == 0 else None,
+              "present": after if rank == 0 else None, "peak_memory_bytes": peak, "peak_memory_kind": kind,
+              "device_name": device_name, "machine": tables.machine_description("cuda" if used_cuda else "cpu"),
+              "host": socket.gethostname(), "threads": torch.get_num_threads(), "finished": tables.now_utc()}
+    with open(outdir / tables.RUNS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if rank == 0 and rc == 0 and after == len(expected):
+        tables.write_text_atomic(outdir / tables.COMPLETE_FILE, json.dumps(
+            {"key": info["key"], "images": len(expected), "finished": tables.now_utc()}, indent=1) + "\n")
+    return rc
+
+
+def write_job_file(job: tables.Job) -> Path:
+    job.outdir.mkdir(parents=True, exist_ok=True)
+    path = job.outdir / JOB_FILE
+    data = {"id": job.id, "argv": job.argv, "outdir": str(job.outdir), "key": job.key,
+            "files": tables.expected_files(job), "device": job.argv[job.argv.index("--device") + 1],
+            "rows": job.rows, "role": job.role,
+            "command": "python scripts/txt2img.py " + " ".join(shlex.quote(a) for a in job.argv)}
+    tables.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def job_command(job: tables.Job, args):
+    """(command, environment) of a sampling job in its own process(es); command None: in this process."""
+    job_file = write_job_file(job)
+    env = dict(os.environ)
+    env[RUN_ID_ENV] = secrets.token_hex(6)
+    if args.threads:
+        env["SCALECRAFTER_TABLE_THREADS"] = str(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.workers and args.workers > 1:
+        prefix = ["torchrun", "--standalone", "--nproc_per_node", str(args.workers)]
+    elif args.launcher:
+        prefix = shlex.split(args.launcher)
+    elif args.isolate or (args.parallel or 1) > 1:
+        prefix = [sys.executable]
+    else:
+        return None, env, job_file
+    return prefix + [str(REPO_ROOT / "scripts" / "reproduce_table.py"), "--run-job", str(job_file)], env, job_file
+
+
+def launch(job: tables.Job, args) -> int:
+    cmd, env, job_file = job_command(job, args)
+    if cmd is None:  # in this process
+        os.environ[RUN_ID_ENV] = env[RUN_ID_ENV]
+        try:
+            return run_job(job_file)
+        finally:
+            os.environ.pop(RUN_ID_ENV, None)
+    log("$ " + " ".join(shlex.quote(c) for c in cmd))
+    return subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+
+
+def _finished(job: tables.Job, rc: int):
+    if rc == 130:
+        raise TableInterrupted(f"sampling job {job.id} was interrupted; run the same command again to resume")
+    if rc != 0:
+        raise RuntimeError(f"sampling job {job.id} ({job.describe()}) failed with exit status {rc}; the command is "
+                           f"in {job.outdir / JOB_FILE}. Fix the cause and run the same command again: finished "
+                           "jobs and images are kept")
+    if not tables.job_complete(job):
+        raise RuntimeError(f"sampling job {job.id} ended without all {job.n_images} images "
+                           f"({tables.images_present(job)} present) in {job.samples}")
+
+
+def run_jobs(p: tables.Plan, args) -> list:
+    done = [j for j in p.jobs if tables.job_complete(j)]
+    todo = [j for j in p.jobs if j not in done]
+    for j in done:
+        log(f"job {j.id}: complete ({j.n_images} images), skipped")
+    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+    executed = []
+
+    def announce(i, job):
+        have = tables.images_present(job)
+        log(f"job {i}/{len(todo)} {job.id}: {job.describe()}, {job.n_images - have} of {job.n_images} images to "
+            f"render (rows: {', '.join(job.rows) or 'base reference'})")
+
+    if (args.parallel or 1) > 1:  # several jobs at once, each in its own process; the longest first
+        cost = {e["job"].id: (e["seconds_per_image"] or 0.0) * e["remaining"] for e in tables.estimate(p)}
+        pending = sorted(enumerate(todo, 1), key=lambda ij: -cost.get(ij[1].id, 0.0))
+        running, errors = {}, []
+        try:
+            while pending or running:
+                while pending and len(running) < args.parallel and not errors and \
+                        not (stop_after and len(executed) + len(running) >= stop_after):
+                    i, job = pending.pop(0)
+                    announce(i, job)
+                    cmd, env, _ = job_command(job, args)
+                    running[subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)] = job
+                if not running:
+                    break
+                time.sleep(0.5)
+                for proc in [pr for pr in running if pr.poll() is not None]:
+                    job = running.pop(proc)
+                    try:
+                        _finished(job, proc.returncode)
+                        executed.append(job.id)
+                    except (RuntimeError, TableInterrupted) as err:
+                        errors.append(err)
+        finally:
+            for proc in running:  # Ctrl-C or an error here: the other jobs stop too (and resume next time)
+                proc.terminate()
+                proc.wait()
+        if errors:
+            raise errors[0]
+        if stop_after and pending:
+            raise TableInterrupted(f"stopped after {len(executed)} job(s) ({STOP_AFTER_ENV}={stop_after}); run again "
+                                   "to resume")
+        return executed
+    for i, job in enumerate(todo, 1):
+        announce(i, job)
+        _finished(job, launch(job, args))
+        executed.append(job.id)
+        if stop_after and len(executed) >= stop_after:
+            raise TableInterrupted(f"stopped after {len(executed)} job(s) ({STOP_AFTER_ENV}={stop_after}); run again "
+                                   "to resume")
+    return executed
+
+
+# --------------------------------------------------------------------------------------------------
+# dry run and SLURM
+# --------------------------------------------------------------------------------------------------
+def print_dry_run(p: tables.Plan, warnings_out, args):
+    est = tables.estimate(p)
+    spec = p.spec
+    n_rows = sum(len(t.rows) for t in spec.tables)
+    n_base = sum(1 for j in p.jobs if j.role == tables.BASE)
+    print(f"{spec.path}: {spec.title}")
+    print(f"{len(spec.tables)} table(s), {n_rows} row(s), {len(p.jobs)} sampling job(s) ({n_base} base-resolution "
+          f"reference job(s) shared by the rows of their table and model); seed {spec.seed}; {spec.describe_sampler()}")
+    print()
+    print("| job | used by | size | method | images | done | s / image | hours left | estimate |")
+    print("|---|---|---|---|---:|---:|---:|---:|---|")
+    sources = {}
+    for e in est:
+        j = e["job"]
+        used = ", ".join(j.rows) if j.rows else f"base reference ({j.table})"
+        sec = "?" if e["seconds_per_image"] is None else f"{e['seconds_per_image']:.3g}"
+        hours = "?" if e["hours"] is None else f"{e['hours']:.2f}"
+        method = j.method + (" " + Path(j.preset).name if j.preset else "")
+        ref = sources.setdefault((e["source"], e["device"]), len(sources) + 1)
+        print(f"| {j.id} | {used} | {j.W}x{j.H} | {method} | {e['images']} | {e['present']} | {sec} | {hours} | "
+              f"[{ref}] |")
+    print()
+    for (source, device), ref in sources.items():
+        print(f"[{ref}] {source} (device: {device})")
+    total_img = sum(e["images"] for e in est)
+    left_img = sum(e["remaining"] for e in est)
+    by_dev = {}
+    for e in est:
+        if e["hours"] is not None:
+            by_dev[e["device"]] = by_dev.get(e["device"], 0.0) + e["hours"]
+    unknown = [e["job"].id for e in est if e["hours"] is None and e["remaining"]]
+    print()
+    print(f"images: {total_img} in all, {left_img} still to sample")
+    for dev, h in by_dev.items():
+        print(f"estimate: {h:.2f} hours ({h * 3600:.0f} s) on {dev}"
+              + (" (GPU-hours: one GPU, or the sum over the GPUs of a torchrun job)" if "cpu" not in dev.lower()
+                 else ""))
+    if unknown:
+        print(f"no estimate for {len(unknown)} job(s): {', '.join(unknown)}")
+    print()
+    print("references and features:")
+    seen = set()
+    for t in spec.tables:
+        for c in t.columns:
+            if c.reference and c.reference != tables.BASE and (t.id, c.reference) not in seen:
+                seen.add((t.id, c.reference))
+                r = t.references[c.reference]
+                cols = ", ".join(x.id for x in t.columns if x.reference == c.reference)
+                if r.kind == "folder":
+                    folder = tables._rel(r.folder)
+                    state = f"{len(os.listdir(folder))} files" if folder.is_dir() else "MISSING"
+                    print(f"  table {t.id} ({cols}): real images in {r.folder}: {state}"
+                          + (f"; {r.description}" if r.description and not folder.is_dir() else ""))
+                else:
+                    print(f"  table {t.id} ({cols}): {r.dataset['n']} images of ldm.data.shapes, rendered here")
+    extractors = sorted({c.metric.extractor for t in spec.tables for c in t.columns})
+    folders = set()
+    for t in spec.tables:
+        for row in t.rows:
+            folders.add(str(p.row_job[row.qid].samples))
+            for c in t.columns:
+                if c.reference:
+                    folders.add(str(p.reference_folder(t, row, c.reference)))
+    print(f"  feature extractors: {', '.join(extractors)}; {len(folders)} folder(s), each extracted once "
+          "(cached across runs)")
+    if "inception" in extractors:
+        from ldm.evaluation.inception import InceptionWeightsError, resolve_weights_path
+        try:
+            print(f"  Inception weights: {resolve_weights_path((spec.features.get('inception') or {}).get('weights'))}")
+        except InceptionWeightsError:
+            print("  Inception weights: NOT FOUND (pt_inception-2015-12-05-6726825d.pth; see docs/evaluation.md)")
+    problems = []
+    for name, m in spec.models.items():
+        if any(j.model.name == name for j in p.jobs) and not tables._rel(m.ckpt).is_file():
+            problems.append(f"checkpoint {m.ckpt} ({name}) not found (checkpoints/README.md)")
+    for tid, (path, prompts) in p.prompt_files.items():
+        if prompts is None:
+            t = next(t for t in spec.tables if t.id == tid)
+            try:
+                t.prompt_list()
+            except tables.SpecError as err:
+                problems.append(str(err))
+    for title, lines in (("missing before a run:", problems), ("notes:", list(warnings_out))):
+        if lines:
+            print()
+            print(title)
+            for line in lines:
+                print(f"  - {line}")
+
+
+SBATCH_SAMPLE = """#!/usr/bin/env bash
+#SBATCH --job-name={name}-sample
+#SBATCH --array=0-{last}
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpus}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={time}
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --output={slurm_dir}/slurm-%x-%A_%a.out
+#
+# One array task per sampling job of {spec} (written by scripts/reproduce_table.py --slurm; the job
+# list is {slurm_dir}/jobs.txt). Each task runs its job as a txt2img.py --sweep under torchrun on the GPUs
+# of one node; a requeued or resubmitted task resumes (finished images are kept). Adapt the #SBATCH lines
+# (partition, account, GPUs) to your cluster; GPUS_PER_NODE overrides the process count.
+set -euo pipefail
+cd "${{SLURM_SUBMIT_DIR:-{repo}}}"
+JOB=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {slurm_dir}/jobs.txt)
+NPROC=${{GPUS_PER_NODE:-${{SLURM_GPUS_ON_NODE:-{gpus}}}}}
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
+export {run_env}="${{SLURM_ARRAY_JOB_ID:-0}}_${{SLURM_ARRAY_TASK_ID:-0}}_${{SLURM_RESTART_COUNT:-0}}"
+echo "[table] array task ${{SLURM_ARRAY_TASK_ID:-?}}: $JOB on $NPROC process(es)"
+${{TORCHRUN:-torchrun}} --standalone --nproc_per_node "$NPROC" scripts/reproduce_table.py --run-job "$JOB" &
+PID=$!
+trap 'echo "[table] time limit close: requeueing ${{SLURM_ARRAY_JOB_ID:-?}}_${{SLURM_ARRAY_TASK_ID:-?}}"; scontrol requeue "${{SLURM_ARRAY_JOB_ID:-0}}_${{SLURM_ARRAY_TASK_ID:-0}}"' USR1
+while true; do
+  status=0
+  wait "$PID" || status=$?
+  kill -0 "$PID" 2>/dev/null || break
+done
+exit "$status"
+"""
+
+SBATCH_EVAL = """#!/usr/bin/env bash
+#SBATCH --job-name={name}-evaluate
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=8:00:00
+#SBATCH --output={slurm_dir}/slurm-%x-%j.out
+#
+# The evaluation of {spec} once every sampling task is done (submit.sh makes it depend on the array):
+# features once per folder (cached), the metrics, OUT/table.md, table.csv, table.json.
+set -euo pipefail
+cd "${{SLURM_SUBMIT_DIR:-{repo}}}"
+python scripts/reproduce_table.py {eval_args}
+"""
+
+SUBMIT = """#!/usr/bin/env bash
+# Submit the sampling array of {spec} and its evaluation (runs once every array task has succeeded).
+set -euo pipefail
+cd "$(dirname "$0")"
+cd "{repo}"
+a=$(sbatch --parsable {slurm_dir}/sample.sbatch)
+e=$(sbatch --parsable --dependency=afterok:${{a%%;*}} {slurm_dir}/evaluate.sbatch)
+echo "sampling array: $a ({n} task(s)); evaluation: $e"
+"""
+
+
+def write_slurm(p: tables.Plan, args):
+    d = Path(args.slurm)
+    d.mkdir(parents=True, exist_ok=True)
+    tables.materialize_prompts(p)
+    tables.render_dataset_references(p, log=log)
+    todo = [j for j in p.jobs if not tables.job_complete(j)]
+    files = [str(write_job_file(j)) for j in todo]
+    tables.write_text_atomic(d / "jobs.txt", "".join(f + "\n" for f in files))
+    common = dict(name=tables._slug(p.spec.name), spec=p.spec.path, slurm_dir=d.resolve(), repo=REPO_ROOT)
+    eval_args = [str(p.spec.path), "--out", str(p.out.resolve()), "--evaluate-only"]
+    if args.rows:
+        eval_args += ["--rows"] + list(args.rows)
+    if args.columns:
+        eval_args += ["--columns"] + list(args.columns)
+    if args.cache_dir:
+        eval_args += ["--cache_dir", str(args.cache_dir)]
+    if todo:
+        tables.write_text_atomic(d / "sample.sbatch", SBATCH_SAMPLE.format(
+            last=len(todo) - 1, gpus=args.slurm_gpus, cpus=8 * args.slurm_gpus, time=args.slurm_time,
+            run_env=RUN_ID_ENV, **common))
+    tables.write_text_atomic(d / "evaluate.sbatch", SBATCH_EVAL.format(
+        eval_args=" ".join(shlex.quote(a) for a in eval_args), **common))
+    if todo:
+        tables.write_text_atomic(d / "submit.sh", SUBMIT.format(n=len(todo), **common))
+        os.chmod(d / "submit.sh", 0o755)
+    else:
+        tables.write_text_atomic(d / "submit.sh", f"#!/usr/bin/env bash\n# every sampling job is complete\n"
+                                                   f"cd \"{REPO_ROOT}\"\nsbatch {d.resolve()}/evaluate.sbatch\n")
+    log(f"wrote {d}/jobs.txt ({len(todo)} sampling job(s); {len(p.jobs) - len(todo)} complete), sample.sbatch, "
+        f"evaluate.sbatch, submit.sh: bash {d}/submit.sh")
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", nargs="?", help="the table spec (configs/tables/*.yaml)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                   help="only these rows: ids or table/id, fnmatch patterns ('1024x1024/*')")
+    p.add_argument("--columns", nargs="+", default=None, metavar="COL", help="only these columns (ids, patterns)")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="list the sampling jobs, image counts and a GPU-hour estimate; run nothing")
+    p.add_argument("--slurm", default=None, metavar="DIR",
+                   help="write SLURM array job scripts (sampling + evaluation) into DIR instead of running")
+    p.add_argument("--slurm_gpus", type=int, default=8, help="--slurm: GPUs (torchrun processes) per array task")
+    p.add_argument("--slurm_time", default="24:00:00", help="--slurm: time limit per array task (tasks requeue)")
+    p.add_argument("--out", default=None, help="output folder (default outputs/tables/<spec name>)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run each sampling job under torchrun --standalone --nproc_per_node N (one process per GPU)")
+    p.add_argument("--launcher", default=None,
+                   help="run each sampling job as CMD scripts/reproduce_table.py --run-job FILE, e.g. "
+                        "\"torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint host:29500\"")
+    p.add_argument("--isolate", action="store_true", help="run each sampling job in its own Python process")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="run N sampling jobs at once, each in its own process (on a CPU: with --threads = cores / N)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="sampling and feature device")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--evaluate-only", dest="evaluate_only", action="store_true",
+                   help="sample nothing; evaluate (every job must be complete)")
+    p.add_argument("--cache_dir", default=None,
+                   help="feature cache (default: $SCALECRAFTER_EVAL_CACHE or ~/.cache/scalecrafter_eval)")
+    p.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
+    p.add_argument("--kid_subsets", type=int, default=100, help="KID subsets")
+    p.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size (reduced to the set size)")
+    p.add_argument("--metric_seed", type=int, default=0, help="seed of the KID subsets")
+    p.add_argument("--write-docs", dest="write_docs", default=None, metavar="MD",
+                   help="also write the table into MD between <!-- table:NAME --> markers (e.g. docs/tables.md)")
+    p.add_argument("--run-job", dest="run_job", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.run_job:
+        return run_job(args.run_job)
+    if (args.parallel or 1) > 1 and (args.workers or args.launcher):
+        build_parser().error("--parallel runs several jobs as plain processes; it does not combine with --workers or "
+                             "--launcher (those spread one job over several processes)")
+    if not args.spec:
+        build_parser().error("give a table spec (configs/tables/*.yaml)")
+    t_start = time.time()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        spec = tables.load_spec(args.spec)
+        sel = tables.select(spec, args.rows, args.columns)
+        notes = tables.check_spec(spec, txt2img().METHODS, option_check, sel.rows(), preset_flags())
+        sel = tables.select(spec, args.rows, args.columns)  # rows now carry the sizes of their presets
+        out = Path(args.out or REPO_ROOT / "outputs" / "tables" / tables._slug(spec.name))
+        p = tables.plan(sel, out, device=args.device)
+        if args.dry_run:
+            print_dry_run(p, notes, args)
+            return 0
+        for line in notes:
+            log(f"note: {line}")
+        if args.slurm:
+            write_slurm(p, args)
+            return 0
+        missing = [f"{m.ckpt} ({n})" for n, m in spec.models.items()
+                   if any(j.model.name == n for j in p.jobs) and not tables._rel(m.ckpt).is_file()]
+        if missing and not args.evaluate_only:
+            raise tables.SpecError(f"checkpoint(s) not found: {', '.join(missing)} (see checkpoints/README.md)")
+        tables.materialize_prompts(p)
+        missing_refs = sorted({f"{r.folder}" + (f" ({r.description})" if r.description else "")
+                               for t in sel.tables for c in t.columns if c.reference and c.reference != tables.BASE
+                               for r in [t.references[c.reference]]
+                               if r.kind == "folder" and not tables._rel(r.folder).is_dir()})
+        if missing_refs:
+            raise tables.SpecError("reference image folder(s) not found: " + "; ".join(missing_refs))
+        if any(c.metric.extractor == "inception" for t in sel.tables for c in t.columns):
+            from ldm.evaluation.inception import InceptionWeightsError
+            try:  # before hours of sampling, not after
+                tables.FeatureStore(spec.features).extractor("inception").identity()
+            except InceptionWeightsError as err:
+                raise tables.SpecError(str(err)) from None
+        tables.render_dataset_references(p, log=log)
+        executed = []
+        if args.evaluate_only:
+            incomplete = [j for j in p.jobs if not tables.job_complete(j)]
+            if incomplete:
+                raise EvalError(f"--evaluate-only: {len(incomplete)} sampling job(s) are not complete: "
+                                + ", ".join(f"{j.id} ({tables.images_present(j)}/{j.n_images})" for j in incomplete))
+        else:
+            executed = run_jobs(p, args)
+        t_eval = time.time()
+        store = tables.FeatureStore(spec.features, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                                    device=None if args.device == "auto" else args.device)
+        results = tables.evaluate(p, store, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                                  seed=args.metric_seed, log=log)
+        wall = time.time() - t_start
+        command = "python scripts/reproduce_table.py " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        import torch
+        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        meta = {"command": command, "date": tables.now_utc(), "wall_s": wall,
+                "machine": tables.machine_description("cuda" if on_gpu else "cpu")}
+        md = tables.render_markdown(p, results, meta)
+        out.mkdir(parents=True, exist_ok=True)
+        tables.write_text_atomic(out / "table.md", md)
+        records = tables.table_rows(p, results)
+        tables.write_csv(records, out / "table.csv")
+        doc = {"spec": str(spec.path), "name": spec.name, "title": spec.title, "paper": spec.paper, "notes": spec.notes,
+               "selection": {"rows": args.rows, "columns": args.columns}, **meta,
+               "evaluation_s": time.time() - t_eval, "seed": spec.seed, "sampler": spec.sampler,
+               "common_options": spec.common_options,
+               "tables": [{"id": t.id, "title": t.title, "images": t.images, "prompts": t.prompts,
+                           "prompt_file": str(p.prompt_files[t.id][0]),
+                           "columns": [{"id": c.id, "name": c.name, "metric": c.metric.name,
+                                        "reference": c.reference,
+                                        "reference_folder": None if not c.reference else sorted({
+                                            str(p.reference_folder(t, r, c.reference)) for r in t.rows})}
+                                       for c in t.columns],
+                           "rows": [r for r in records if r["table"] == t.id]} for t in sel.tables],
+               "cells": results["cells"], "warnings": results["warnings"], "spec_notes": notes,
+               "jobs": [{"id": j.id, "role": j.role, "rows": j.rows, "images": j.n_images,
+                         "command": "python scripts/txt2img.py " + " ".join(shlex.quote(a) for a in j.argv),
+                         "stats": tables.job_stats(j), "run_now": j.id in executed} for j in p.jobs],
+               "features": {"extractors": {n: store.extractor(n).identity() for n in sorted(
+                   {c.metric.extractor for t in sel.tables for c in t.columns})},
+                   "cache_dir": None if args.no_cache else str(store.cache_dir),
+                   "computed": store.computed, "cache_hits": store.cache_hits}}
+        tables.write_text_atomic(out / "table.json", json.dumps(doc, indent=1, default=str) + "\n")
+        if args.write_docs:
+            tables.replace_block(Path(args.write_docs), spec.name, tables.render_markdown(p, results, meta, "##"))
+        print(md)
+        log(f"wrote {out / 'table.md'}, table.csv, table.json ({len(executed)} sampling job(s) run now, "
+            f"{len(p.jobs) - len(executed)} already complete; {wall / 60:.1f} min)")
+        return 0
+    except (tables.SpecError, EvalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a sampling job failed (its own message is above)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except TableInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
