@@ -301,7 +301,7 @@ def print_dry_run(p: tables.Plan, warnings_out, args):
     sources = {}
     for e in est:
         j = e["job"]
-        used = ", ".join(j.rows) if j.rows else f"base reference ({j.table})"
+        used = ", ".join(j.rows + ([f"base reference ({j.table})"] if j.role == tables.BASE else []))
         sec = "?" if e["seconds_per_image"] is None else f"{e['seconds_per_image']:.3g}"
         hours = "?" if e["hours"] is None else f"{e['hours']:.2f}"
         method = j.method + (" " + Path(j.preset).name if j.preset else "")
@@ -324,6 +324,11 @@ def print_dry_run(p: tables.Plan, warnings_out, args):
         print(f"estimate: {h:.2f} hours ({h * 3600:.0f} s) on {dev}"
               + (" (GPU-hours: one GPU, or the sum over the GPUs of a torchrun job)" if "cpu" not in dev.lower()
                  else ""))
+    if (args.parallel or 1) > 1 and by_dev:
+        longest = max((e["hours"] or 0.0) for e in est)
+        total = sum(by_dev.values())
+        print(f"with --parallel {args.parallel}: about {max(total / args.parallel, longest):.2f} hours elapsed "
+              f"(the jobs' sum over {args.parallel} processes, at least the longest job: {longest:.2f} hours)")
     if unknown:
         print(f"no estimate for {len(unknown)} job(s): {', '.join(unknown)}")
     print()

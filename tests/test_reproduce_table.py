@@ -281,6 +281,20 @@ def test_dry_run_lists_jobs_and_estimate(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_rows_sampling_the_same_share_a_job(tmp_path):
+    """A row at the training size samples what the base reference samples: one job for both; two rows with the
+    same method, size and options are one job too."""
+    rows = SPEC["rows"] + [{"id": "native", "method": "direct", "size": [32, 32]},
+                           {"id": "direct_again", "name": "the same as 'direct'", "method": "direct", "size": [64, 64]}]
+    spec = tables.load_spec(write_spec(tmp_path / "tiny.yaml", rows=rows))
+    tables.check_spec(spec, rt.txt2img().METHODS, rt.option_check)
+    p = tables.plan(tables.select(spec), tmp_path / "out")
+    assert len(p.jobs) == 3
+    assert p.row_job["native"] is p.base_job[("tiny", "demo")] and p.base_job[("tiny", "demo")].role == "base"
+    assert p.row_job["direct_again"] is p.row_job["direct"]
+    assert sorted(p.row_job["direct"].rows) == ["direct", "direct_again"]
+
+
 def test_slurm_writes_array_scripts(tmp_path):
     spec = write_spec(tmp_path / "tiny.yaml")
     d = tmp_path / "slurm"

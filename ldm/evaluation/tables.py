@@ -660,8 +660,9 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
                    "options": list(spec.common_options) + list(options), "seed": spec.seed, "sampler": s,
                    "prompts_sha256": pdigest, "images": t.images}
             slug = f"{model}-{W}x{H}-" + ("base" if role == BASE else method + (f"-{Path(preset).stem}" if preset else ""))
-            jid = _job_id(key, slug)
-            if jid not in jobs:
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            if digest not in jobs:  # the same sampling for another row (or the base reference): the same job
+                jid = _job_id(key, slug)
                 jdir = out / "jobs" / jid
                 argv = ["--sweep", "--from-file", str(pfile), "--config", str(_rel(m.config)), "--ckpt",
                         str(_rel(m.ckpt)), "--H", str(H), "--W", str(W), "--method", method,
@@ -672,19 +673,19 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
                 if preset:
                     argv += [preset_flag or PRESET_FLAGS.get(method, f"--{method}_config"), str(_rel(preset))]
                 argv += list(spec.common_options) + list(options) + ["--outdir", str(jdir)]
-                jobs[jid] = Job(jid, t.id, m, H, W, method, preset, list(options), role, pfile, t.images, argv, jdir,
-                                key=key)
+                jobs[digest] = Job(jid, t.id, m, H, W, method, preset, list(options), role, pfile, t.images, argv,
+                                   jdir, key=key)
             if row is not None:
-                jobs[jid].rows.append(row.qid)
-            return jobs[jid]
+                jobs[digest].rows.append(row.qid)
+            return jobs[digest]
 
-        need_base = {c.reference for c in t.columns} & {BASE}
+        if BASE in {c.reference for c in t.columns}:  # first, so that a row sampling the same is this job too
+            for model in dict.fromkeys(r.model for r in t.rows):
+                bh, bw = base_size(spec, spec.models[model])
+                base_job[(t.id, model)] = add(BASE, model, bh, bw, "direct", None, [])
         for row in t.rows:
             row_job[row.qid] = add("row", row.model, row.H, row.W, row.method, row.preset, row.options, row,
                                    row.preset_flag)
-            if need_base and (t.id, row.model) not in base_job:
-                bh, bw = base_size(spec, spec.models[row.model])
-                base_job[(t.id, row.model)] = add(BASE, row.model, bh, bw, "direct", None, [])
         for c in t.columns:
             if c.reference and c.reference != BASE:
                 r = t.references[c.reference]
@@ -1012,7 +1013,10 @@ def evaluate(p: Plan, store: FeatureStore, kid_subsets=100, kid_subset_size=1000
 def format_cell(metric: MetricDef, cell: Optional[Dict]) -> str:
     if not cell or cell.get("value") is None or (isinstance(cell["value"], float) and math.isnan(cell["value"])):
         return "–"
-    text = metric.fmt.format(cell["value"])
+    value = cell["value"]
+    if metric.stat == "fid" and -1e-6 < value < 0:  # a Fréchet distance is >= 0: float rounding (of a set vs itself)
+        value = 0.0
+    text = metric.fmt.format(value)
     if metric.stat.startswith("rate_"):
         lo, hi = cell["ci95"]
         text = f"{100 * cell['value']:.1f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
