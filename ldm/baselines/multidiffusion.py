@@ -51,9 +51,14 @@ def _repeat(cond, n):
 
 def window_conditions(cond, views, window_conditioning=None):
     """The batch of conditions for ``views`` (each repeating the batch): as given, or, with a
-    ``window_conditioning`` and a dict condition carrying SDXL's "vector", with each view's own vector."""
+    ``window_conditioning`` and a dict condition carrying SDXL's "vector", with each view's own vector; a
+    "c_concat" condition (as large as the latent) is cropped to each view."""
     if cond is None:
         return None
+    if isinstance(cond, dict) and "c_concat" in cond:  # a spatial condition (the x4 upscaler's low-res image)
+        out = window_conditions({k: v for k, v in cond.items() if k != "c_concat"}, views, window_conditioning)
+        out["c_concat"] = [torch.cat([c[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in views]) for c in cond["c_concat"]]
+        return out
     if window_conditioning is None or not isinstance(cond, dict) or "vector" not in cond:
         return _repeat(cond, len(views))
     out = _repeat({k: v for k, v in cond.items() if k != "vector"}, len(views))
@@ -115,10 +120,10 @@ class MultiDiffusionGuidance:
         self.stride = int(stride)
         self.window_batch = max(1, int(window_batch))
         self.window_conditioning = window_conditioning  # e.g. SDXLWindowConditioning
-        if self.stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+        if min(self.window) < 1 or self.stride < 1:
+            raise ValueError(f"window and stride must be positive, got {window} and {stride}")
 
-    def __call__(self, model, x, t, cond, uncond, scale, step):
+    def __call__(self, model, x, t, cond, uncond, scale, step=None):
         b, _, height, width = x.shape
         value = torch.zeros_like(x)
         count = torch.zeros(1, 1, height, width, dtype=x.dtype, device=x.device)

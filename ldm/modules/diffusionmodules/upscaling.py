@@ -141,46 +141,14 @@ def is_upscaler_config(config):
     return str(node.get("target", "")) == UPSCALER_TARGET
 
 
-def _window_conditions(cond, chunk):
-    """The condition for a batch of windows: ``c_concat`` (the low-resolution image, as large as the latent)
-    cropped to each window, everything else (text, noise level) repeated."""
-    from ldm.baselines.multidiffusion import window_conditions
-    if cond is None:
-        return None
-    out = window_conditions({k: v for k, v in cond.items() if k != "c_concat"}, chunk)
-    out["c_concat"] = [torch.cat([c[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in chunk]) for c in cond["c_concat"]]
-    return out
-
-
-class WindowedUpscaleGuidance:
-    """``guidance`` for the DDIM sampler: the latent denoised in overlapping windows (each with its crop of
-    the low-resolution image), the guided predictions averaged where windows overlap (the window layout of
-    ``ldm.baselines.multidiffusion``; DDIM is linear in the prediction, so this averages the per-window
-    updates). Memory of one UNet call: ``window_batch`` windows × 2 (guidance) × batch."""
-
-    def __init__(self, window, stride, window_batch=4):
-        self.window = (int(window[0]), int(window[1])) if isinstance(window, (tuple, list)) else (int(window),) * 2
-        self.stride = int(stride)
-        self.window_batch = max(1, int(window_batch))
-        if min(self.window) < 1 or self.stride < 1:
-            raise ValueError(f"window and stride must be positive, got {window} and {stride}")
-
-    def __call__(self, model, x, t, cond, uncond, scale, step=None):
-        from ldm.baselines.multidiffusion import views
-        from ldm.models.diffusion.ddim import classifier_free_guidance
-        b, _, height, width = x.shape
-        value = torch.zeros_like(x)
-        count = torch.zeros(1, 1, height, width, dtype=x.dtype, device=x.device)
-        all_views = views(height, width, self.window, self.stride)
-        for k in range(0, len(all_views), self.window_batch):
-            chunk = all_views[k:k + self.window_batch]
-            xs = torch.cat([x[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in chunk])
-            out = classifier_free_guidance(model, xs, t.repeat(len(chunk)), _window_conditions(cond, chunk),
-                                           _window_conditions(uncond, chunk), scale)
-            for (h0, h1, w0, w1), o in zip(chunk, out.split(b)):
-                value[:, :, h0:h1, w0:w1] += o
-                count[:, :, h0:h1, w0:w1] += 1
-        return value / count
+def WindowedUpscaleGuidance(window, stride, window_batch=4):
+    """``guidance`` for the DDIM sampler: the latent denoised in overlapping windows, each with its crop of the
+    low-resolution image, the guided predictions averaged where windows overlap: MultiDiffusion's guidance
+    (``ldm.baselines.multidiffusion``, which crops the "c_concat" condition per window; DDIM is linear in the
+    prediction, so this averages the per-window updates). Memory of one UNet call: ``window_batch`` windows × 2
+    (guidance) × batch."""
+    from ldm.baselines.multidiffusion import MultiDiffusionGuidance
+    return MultiDiffusionGuidance(window, stride, window_batch)
 
 
 def resize_images(x, hw):
