@@ -80,8 +80,8 @@ def describe_preset(path):
                 "share of the steps (0.4 at 2x, 0.7 at 4x the side); no pool pair, no windowed attention")
     if path == "method:fouriscale":
         return ("FouriScale (`ldm/baselines/fouriscale.py`): the SD rule's convs dilated x2 (64x64: "
-                "`configs/fouriscale/demo_64x64.yaml`, steps 5/15 of 25) or x4 (128x128: the release's 20 %/70 % "
-                "rule) on low-pass filtered inputs, progressive, guided by the weakly filtered branch")
+                "`configs/fouriscale/demo_64x64.yaml`, steps 5/15 of 25) or x4 (128x128: the release's rule, "
+                "40 %/70 % of the steps) on low-pass filtered inputs, progressive, guided by the weakly filtered branch")
     if path == "method:attn_scale":
         return "attention scaling (no self-attention in this model: direct sampling)"
     cfg = OmegaConf.load(demo.repo_path(path))
