@@ -92,8 +92,7 @@ class HiDiffusionModules:
 
 def hidiffusion_modules(unet):
     """HiDiffusion's modules in this UNet (SD 1.x/2.x: 4 levels, SDXL: 3 levels), or ValueError."""
-    from ldm.modules.attention import SpatialTransformer
-    from ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+    from ldm.modules.diffusionmodules.openaimodel import Upsample
     lay = unet_layout(unet)
     if lay["levels"] == 4:
         arch, rad_level, window_level = "sd", 0, 0
@@ -109,53 +108,55 @@ def hidiffusion_modules(unet):
         raise ValueError(f"HiDiffusion's module mapping is defined for the SD 1.x/2.x UNet (4 levels) and SDXL's "
                          f"(3 levels); this UNet has {lay['levels']}")
     if min(unet.num_res_blocks[:2]) < 2:
-        return _reduced_modules(unet, lay, Downsample)
+        return _reduced_modules(unet, lay)
     di = lay["down_sample"][rad_level]
-    down = unet.input_blocks[di][0]
-    if not (isinstance(down, Downsample) and isinstance(down.op, nn.Conv2d) and down.op.kernel_size == (3, 3)
-            and down.op.stride == (2, 2)):
-        raise ValueError(f"input_blocks.{di} is not a 3x3 stride-2 conv downsampler (resblock_updown UNets have "
-                         "no RAD conv)")
+    rad = _rad_conv_of(unet, di)
     pi, ui = lay["down_res"][1][0], lay["up"][1][1]
     if any(isinstance(m, Upsample) for m in unet.output_blocks[ui]):
         raise ValueError(f"output_blocks.{ui} holds an upsampler; HiDiffusion's mapping does not apply")
-    windows, window_names = [], []
-    for prefix, idx in (("input_blocks", lay["down_res"][window_level]), ("output_blocks", lay["up"][window_level])):
-        blocks = unet.input_blocks if prefix == "input_blocks" else unet.output_blocks
-        for i in idx:
-            for j, m in enumerate(blocks[i]):
-                if isinstance(m, SpatialTransformer) and any(not b.disable_self_attn for b in m.transformer_blocks):
-                    windows.append(m)
-                    window_names.append(f"{prefix}.{i}.{j}")
+    windows, window_names = _window_transformers(unet, lay, window_level)
     names = {"rad_conv": f"input_blocks.{di}.0.op", "pool_block": f"input_blocks.{pi}",
              "unpool_block": f"output_blocks.{ui}", "window_transformers": window_names,
              "release_names": diff}
-    return HiDiffusionModules(arch, down.op, unet.input_blocks[pi], unet.output_blocks[ui], windows, names)
+    return HiDiffusionModules(arch, rad, unet.input_blocks[pi], unet.output_blocks[ui], windows, names)
 
 
-def _reduced_modules(unet, lay, Downsample):
+def _reduced_modules(unet, lay):
     """Other layouts (e.g. the demo model: one ResBlock per level, no self-attention): the RAD conv on level 0's
     downsampler with SD's schedule, no pool pair (it needs two ResBlocks on levels 0 and 1, the mirror up block
     must not hold an upsampler), windowed attention where level 0 has self-attention."""
-    from ldm.modules.attention import SpatialTransformer
     di = lay["down_sample"][0]
-    down = unet.input_blocks[di][0]
+    rad = _rad_conv_of(unet, di)
+    windows, window_names = _window_transformers(unet, lay, 0)
+    names = {"rad_conv": f"input_blocks.{di}.0.op", "pool_block": None, "unpool_block": None,
+             "window_transformers": window_names,
+             "release_names": {"note": "reduced mapping (not an SD 1.x/2.x or SDXL layout): RAD conv only"}}
+    return HiDiffusionModules("sd", rad, None, None, windows, names)
+
+
+def _rad_conv_of(unet, index):
+    """The conv of the downsampler ``input_blocks[index]`` (ValueError unless a 3x3 stride-2 conv)."""
+    from ldm.modules.diffusionmodules.openaimodel import Downsample
+    down = unet.input_blocks[index][0]
     if not (isinstance(down, Downsample) and isinstance(down.op, nn.Conv2d) and down.op.kernel_size == (3, 3)
             and down.op.stride == (2, 2)):
-        raise ValueError(f"input_blocks.{di} is not a 3x3 stride-2 conv downsampler: HiDiffusion's RAD conv does "
-                         "not apply to this UNet")
-    windows, window_names = [], []
-    for prefix, idx in (("input_blocks", lay["down_res"][0]), ("output_blocks", lay["up"][0])):
+        raise ValueError(f"input_blocks.{index} is not a 3x3 stride-2 conv downsampler: HiDiffusion's RAD conv "
+                         "does not apply to this UNet (resblock_updown UNets have none)")
+    return down.op
+
+
+def _window_transformers(unet, lay, level):
+    """(SpatialTransformers with self-attention in ``level``'s down and up blocks, their names)."""
+    from ldm.modules.attention import SpatialTransformer
+    windows, names = [], []
+    for prefix, idx in (("input_blocks", lay["down_res"][level]), ("output_blocks", lay["up"][level])):
         blocks = unet.input_blocks if prefix == "input_blocks" else unet.output_blocks
         for i in idx:
             for j, m in enumerate(blocks[i]):
                 if isinstance(m, SpatialTransformer) and any(not b.disable_self_attn for b in m.transformer_blocks):
                     windows.append(m)
-                    window_names.append(f"{prefix}.{i}.{j}")
-    names = {"rad_conv": f"input_blocks.{di}.0.op", "pool_block": None, "unpool_block": None,
-             "window_transformers": window_names,
-             "release_names": {"note": "reduced mapping (not an SD 1.x/2.x or SDXL layout): RAD conv only"}}
-    return HiDiffusionModules("sd", down.op, None, None, windows, names)
+                    names.append(f"{prefix}.{i}.{j}")
+    return windows, names
 
 
 # ---------------------------------------------------------------------------------------------
