@@ -120,11 +120,13 @@ RESERVED_FLAGS = {
     "--negative_prompt": "sampler.negative_prompt", "--n_iter": "images", "--repeat": "images",
     "--from-file": "prompts", "--prompt": "prompts", "--fixed_code": "seed", "--H": "size", "--W": "size",
     "--config": "model", "--ckpt": "model", "--method": "method", "--scalecrafter_config": "preset",
-    "--freescale_config": "preset", "--outdir": "(set by reproduce_table.py)", "--sweep": "(always on)",
+    "--freescale_config": "preset", "--fouri_config": "preset", "--outdir": "(set by reproduce_table.py)",
+    "--sweep": "(always on)",
     "--device": "(--device of reproduce_table.py)", "--save_stages": "(extra files would enter the evaluation)",
     "--skip_grid": "(sweeps write no grid)", "--init_image": "(not a text-to-image row)",
 }
-PRESET_FLAGS = {"scalecrafter": "--scalecrafter_config", "freescale": "--freescale_config"}
+PRESET_FLAGS = {"scalecrafter": "--scalecrafter_config", "freescale": "--freescale_config",
+                "fouriscale": "--fouri_config"}
 BUILTIN_PROMPTS = ("shapes",)
 BASE = "base"
 
