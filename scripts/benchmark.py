@@ -705,9 +705,10 @@ def methods_table(args):
 
     extra = {"sdsr": ["--sr_config", str(REPO_ROOT / "configs/stable-diffusion/x4-upscaling.yaml"),
                       "--sr_ckpt", args.ckpt or "random"]}
+    given = {}  # the --extra flags, shown in the table
     for item in args.extra:
         name, _, flags = item.partition("=")
-        extra[name] = shlex.split(flags)
+        extra[name] = given[name] = shlex.split(flags)
     methods = args.methods or list(txt2img.METHODS)
     methods = methods if "direct" in methods else ["direct"] + methods  # the reference of every ratio
     rows = []
@@ -738,7 +739,8 @@ def methods_table(args):
             rec = {"method": method, "seconds": time.perf_counter() - t, "sampling_s": counter["sampling_s"],
                    "unet_evals": counter["evals"], "unet_area": counter["area"],
                    "preset": next((a for a in argv_for(method) if a.endswith(".yaml") and "configs/" in a
-                                   and a != args.config), None)}
+                                   and a != args.config), None),
+                   "flags": given.get(method, [])}
             if cuda:
                 rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             return rec
@@ -764,7 +766,7 @@ def methods_table(args):
              "UNet evaluations: batch elements through the UNet per image (a guided step of direct sampling is 2); "
              "latent area: their summed latent pixels relative to direct. Total time includes text encoding, "
              "decoding and writing the PNG.", "",
-             "| method | preset | UNet evals / image | latent area vs direct | sampling s | vs direct | total s "
+             "| method | preset, flags | UNet evals / image | latent area vs direct | sampling s | vs direct | total s "
              "| vs direct |" + (" peak GiB |" if cuda else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in rows:
@@ -773,7 +775,8 @@ def methods_table(args):
             continue
         rel = (lambda a, b: f"{a / b:.2f}×") if direct else (lambda a, b: "–")
         lines.append(
-            f"| {r['method']} | {Path(r['preset']).name if r['preset'] else '–'} | {r['unet_evals']} | "
+            f"| {r['method']} | {' '.join(([Path(r['preset']).name] if r['preset'] else []) + r['flags']) or '–'} | "
+            f"{r['unet_evals']} | "
             f"{rel(r['unet_area'], direct['unet_area']) if direct else '–'} | {r['sampling_s']:.2f} | "
             f"{rel(r['sampling_s'], direct['sampling_s']) if direct else '–'} | {r['seconds']:.2f} | "
             f"{rel(r['seconds'], direct['seconds']) if direct else '–'} |" + (f" {r['peak_gib']:.2f} |" if cuda else ""))
