@@ -266,3 +266,36 @@ def test_bad_arguments(tiny_vae, tiny_full):
         tiny_vae.decode_tiled(z, tile_size=0)
     with pytest.raises(ValueError):
         tiny_vae.decode_tiled(z, overlap=-1)
+
+
+def test_out_of_memory_in_one_piece_falls_back_to_synced_tiles(tiny_vae):
+    """LatentDiffusion.decode_first_stage: a one-piece decode that runs out of memory is redone in tiles with
+    synchronized GroupNorm (the finished latent is not lost), and the image is the one-piece decode's."""
+    from types import SimpleNamespace
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+    z = structured_latent(72, 80, seed=3)  # larger than the default 64-pixel tile: several tiles
+    with torch.no_grad():
+        full = tiny_vae.decode(z / 0.5)
+    calls = []
+
+    class OutOfMemoryInOnePiece(nn.Module):  # the VAE, on a card too small for the whole image at once
+        def decode(self, z):
+            calls.append(tuple(z.shape))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        def decode_tiled(self, z, **kw):
+            calls.append(("tiled", kw))
+            return tiny_vae.decode_tiled(z, **kw)
+
+    fake = SimpleNamespace(scale_factor=0.5, first_stage_model=OutOfMemoryInOnePiece())
+    with pytest.warns(ResourceWarning, match="out of memory decoding a 72x80 latent"):
+        out = LatentDiffusion.decode_first_stage(fake, z)
+    assert calls == [(1, 4, 72, 80), ("tiled", {"sync_gn": True})]
+    assert err(out, full)[0] < 1e-4
+
+    class NoTiles(nn.Module):  # a first stage without tiled decoding: the error is the original one
+        def decode(self, z):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        LatentDiffusion.decode_first_stage(SimpleNamespace(scale_factor=0.5, first_stage_model=NoTiles()), z)

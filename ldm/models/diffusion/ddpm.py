@@ -6,6 +6,7 @@ State-dict layout is the original's: ``model.diffusion_model.*`` (UNet), ``first
 original this is a plain ``nn.Module``: inference does not need pytorch-lightning, and the training
 entry point (``main.py``) wraps it in a LightningModule.
 """
+import warnings
 from contextlib import contextmanager
 from functools import partial
 
@@ -193,7 +194,20 @@ class LatentDiffusion(nn.Module):
             return self.first_stage_model.decode_tiled(z, **tiling)
         if tiling:
             raise ValueError(f"{type(self.first_stage_model).__name__} has no tiled decoding")
-        return self.first_stage_model.decode(z)
+        try:
+            return self.first_stage_model.decode(z)
+        except torch.OutOfMemoryError:
+            # a one-piece decode of a large image can need far more memory than sampling did (SDXL 2048²: about
+            # 50 GiB in float32); rather than lose the finished latent, decode it in tiles with synchronized
+            # GroupNorm, which gives the same image up to rounding
+            if not hasattr(self.first_stage_model, "decode_tiled"):
+                raise
+            if z.is_cuda:
+                torch.cuda.empty_cache()
+            warnings.warn(f"out of memory decoding a {z.shape[-2]}x{z.shape[-1]} latent in one piece; decoding it in "
+                          "tiles with synchronized GroupNorm instead (the same image up to rounding; pass "
+                          "--tiled_decoding to start that way)", ResourceWarning, stacklevel=2)
+            return self.first_stage_model.decode_tiled(z, sync_gn=True)
 
     @torch.no_grad()
     def encode_first_stage(self, x):
