@@ -516,6 +516,21 @@ def build_parser():
     return p
 
 
+def apply_cpu_run(spec: tables.Spec, args):
+    """The spec's ``cpu_run`` (e.g. the demo's two one-thread jobs at a time on a 2-core CPU): the defaults of
+    --parallel and --threads when the jobs sample on a CPU and the command line sets neither."""
+    if not spec.cpu_run or args.parallel or args.threads or args.workers or args.launcher or args.slurm:
+        return
+    import torch
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        return
+    args.parallel, args.threads = spec.cpu_run.get("parallel"), spec.cpu_run.get("threads")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = " ".join(f"--{k} {v}" for k, v in (("parallel", args.parallel), ("threads", args.threads)) if v)
+    log(f"sampling on a CPU: {given} from the spec's cpu_run (give --parallel or --threads to choose otherwise)")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.run_job:
@@ -531,6 +546,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         spec = tables.load_spec(args.spec)
+        apply_cpu_run(spec, args)
         sel = tables.select(spec, args.rows, args.columns)
         notes = tables.check_spec(spec, txt2img().METHODS, option_check, sel.rows(), preset_flags())
         sel = tables.select(spec, args.rows, args.columns)  # rows now carry the sizes of their presets

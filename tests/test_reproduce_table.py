@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import REPO_ROOT, load_script
@@ -279,6 +280,28 @@ def test_dry_run_lists_jobs_and_estimate(tmp_path, capsys):
     # 4 images x 2 s (direct 64²) + 4 x 2 s (dilated, from direct's figure) + 4 x 0.5 s (32², by pixel count)
     assert "estimate: 0.01 hours (18 s) on test CPU" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_run_sets_parallel_and_threads_unless_given(tmp_path, capsys, monkeypatch):
+    """A spec's cpu_run gives --parallel/--threads on a CPU when the command line gives neither."""
+    timing = {"entries": [{"match": {"method": "direct", "size": [64, 64]}, "seconds_per_image": 2.0,
+                           "device": "test CPU", "source": "made up for the test"}]}
+    spec = write_spec(tmp_path / "tiny.yaml", timing=timing, cpu_run={"parallel": 2, "threads": 1})
+    threads = torch.get_num_threads()
+    try:
+        assert rt.main([str(spec), "--out", str(tmp_path / "out"), "--dry-run", "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert "--parallel 2 --threads 1 from the spec's cpu_run" in out
+        assert "with --parallel 2: about" in out
+        assert rt.main([str(spec), "--out", str(tmp_path / "out"), "--dry-run", "--device", "cpu",
+                        "--parallel", "3"]) == 0  # the command line wins
+        out = capsys.readouterr().out
+        assert "from the spec's cpu_run" not in out and "with --parallel 3: about" in out
+    finally:
+        torch.set_num_threads(threads)
+    bad = write_spec(tmp_path / "bad.yaml", cpu_run={"parallel": 0})
+    assert rt.main([str(bad), "--dry-run"]) != 0
+    assert "cpu_run.parallel: a positive integer is required" in capsys.readouterr().err
 
 
 def test_rows_sampling_the_same_share_a_job(tmp_path):

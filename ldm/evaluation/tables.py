@@ -112,7 +112,7 @@ ROW_SHARED_KEYS = ("seed", "prompts", "images") + SAMPLER_KEYS
 ROW_KEYS = {"id", "name", "method", "model", "size", "preset", "options", "notes"} | set(ROW_SHARED_KEYS)
 TABLE_KEYS = {"id", "title", "prompts", "images", "references", "columns", "rows", "notes"}
 TOP_KEYS = {"name", "title", "paper", "notes", "models", "prompts", "images", "seed", "sampler", "common_options",
-            "features", "references", "columns", "rows", "tables", "timing"}
+            "features", "references", "columns", "rows", "tables", "timing", "cpu_run"}
 # txt2img flags a row's options must not set: table-wide settings, or what the runner sets itself
 RESERVED_FLAGS = {
     "--steps": "sampler.steps", "--ddim_eta": "sampler.eta", "--scale": "sampler.scale", "--seed": "seed",
@@ -203,6 +203,7 @@ class Spec:
     tables: List[Table]
     timing: Dict
     multi: bool
+    cpu_run: Dict = field(default_factory=dict)  # defaults of --parallel/--threads when sampling on a CPU
 
     def rows(self) -> List[Row]:
         return [r for t in self.tables for r in t.rows]
@@ -385,6 +386,11 @@ def load_spec(path) -> Spec:
     _check_keys(features, {"inception", "shapes"}, f"{where}: features")
     timing = dict(raw.get("timing") or {})
     _check_keys(timing, {"entries", "exponent", "exponent_source", "notes"}, f"{where}: timing")
+    cpu_run = dict(raw.get("cpu_run") or {})
+    _check_keys(cpu_run, {"parallel", "threads"}, f"{where}: cpu_run")
+    for k, v in cpu_run.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SpecError(f"{where}: cpu_run.{k}: a positive integer is required, got {v!r}")
     top_refs = _references(raw.get("references"), f"{where}: references")
     multi = "tables" in raw
     table_defs = raw["tables"] if multi else [{"id": name, "title": raw.get("title", name), "rows": raw["rows"]}]
@@ -412,7 +418,8 @@ def load_spec(path) -> Spec:
         tables.append(Table(tid, str(t.get("title", tid)), prompts, images, refs, columns, rows,
                             str(t.get("notes", "") or "")))
     return Spec(path, name, str(raw.get("title", name)), str(raw.get("paper", "") or ""),
-                str(raw.get("notes", "") or ""), models, seed, sampler, common, features, tables, timing, multi)
+                str(raw.get("notes", "") or ""), models, seed, sampler, common, features, tables, timing, multi,
+                cpu_run)
 
 
 def _row(r, index, tid, tw, models, seed, sampler, prompts, images, multi) -> Row:
