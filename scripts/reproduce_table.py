@@ -243,7 +243,8 @@ def run_jobs(p: tables.Plan, args) -> list:
             f"render (rows: {', '.join(job.rows) or 'base reference'})")
 
     if (args.parallel or 1) > 1:  # several jobs at once, each in its own process; the longest first
-        cost = {e["job"].id: (e["seconds_per_image"] or 0.0) * e["remaining"] for e in tables.estimate(p)}
+        # a job without an estimate could be the longest: it goes first
+        cost = {e["job"].id: (e["seconds_per_image"] or float("inf")) * e["remaining"] for e in tables.estimate(p)}
         pending = sorted(enumerate(todo, 1), key=lambda ij: -cost.get(ij[1].id, 0.0))
         running, errors = {}, []
         try:

@@ -23,6 +23,11 @@ from ldm.modules.diffusionmodules.upscaling import Upscaler
 TINY_X4 = REPO_ROOT / "configs/tiny/tiny-x4-upscaler.yaml"
 ORACLE = "x4_upscaler_oracle_tiny.pt"
 TOL = dict(rtol=1e-5, atol=1e-5)  # both sides float32 on the CPU; outputs are of order 1
+# Classifier-free guidance (scale 5: 5 * cond - 4 * uncond) amplifies float32 rounding about ninefold: the
+# original's own float32 run is 1.3e-5 (pred_x0 of the first step) and 9.8e-6 (samples) away from the same code
+# run in float64, and this repository's float64 run equals the original's float64 run to 4e-14 (checked when the
+# file was made; tests/reference/README.md). The guided comparisons therefore allow 5e-5.
+GUIDED_TOL = dict(rtol=1e-5, atol=5e-5)
 
 
 def regenerate_parameter(key, shape):
@@ -119,6 +124,7 @@ def _conds(oracle):
 @pytest.mark.parametrize("run", ["ddim_noguide", "ddim_cfg"])
 def test_ddim_run_and_decoding(oracle, model, run):
     ddim, rec = oracle["ddim"], oracle["ddim"][run]
+    tol = TOL if rec["scale"] == 1.0 else GUIDED_TOL
     cond, uncond = _conds(oracle)
     pred_x0 = []
     sampler = DDIMSampler(model)
@@ -128,9 +134,9 @@ def test_ddim_run_and_decoding(oracle, model, run):
                                 img_callback=lambda p, i: pred_x0.append(p))
     assert sampler.ddim_timesteps.tolist() == ddim["timesteps"].tolist() == [1, 251, 501, 751]
     for step, (got, want) in enumerate(zip(pred_x0, rec["pred_x0_per_step"])):
-        close(got, want, msg=lambda m, s=step: f"pred_x0 of step {s}: {m}")
-    close(samples, rec["samples"])
-    close(model.decode_first_stage(samples), rec["decoded"])
+        close(got, want, msg=lambda m, s=step: f"pred_x0 of step {s}: {m}", **tol)
+    close(samples, rec["samples"], **tol)
+    close(model.decode_first_stage(samples), rec["decoded"], **tol)
 
 
 @pytest.mark.parametrize("run", ["ddim_noguide", "ddim_cfg"])
@@ -142,4 +148,4 @@ def test_upscaler_end_to_end(oracle, model, run):
                   negative_prompt=oracle["negative_prompt"], tiling={})
     out = up(ddim["x_lr"], oracle["prompts"], generator=torch.Generator().manual_seed(ddim["aug_noise_generator_seed"]),
              x_T=ddim["x_T"].clone())
-    close(out, rec["decoded"])
+    close(out, rec["decoded"], **(TOL if rec["scale"] == 1.0 else GUIDED_TOL))

@@ -4,7 +4,8 @@
 
 ``/path/to/stablediffusion`` is a throw-away copy of Stability-AI/stablediffusion (commit ``SD_COMMIT`` below),
 outside any repository, run in an environment with open_clip_torch 2.0.2 (the open_clip of the SD 2.x era: the
-original text encoder feeds the transformer sequence-first, which open_clip >= 2.14 no longer accepts). This
+original text encoder permutes its input to sequence-first, as open_clip 2.0.2's transformer expects; open_clip 3.x
+builds it batch-first, where the same call would attend across the batch). This
 script imports *that* code (not this repository's ``ldm``: the script's folder, not the repository root, is on
 ``sys.path``), applies run-time shims only (no file of the copy is edited), builds ``LatentUpscaleDiffusion``
 from this repository's ``configs/tiny/tiny-x4-upscaler.yaml`` with the original classes, gives every parameter
