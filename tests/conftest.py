@@ -3,6 +3,7 @@
 The numeric oracles and key/shape manifests computed with the original CompVis/Stability code are in
 ``tests/reference/`` (provenance: its README.md); ``$LDM_REFERENCE_DIR`` points the tests at another copy.
 """
+import math
 import os
 from pathlib import Path
 
@@ -22,6 +23,21 @@ def load_script(name):
 
 
 REFERENCE_DIR = REPO_ROOT / "tests" / "reference"
+
+
+def packed_4bit_state_dict(w):
+    """The weights of the oracles recorded from diffusers-based releases (tests/reference/hidiffusion/,
+    tests/reference/fouriscale/): value = offset + q * 2**-exp, exact in float32, q a 4-bit integer stored two
+    per byte (q + 8 in the low and high nibble)."""
+    sd, start = {}, 0
+    for key, shape, e, offset in zip(w["keys"], w["shapes"], w["exp"], w["offset"]):
+        n = (math.prod(shape) + 1) // 2
+        b = w["q4"][start:start + n].to(torch.int16)
+        q = torch.stack([(b & 15) - 8, (b >> 4) - 8], dim=-1).flatten()[:math.prod(shape)].reshape(shape)
+        sd[key] = (q.to(torch.float64) * 2.0 ** -e + offset).to(torch.float32)
+        start += n
+    assert start == w["q4"].numel()
+    return sd
 
 
 def reference_dir() -> Path:

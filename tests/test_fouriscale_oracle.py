@@ -14,7 +14,6 @@ The tiny UNet is tests/reference/hidiffusion/tiny_sd1_unet.yaml with ``image_siz
 layout, a training latent of 16 (with the yaml's 12, a 2x latent has a 3x3 deepest level, an odd FFT size on
 which the release's mask construction fails; docs/fouriscale.md, release bug 3).
 """
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import load_script
+from conftest import load_script, packed_4bit_state_dict
 from ldm import baselines
 from ldm.baselines import fouriscale as FS
 from ldm.util import instantiate_from_config
@@ -34,24 +33,6 @@ F = 8     # the first stage's factor txt2img would use (SD): image size = 8 x la
 TOL = 2e-5  # max abs error on raw UNet outputs (output std about 0.56; float32 noise about 2e-6, see README.md)
 
 CASES = ["sd15_2x_32x32", "sd15_4x_64x64", "sd15_32x48"]
-
-
-def _unpack4(packed, shape):
-    b = packed.to(torch.int16)
-    v = torch.stack([(b & 15) - 8, (b >> 4) - 8], dim=-1).flatten()
-    return v[:math.prod(shape)].reshape(shape)
-
-
-def _state_dict(w):
-    """The stored weights: value = offset + q * 2**-exp (exact in float32), q 4-bit, two per byte."""
-    sd, start = {}, 0
-    for key, shape, e, offset in zip(w["keys"], w["shapes"], w["exp"], w["offset"]):
-        n = (math.prod(shape) + 1) // 2
-        q = _unpack4(w["q4"][start:start + n], shape)
-        sd[key] = (q.to(torch.float64) * 2.0 ** -e + offset).to(torch.float32)
-        start += n
-    assert start == w["q4"].numel()
-    return sd
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,7 +54,7 @@ def unet(oracle):
     cfg = OmegaConf.load(CONFIG)
     cfg.params.image_size = oracle["image_size"]  # the training latent of the recording (see the module doc)
     model = instantiate_from_config(cfg).eval()
-    model.load_state_dict(_state_dict(oracle["weights"]), strict=True)
+    model.load_state_dict(packed_4bit_state_dict(oracle["weights"]), strict=True)
     return model
 
 

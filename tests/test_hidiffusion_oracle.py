@@ -9,7 +9,6 @@ scripted to this repository's draws for the recorded seed. Here the same UNet ca
 and the raw UNet outputs must match the release's to float32 rounding (the release's own float32 run is about
 2e-6 from its float64 run, which is what is stored).
 """
-import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import packed_4bit_state_dict
 from ldm.baselines import hidiffusion as HD
 from ldm.util import instantiate_from_config
 
@@ -24,24 +24,6 @@ REF = Path(__file__).resolve().parent / "reference" / "hidiffusion"
 ORACLE = REF / "oracle_tiny.pt"
 CONFIG = REF / "tiny_sd1_unet.yaml"
 TOL = 2e-5  # max abs error allowed on raw UNet outputs (output std about 0.55; float32 noise about 2e-6)
-
-
-def _unpack4(packed, shape):
-    b = packed.to(torch.int16)
-    v = torch.stack([(b & 15) - 8, (b >> 4) - 8], dim=-1).flatten()
-    return v[:math.prod(shape)].reshape(shape)
-
-
-def _state_dict(w):
-    """The stored weights: value = offset + q * 2**-exp (exact in float32), q 4-bit, two per byte."""
-    sd, start = {}, 0
-    for key, shape, e, offset in zip(w["keys"], w["shapes"], w["exp"], w["offset"]):
-        n = (math.prod(shape) + 1) // 2
-        q = _unpack4(w["q4"][start:start + n], shape)
-        sd[key] = (q.to(torch.float64) * 2.0 ** -e + offset).to(torch.float32)
-        start += n
-    assert start == w["q4"].numel()
-    return sd
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +45,7 @@ def oracle():
 def unet(oracle):
     cfg = OmegaConf.load(CONFIG)
     model = instantiate_from_config(cfg).eval()
-    model.load_state_dict(_state_dict(oracle["weights"]), strict=True)
+    model.load_state_dict(packed_4bit_state_dict(oracle["weights"]), strict=True)
     return model
 
 
