@@ -40,6 +40,35 @@ def packed_4bit_state_dict(w):
     return sd
 
 
+def tiny_sd1_oracle_unet(weights, image_size=None):
+    """The tiny SD 1.5-structured UNet of the oracles recorded from diffusers-based releases
+    (tests/reference/hidiffusion/tiny_sd1_unet.yaml) with their 4-bit weights; ``image_size`` overrides the
+    config's training latent."""
+    from omegaconf import OmegaConf
+    from ldm.util import instantiate_from_config
+    cfg = OmegaConf.load(REPO_ROOT / "tests/reference/hidiffusion/tiny_sd1_unet.yaml")
+    if image_size is not None:
+        cfg.params.image_size = image_size
+    model = instantiate_from_config(cfg).eval()
+    model.load_state_dict(packed_4bit_state_dict(weights), strict=True)
+    return model
+
+
+class RecordingUNetModel:
+    """A bare UNet as guidance hooks see LatentDiffusion (``apply_model``, ``model.diffusion_model``), keeping
+    every raw UNet output in ``raw``."""
+
+    def __init__(self, unet):
+        from ldm.scalecrafter.benchmark_modes import BareUNetModel
+        self.bare, self.raw = BareUNetModel(unet), []
+        self.model = self.bare.model
+
+    def apply_model(self, x, t, cond):
+        out = self.bare.apply_model(x, t, cond)
+        self.raw.append(out)
+        return out
+
+
 def reference_dir() -> Path:
     env = os.environ.get("LDM_REFERENCE_DIR")
     path = Path(env) if env else REFERENCE_DIR
@@ -71,6 +100,16 @@ def tiny_ckpts(tmp_path_factory):
         out[name] = (config, make.save_checkpoint(make.make_random_state_dict(OmegaConf.load(config), seed=3),
                                                   d / f"{name}.ckpt"))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of many small ops: with two threads on a busy 2-core machine every op waits
+    for a descheduled thread (minutes instead of seconds). Use with ``pytest.mark.usefixtures``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

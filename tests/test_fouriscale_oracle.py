@@ -15,33 +15,23 @@ layout, a training latent of 16 (with the yaml's 12, a 2x latent has a 3x3 deepe
 which the release's mask construction fails; docs/fouriscale.md, release bug 3).
 """
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import load_script, packed_4bit_state_dict
+from conftest import RecordingUNetModel, load_script, tiny_sd1_oracle_unet
 from ldm import baselines
 from ldm.baselines import fouriscale as FS
-from ldm.util import instantiate_from_config
 
 REF = Path(__file__).resolve().parent / "reference" / "fouriscale"
 ORACLE = REF / "oracle_tiny.pt"
-CONFIG = Path(__file__).resolve().parent / "reference" / "hidiffusion" / "tiny_sd1_unet.yaml"
 F = 8     # the first stage's factor txt2img would use (SD): image size = 8 x latent size
 TOL = 2e-5  # max abs error on raw UNet outputs (output std about 0.56; float32 noise about 2e-6, see README.md)
 
 CASES = ["sd15_2x_32x32", "sd15_4x_64x64", "sd15_32x48"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is tiny: one thread is as fast, and several stall on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small ops (see conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +41,12 @@ def oracle():
 
 @pytest.fixture(scope="module")
 def unet(oracle):
-    cfg = OmegaConf.load(CONFIG)
-    cfg.params.image_size = oracle["image_size"]  # the training latent of the recording (see the module doc)
-    model = instantiate_from_config(cfg).eval()
-    model.load_state_dict(packed_4bit_state_dict(oracle["weights"]), strict=True)
-    return model
+    return tiny_sd1_oracle_unet(oracle["weights"], oracle["image_size"])  # the recording's training latent
 
 
 @pytest.fixture(scope="module")
 def txt2img():
     return load_script("txt2img")
-
-
-class _Model:
-    """What the guidance needs of LatentDiffusion (apply_model on the bare UNet), and what build_guidance reads
-    (model.model.diffusion_model); keeps the raw outputs."""
-
-    def __init__(self, unet):
-        self.unet, self.raw = unet, []
-        self.model = SimpleNamespace(diffusion_model=unet)
-
-    def apply_model(self, x, t, cond):
-        out = self.unet(x, t, context=cond)
-        self.raw.append(out)
-        return out
 
 
 def _guidance(txt2img, unet, oracle, case, *extra):
@@ -86,7 +58,7 @@ def _guidance(txt2img, unet, oracle, case, *extra):
         ["--method", "fouriscale", "--H", str(h * F), "--W", str(w * F), "--steps", str(oracle["steps"]),
          "--scale", str(oracle["cfg_scale"]), *extra])
     baselines.prepare_options("fouriscale", opt, "sd1", base * F, 512)
-    guide, _ = baselines.build_guidance("fouriscale", opt, _Model(unet), base, (opt.H, opt.W), F)
+    guide, _ = baselines.build_guidance("fouriscale", opt, RecordingUNetModel(unet), base, (opt.H, opt.W), F)
     return guide
 
 
@@ -95,7 +67,7 @@ def _run(guide, unet, oracle, case, index):
     c = oracle["cases"][case]
     step = int(c["steps_stored"][index])
     x, t = c["x"][index:index + 1].float(), c["t"][index:index + 1]
-    model = _Model(unet)
+    model = RecordingUNetModel(unet)
     with torch.no_grad():
         guided = guide(model, x, t, oracle["cond"], oracle["uncond"], oracle["cfg_scale"], step)
     assert len(model.raw) == 1

@@ -18,22 +18,10 @@ from ldm.baselines import hidiffusion as HD
 from ldm.models.diffusion.ddim import classifier_free_guidance
 from ldm.modules.attention import CrossAttention
 from ldm.processors import call_original, installed
+from ldm.scalecrafter.benchmark_modes import BareUNetModel
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class _UNetModel:
-    """The part of LatentDiffusion the guidance uses: apply_model on a bare UNet (SD: tensor context; SDXL:
-    {"crossattn", "vector"})."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    def apply_model(self, x, t, cond):
-        if isinstance(cond, dict):
-            return self.unet(x, t, context=cond["crossattn"], y=cond["vector"])
-        return self.unet(x, t, context=cond)
 
 
 def _unet(name):
@@ -184,7 +172,7 @@ def test_window_shifts_are_seeded_per_run_seed_and_step(unets):
     with torch.no_grad():
         for seed in (3, 3, 4):
             g = HD.HiDiffusionGuidance(unet, 10, 8, apply_raunet=False, seed=seed)
-            outs.append(g(_UNetModel(unet), x, t, cond, None, 1.0, 2))
+            outs.append(g(BareUNetModel(unet), x, t, cond, None, 1.0, 2))
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
@@ -288,7 +276,7 @@ def test_raunet_sd_layers_against_hand_computation(unets):
     cond, _ = _conds("sd2")
     try:
         with torch.no_grad():
-            out = g(_UNetModel(unet), x, torch.tensor([900]), cond, None, 1.0, 0)
+            out = g(BareUNetModel(unet), x, torch.tensor([900]), cond, None, 1.0, 0)
     finally:
         for h in handles:
             h.remove()
@@ -323,7 +311,7 @@ def test_raunet_sdxl_shapes(unets):
         rec, handles = _capture(names)
         try:
             with torch.no_grad():
-                out = g(_UNetModel(unet), x, torch.tensor([500]), cond, None, 1.0, step)
+                out = g(BareUNetModel(unet), x, torch.tensor([500]), cond, None, 1.0, step)
         finally:
             for h in handles:
                 h.remove()
@@ -343,7 +331,7 @@ def test_raunet_sdxl_shapes(unets):
 @pytest.mark.parametrize("name", ["sd2", "sdxl"])
 def test_everything_off_is_plain_guidance_bit_for_bit(unets, name):
     unet = unets[name]
-    model = _UNetModel(unet)
+    model = BareUNetModel(unet)
     cond, uncond = _conds(name)
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([700])
     with torch.no_grad():

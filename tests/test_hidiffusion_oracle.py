@@ -16,9 +16,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import packed_4bit_state_dict
+from conftest import RecordingUNetModel, tiny_sd1_oracle_unet
 from ldm.baselines import hidiffusion as HD
-from ldm.util import instantiate_from_config
 
 REF = Path(__file__).resolve().parent / "reference" / "hidiffusion"
 ORACLE = REF / "oracle_tiny.pt"
@@ -26,14 +25,7 @@ CONFIG = REF / "tiny_sd1_unet.yaml"
 TOL = 2e-5  # max abs error allowed on raw UNet outputs (output std about 0.55; float32 noise about 2e-6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is tiny: one thread is as fast, and several stall on a busy machine (minutes instead of
-    seconds when other jobs hold the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small ops (see conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +35,7 @@ def oracle():
 
 @pytest.fixture(scope="module")
 def unet(oracle):
-    cfg = OmegaConf.load(CONFIG)
-    model = instantiate_from_config(cfg).eval()
-    model.load_state_dict(packed_4bit_state_dict(oracle["weights"]), strict=True)
-    return model
+    return tiny_sd1_oracle_unet(oracle["weights"])
 
 
 def _base_latent():
@@ -54,18 +43,6 @@ def _base_latent():
 
 
 CASES = ["sd15_1024_24x24", "sd15_2048_48x48", "sd15_2048_36x44", "sd15_1024_17x23"]
-
-
-class _Model:
-    """What the guidance needs of LatentDiffusion (apply_model on the bare UNet); keeps the raw outputs."""
-
-    def __init__(self, unet):
-        self.unet, self.raw = unet, []
-
-    def apply_model(self, x, t, cond):
-        out = self.unet(x, t, context=cond)
-        self.raw.append(out)
-        return out
 
 
 def _guidance(unet, oracle, case, **kwargs):
@@ -102,7 +79,7 @@ def _run(unet, oracle, case, steps=None, draws=None, g=None, scale=None):
         _replay(g, queue)
     else:
         _record_draws(g, used)
-    model = _Model(unet)
+    model = RecordingUNetModel(unet)
     scale = oracle["cfg_scale"] if scale is None else scale
     guided, seen = [], []
     with torch.no_grad():

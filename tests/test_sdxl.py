@@ -355,11 +355,11 @@ def test_benchmark_sdxl_modes_and_pipeline_smoke(tmp_path):
 
 
 def test_dispersed_kernels_are_freed_after_disperse_tau():
-    from ldm.scalecrafter.benchmark_modes import _Direct
+    from ldm.scalecrafter.benchmark_modes import BareUNetModel
     from ldm.scalecrafter.guidance import ScaleCrafterGuidance
     unet = instantiate_from_config(OmegaConf.load(TINY_SDXL).model.params.unet_config).eval()
     plan = plan_from_preset(unet, PRESETS / "sdxl_4096x4096_disperse_corrected.yaml")
-    guide, model = ScaleCrafterGuidance(plan), _Direct(unet)
+    guide, model = ScaleCrafterGuidance(plan), BareUNetModel(unet)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([981])
     cond = {"crossattn": torch.randn(1, 77, 64), "vector": torch.randn(1, 1568)}
     uncond = {"crossattn": torch.zeros(1, 77, 64), "vector": torch.randn(1, 1568)}

@@ -17,14 +17,7 @@ SD = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, 
           num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # many small ops: with 2 OpenMP threads on a busy 2-core machine every op waits for a descheduled
-    # thread (10× slower); one thread keeps this file fast everywhere
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small ops (see conftest.py)
 
 
 @pytest.fixture(scope="module")

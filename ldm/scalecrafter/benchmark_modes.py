@@ -17,6 +17,7 @@ plus ``preset_corrected`` (sdxl_<size>_corrected.yaml). SDXL's UNet also gets th
 """
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -38,11 +39,13 @@ FIXED = {  # mode -> (preset name without the family prefix, with noise-damped C
 }
 
 
-class _Direct:
-    """Minimal stand-in for LatentDiffusion.apply_model on a bare UNet (dict conditions carry SDXL's y)."""
+class BareUNetModel:
+    """The part of LatentDiffusion that guidance hooks use, on a bare UNet: ``apply_model`` (SD: a context
+    tensor; SDXL: {"crossattn", "vector"}) and ``model.diffusion_model``."""
 
     def __init__(self, unet):
         self.unet = unet
+        self.model = SimpleNamespace(diffusion_model=unet)
 
     def apply_model(self, x, t, cond):
         if isinstance(cond, dict):
@@ -98,7 +101,7 @@ def make_step(mode, unet, size, batch, device, dtype, family="sd2"):
         adm = unet.label_emb[0][0].in_features
         cond = {"crossattn": cond, "vector": torch.randn(half, adm, device=device, dtype=dtype)}
         uncond = {"crossattn": uncond, "vector": torch.randn(half, adm, device=device, dtype=dtype)}
-    model = _Direct(unet)
+    model = BareUNetModel(unet)
     if mode == "plain":
         from ldm.models.diffusion.ddim import classifier_free_guidance
         return lambda i: classifier_free_guidance(model, x, t, cond, uncond, 7.5)
