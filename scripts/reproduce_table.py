@@ -517,17 +517,19 @@ def build_parser():
     return p
 
 
+def on_gpu(args) -> bool:
+    """Whether this run samples and extracts features on a GPU (--device, or auto with one present)."""
+    import torch
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
 def apply_cpu_run(spec: tables.Spec, args):
     """The spec's ``cpu_run`` (e.g. the demo's two one-thread jobs at a time on a 2-core CPU): the defaults of
     --parallel and --threads when the jobs sample on a CPU and the command line sets neither."""
-    if not spec.cpu_run or args.parallel or args.threads or args.workers or args.launcher or args.slurm:
-        return
-    import torch
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+    if not spec.cpu_run or args.parallel or args.threads or args.workers or args.launcher or args.slurm \
+            or on_gpu(args):
         return
     args.parallel, args.threads = spec.cpu_run.get("parallel"), spec.cpu_run.get("threads")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     given = " ".join(f"--{k} {v}" for k, v in (("parallel", args.parallel), ("threads", args.threads)) if v)
     log(f"sampling on a CPU: {given} from the spec's cpu_run (give --parallel or --threads to choose otherwise)")
 
@@ -542,12 +544,12 @@ def main(argv=None) -> int:
     if not args.spec:
         build_parser().error("give a table spec (configs/tables/*.yaml)")
     t_start = time.time()
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     try:
         spec = tables.load_spec(args.spec)
         apply_cpu_run(spec, args)
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         sel = tables.select(spec, args.rows, args.columns)
         notes = tables.check_spec(spec, txt2img().METHODS, option_check, sel.rows(), preset_flags())
         sel = tables.select(spec, args.rows, args.columns)  # rows now carry the sizes of their presets
@@ -595,10 +597,8 @@ def main(argv=None) -> int:
         wall = time.time() - t_start
         command = "python scripts/reproduce_table.py " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        import torch
-        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         meta = {"command": command, "date": tables.now_utc(), "wall_s": wall,
-                "machine": tables.machine_description("cuda" if on_gpu else "cpu")}
+                "machine": tables.machine_description("cuda" if on_gpu(args) else "cpu")}
         md = tables.render_markdown(p, results, meta)
         out.mkdir(parents=True, exist_ok=True)
         tables.write_text_atomic(out / "table.md", md)
