@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.inference import InputWarning
+from ldm.errors import InputWarning
 from ldm.util import check_config_targets, instantiate_from_config, no_weight_init, trusted_configs
 
 # where users get the original files (the file name is what shellscripts/ and the README expect)

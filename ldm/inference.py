@@ -13,13 +13,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
-class UsageError(ValueError):
-    """Bad user input; the message names the input and the fix."""
-
-
-class InputWarning(UserWarning):
-    """Input that is used, but not entirely as given (a prompt cut to the encoder's length, an unsafe load);
-    the scripts print these as one ``warning: ...`` line each."""
+from ldm.errors import InputWarning, UsageError  # noqa: F401  (re-exported: the scripts' import path)
+from ldm.util import cast_for_half_precision, check_size  # noqa: F401  (re-exported)
 
 
 def pick_device(name="auto"):
@@ -35,19 +30,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def check_size(H, W, f):
-    """Image sides must be positive multiples of the first stage's downsampling factor f."""
-    for name, v in (("--H", H), ("--W", W)):
-        if v <= 0:
-            raise UsageError(f"{name} {v}: the image side must be a positive multiple of {f} (the latent "
-                             f"downsampling factor --f), e.g. 512")
-        if v % f:
-            lo = max(f, (v // f) * f)
-            hi = lo + f if v % f else lo
-            raise UsageError(f"{name} {v} is not a multiple of {f} (the latent downsampling factor --f); "
-                             f"nearest valid sizes: {lo} or {hi}")
 
 
 def read_prompt_file(path, repeat=1):
@@ -181,7 +163,7 @@ def save_png(img, path, metadata=None, tmp_prefix=".tmp-"):
     The data is fsync'ed before the rename and the folder after it, so that after a crash or power loss the
     file is either absent or complete (never renamed but empty). The file gets the permissions of a normal
     new file (0666 minus the umask, see :func:`create_temp_file`). ``tmp_prefix`` names the temporary file
-    (``ldm.sweep`` puts its job's id in it)."""
+    (``ldm.pipelines.sweep`` puts its job's id in it)."""
     path = Path(path)
     info = PngInfo()
     for k, v in (metadata or {}).items():
@@ -211,19 +193,3 @@ def make_grid(images, n_rows):
         r, c = divmod(i, cols)
         grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
-
-
-def cast_for_half_precision(model, dtype=torch.float16, cast=None):
-    """Store the UNet's and the text encoders' weights in ``dtype`` (run under autocast of the same dtype).
-
-    The VAE and the noise schedule stay float32 (SDXL's VAE overflows float16; the sampler's per-step
-    coefficients need float32). Compared with float32 weights under autocast this halves the weight memory:
-    SDXL's UNet is 5.1 GB instead of 10.3 GB. ``cast(module, dtype)`` defaults to ``module.to(dtype)``
-    (``ldm.fake_cuda.cast_parameters_`` for fake tensors).
-    """
-    cast = cast or (lambda module, dt: module.to(dt))
-    for name in ("model", "cond_stage_model", "conditioner"):
-        module = getattr(model, name, None)
-        if isinstance(module, torch.nn.Module):
-            cast(module, dtype)
-    return model

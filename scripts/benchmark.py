@@ -67,7 +67,7 @@ def measure_once(args):
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     unet = build_unet(device, dtype, args.config or CONFIGS[args.family])
-    from ldm.scalecrafter.benchmark_modes import make_step  # per-mode step function
+    from tools.benchmark_modes import make_step  # per-mode step function
     step = make_step(args.mode, unet, args.size, args.batch, device, dtype, family=args.family)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
@@ -192,7 +192,7 @@ def add_pipeline_parser(sub):
                    help="cap this process's CUDA memory (e.g. 24 on a larger GPU: a run that needs more fails)")
     q.add_argument("--write", type=str, default=None, help="update this markdown file")
     q.add_argument("--simulate", action="store_true",
-                   help="no GPU needed: run on fake CUDA tensors (shapes only, see ldm/fake_cuda.py) and report the "
+                   help="no GPU needed: run on fake CUDA tensors (shapes only, see tools/fake_cuda.py) and report the "
                         "estimated peak CUDA memory per phase (a lower bound: no cuDNN workspaces, no fragmentation)")
     q.add_argument("--key", type=str, default=None, help="section key in the markdown file")
 
@@ -217,9 +217,9 @@ def pipeline_size(args):
     if args.preset:
         from omegaconf import OmegaConf
         if OmegaConf.load(args.preset).get("method") == "freescale":
-            from ldm.freescale.presets import load_preset
+            from ldm.methods.freescale.presets import load_preset
         else:
-            from ldm.scalecrafter.presets import load_preset
+            from ldm.methods.scalecrafter.presets import load_preset
         preset = load_preset(args.preset)
     size = args.size or ([preset["height"], preset["width"]] if preset else [1024])
     H, W = (size[0], size[0]) if len(size) == 1 else size[:2]
@@ -234,14 +234,14 @@ def method_scopes(model, preset, use_freeu):
     guidance = None
     if preset is not None and preset.get("method") != "freescale":
         import warnings
-        from ldm.scalecrafter.guidance import ScaleCrafterGuidance
-        from ldm.scalecrafter.presets import plan_from_preset
+        from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance
+        from ldm.methods.scalecrafter.presets import plan_from_preset
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             guidance = ScaleCrafterGuidance(plan_from_preset(unet, preset))
     if not use_freeu:
         return guidance, nullcontext()
-    from ldm.scalecrafter.freeu import FREEU_DEFAULTS, freeu
+    from ldm.unet_hooks.freeu import FREEU_DEFAULTS, freeu
     family = "sdxl" if hasattr(model, "conditioner") else "sd2"
     return guidance, freeu(unet, **dict((preset or {}).get("freeu") or FREEU_DEFAULTS[family]))
 
@@ -274,8 +274,8 @@ def guided_run(model, sampler, guidance, H, W, steps, phase, tiling, preset=None
 
 def freescale_stages(model, sampler, preset, H, W, steps, c, uc, phase, tiling, mark=None):
     """The FreeScale cascade as one "sampling" phase; ``mark`` records each stage (its upscaling and denoising)."""
-    from ldm.freescale.cascade import FreeScale
-    from ldm.freescale.presets import make_settings
+    from ldm.methods.freescale.cascade import FreeScale
+    from ldm.methods.freescale.presets import make_settings
     settings = make_settings(H, W, int(preset["base"]), preset)
     callback = (lambda k, size, latent: mark(f"stage {k + 1} ({size[1]}x{size[0]})")) if mark else None
     runner = FreeScale(model, settings, f=latent_factor(model), tiling=tiling, stage_callback=callback)
@@ -391,7 +391,7 @@ def simulate_pipeline(args):
     import numpy as np
     import torch
     from omegaconf import OmegaConf
-    from ldm.fake_cuda import FakeCuda, cast_parameters_, fused_attention, unset_fake_temporarily
+    from tools.fake_cuda import FakeCuda, cast_parameters_, fused_attention, unset_fake_temporarily
     from ldm.inference import cast_for_half_precision
     from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.modules.diffusionmodules.util import make_beta_schedule
@@ -474,7 +474,7 @@ def simulate_pipeline(args):
            "freeu": args.freeu, "weights_gib": weights / 2 ** 30, "phases": phases, "simulated": True}
     print("RESULT " + json.dumps(res))
     lines = [f"### Estimated CUDA memory: {res['config']}, {res['preset'] or 'direct'}, {W}x{H}", "",
-             f"Simulated with fake CUDA tensors on a CPU (`--simulate`, `ldm/fake_cuda.py`): live tensor bytes, "
+             f"Simulated with fake CUDA tensors on a CPU (`--simulate`, `tools/fake_cuda.py`): live tensor bytes, "
              f"a lower bound of `torch.cuda.max_memory_allocated` (no cuDNN workspaces, no allocator "
              f"fragmentation). Precision {args.precision}, tiled decoding "
              f"{'with synchronized GroupNorm' if res['tiled'] else 'off'}, FreeU {'on' if args.freeu else 'off'}; "
@@ -499,7 +499,7 @@ def memory_table(args):
         rows.append(simulate_pipeline(ns))
     cap = args.cap_gib or 24.0
     lines = [f"### Estimated peak CUDA memory: {Path(args.config).name}, {args.precision} precision", "",
-             "Simulated on a CPU with fake CUDA tensors (`scripts/benchmark.py memory`, `ldm/fake_cuda.py`): live "
+             "Simulated on a CPU with fake CUDA tensors (`scripts/benchmark.py memory`, `tools/fake_cuda.py`): live "
              "tensor bytes at the peak, weights included, attention as the fused kernels allocate it. A lower bound "
              "of `torch.cuda.max_memory_allocated()` (no cuDNN workspaces, no allocator fragmentation); "
              f"tiled VAE decoding with synchronized GroupNorm and the default placement for a {cap:g} GiB card; "
@@ -559,8 +559,8 @@ def _median_time(fn, repeats, sync):
 def dispersion_layers(args):
     """Time the dispersion paths of one layer per shape; ratios against the plain 3x3 conv (same dilation)."""
     import torch
-    from ldm.scalecrafter.dispersion import disperse_kernel, get_dispersion_transform
-    from ldm.scalecrafter.redilation import Dispersion, ReDilation, choose_dispersion_path
+    from ldm.unet_hooks.dispersion import disperse_kernel, get_dispersion_transform
+    from ldm.unet_hooks.redilation import Dispersion, ReDilation, choose_dispersion_path
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -612,13 +612,6 @@ def dispersion_layers(args):
     return rows
 
 
-METHOD_PRESETS = {  # method -> (flag, folder): the method's preset made for the benchmark's size, where one exists
-    "scalecrafter": ("--scalecrafter_config", "scalecrafter"),
-    "freescale": ("--freescale_config", "freescale"),
-    "fouriscale": ("--fouri_config", "fouriscale"),
-}
-
-
 def add_methods_parser(sub):
     m = sub.add_parser("methods", help="every txt2img --method at one size: UNet evaluations per image, time and "
                                        "peak memory relative to direct sampling (one process, one model)")
@@ -637,16 +630,19 @@ def add_methods_parser(sub):
 
 
 def methods_table(args):
-    """Runs scripts/txt2img.py's own run() once per method in this process. With random weights the loader is
-    replaced by a builder of random-weight models (cached per config, so every method shares one model); a
-    forward pre-hook on each UNet counts evaluations (batch elements) and their latent area."""
+    """Runs the txt2img pipeline (ldm/pipelines/txt2img.py run()) once per method of the registry in this process.
+    With random weights the pipeline's loader seam builds random-weight models (cached per config, so every method
+    shares one model); a forward pre-hook on each UNet counts evaluations (batch elements) and their latent area;
+    the sampler seam times the sampler's runs."""
     import shlex
     import tempfile
     import torch
     from omegaconf import OmegaConf
     if args.threads:
         torch.set_num_threads(args.threads)
-    txt2img = _load_script("txt2img")
+    from ldm import methods as registry
+    from ldm.checkpoint import load_model_from_config
+    from ldm.pipelines import txt2img
     cuda = args.device == "cuda"
     device = torch.device(args.device)
     H, W = (args.size[0], args.size[0]) if len(args.size) == 1 else args.size[:2]
@@ -661,7 +657,13 @@ def methods_table(args):
         counter["evals"] += x.shape[0]
         counter["area"] += x.shape[0] * x.shape[-2] * x.shape[-1]
 
-    def random_model(cfg, ckpt, device=None, **kw):  # the txt2img loader, with random weights
+    def hooked(model):
+        unet = model.model.diffusion_model
+        if getattr(unet, "_benchmark_hook", None) is None:
+            unet._benchmark_hook = unet.register_forward_pre_hook(count)
+        return model
+
+    def random_model(cfg, ckpt, device=None, **kw):  # the pipeline's loader, with random weights
         from ldm.util import instantiate_from_config, no_weight_init
         key = OmegaConf.to_yaml(cfg)
         if key not in models:
@@ -670,60 +672,55 @@ def methods_table(args):
             model.to(device)
             random_weights_(model)
             models[key] = model
-        model = models[key]
-        model.model.diffusion_model._benchmark_hook = getattr(
-            model.model.diffusion_model, "_benchmark_hook", None) or model.model.diffusion_model.register_forward_pre_hook(count)
-        return model
+        return hooked(models[key])
 
-    if args.ckpt is None:
-        txt2img.load_model_from_config = random_model
-        upscaling = getattr(txt2img, "upscaling", None)  # --method sdsr loads the x4 upscaler through this
-        if upscaling is not None and hasattr(upscaling, "load_upscaler"):
-            upscaling.load_upscaler = lambda cfg, ckpt, device=None, **kw: random_model(OmegaConf.load(cfg), ckpt, device)
-            import ldm.checkpoint
-            ldm.checkpoint.check_checkpoint_file = lambda *a, **k: None  # no file: random weights
-    else:
-        real_loader = txt2img.load_model_from_config
+    def real_model(*a, **k):
+        return hooked(load_model_from_config(*a, **k))
 
-        def counted_loader(*a, **k):
-            model = real_loader(*a, **k)
-            model.model.diffusion_model.register_forward_pre_hook(count)
-            return model
-        txt2img.load_model_from_config = counted_loader
-    sample = txt2img.DDIMSampler.sample
+    class TimedSampler:  # the sampler seam: every run (cascades: one per stage) timed
+        def __init__(self, sampler):
+            self.sampler = sampler
 
-    def timed_sample(self, *a, **k):  # sampling time alone (cascades call this once per stage)
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = sample(self, *a, **k)
-        if cuda:
-            torch.cuda.synchronize()
-        counter["sampling_s"] += time.perf_counter() - t
-        return out
-    txt2img.DDIMSampler.sample = timed_sample
+        def __getattr__(self, name):
+            return getattr(self.sampler, name)
 
+        def run(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = self.sampler.run(*a, **k)
+            if cuda:
+                torch.cuda.synchronize()
+            counter["sampling_s"] += time.perf_counter() - t
+            return out
+
+    tmp_dir = tempfile.TemporaryDirectory()
+    ckpt = args.ckpt
+    if ckpt is None:  # a placeholder file for the checks that a checkpoint exists; the loader ignores it
+        from safetensors.torch import save_file
+        ckpt = str(Path(tmp_dir.name) / "random.safetensors")
+        save_file({}, ckpt)
     extra = {"sdsr": ["--sr_config", str(REPO_ROOT / "configs/stable-diffusion/x4-upscaling.yaml"),
-                      "--sr_ckpt", args.ckpt or "random"]}
+                      "--sr_ckpt", ckpt]}
     given = {}  # the --extra flags, shown in the table
     for item in args.extra:
         name, _, flags = item.partition("=")
         extra[name] = given[name] = shlex.split(flags)
-    methods = args.methods or list(txt2img.METHODS)
+    methods = args.methods or list(registry.names())
     methods = methods if "direct" in methods else ["direct"] + methods  # the reference of every ratio
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tmp_dir as tmp:
         def argv_for(method):
-            argv = ["--prompt", args.prompt, "--config", args.config, "--ckpt", args.ckpt or "random",
+            argv = ["--prompt", args.prompt, "--config", args.config, "--ckpt", ckpt,
                     "--H", str(H), "--W", str(W), "--steps", str(args.steps), "--method", method,
                     "--n_samples", "1", "--n_iter", "1", "--seed", "42", "--skip_grid", "--device", args.device,
                     "--outdir", str(Path(tmp) / method)]
-            if method in METHOD_PRESETS:
-                flag, folder = METHOD_PRESETS[method]
+            cls = registry.method_class(method)
+            if cls.preset_flag:  # the method's preset made for the benchmark's size, where one exists
                 name = "demo" if "configs/demo/" in Path(args.config).resolve().as_posix() else prefix
-                preset = REPO_ROOT / "configs" / folder / f"{name}_{W}x{H}.yaml"
+                preset = REPO_ROOT / "configs" / cls.preset_dir / f"{name}_{W}x{H}.yaml"
                 if preset.is_file():
-                    argv += [flag, str(preset)]
+                    argv += [cls.preset_flag, str(preset)]
             return argv + extra.get(method, [])
 
         def one(method):
@@ -733,7 +730,7 @@ def methods_table(args):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            txt2img.run(opt)
+            txt2img.run(opt, loader=random_model if args.ckpt is None else real_model, wrap_sampler=TimedSampler)
             if cuda:
                 torch.cuda.synchronize()
             rec = {"method": method, "seconds": time.perf_counter() - t, "sampling_s": counter["sampling_s"],
@@ -785,12 +782,6 @@ def methods_table(args):
     return rows
 
 
-def _load_script(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv=None):
@@ -804,7 +795,7 @@ def main(argv=None):
     u.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     u.add_argument("--modes", nargs="+", default=["plain"],
                    help="plain redilate redilate_frac redilate_ndcfg disperse preset preset_corrected "
-                        "(ldm/scalecrafter/benchmark_modes.py); preset = the preset made for each size")
+                        "(tools/benchmark_modes.py); preset = the preset made for each size")
     u.add_argument("--batch", type=int, default=2, help="2 = one classifier-free-guidance step")
     u.add_argument("--repeats", type=int, default=3)
     u.add_argument("--warmup", type=int, default=1, help="untimed evaluations first (0 for very slow sizes)")
@@ -837,7 +828,7 @@ def main(argv=None):
         return memory_table(args)
     if args.cmd == "pipeline":
         return simulate_pipeline(args) if args.simulate else run_pipeline(args)
-    from ldm.scalecrafter.benchmark_modes import mode_available
+    from tools.benchmark_modes import mode_available
     results = []
     for size in args.sizes:
         for mode in args.modes:

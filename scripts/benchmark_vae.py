@@ -203,9 +203,9 @@ def format_table(results, args):
 
 
 def simulate(args):
-    """Estimated peak CUDA memory of each method in fp16, without a GPU (fake CUDA tensors, ldm/fake_cuda.py)."""
+    """Estimated peak CUDA memory of each method in fp16, without a GPU (fake CUDA tensors, tools/fake_cuda.py)."""
     import torch
-    from ldm.fake_cuda import FakeCuda, cast_parameters_, fused_attention
+    from tools.fake_cuda import FakeCuda, cast_parameters_, fused_attention
     from ldm.modules.tiled_vae import default_device_budget
     card = args.card_gib * 2 ** 30
     rows = []
@@ -235,7 +235,7 @@ def simulate(args):
                     del out, z
                     print(f"{size:>5}² {method:>12}: estimated peak {rows[-1][2]:.2f} GiB", flush=True)
     lines = ["### SD VAE decoder, CUDA fp16, estimated without a GPU", "",
-             f"`python scripts/benchmark_vae.py simulate`: fake CUDA tensors (shapes only, `ldm/fake_cuda.py`), "
+             f"`python scripts/benchmark_vae.py simulate`: fake CUDA tensors (shapes only, `tools/fake_cuda.py`), "
              f"live tensor bytes at the peak, weights ({weights / 2 ** 30:.2f} GiB) included; a lower bound of "
              f"`torch.cuda.max_memory_allocated()` (no cuDNN workspaces, no allocator fragmentation). Attention as "
              f"the fused kernels allocate it. tile_size {args.tile_size}, overlap {args.overlap}; device budget of "

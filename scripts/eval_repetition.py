@@ -28,14 +28,13 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for p in (REPO_ROOT, REPO_ROOT / "scripts"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import demo  # noqa: E402  (scripts/demo.py: model loading, sampling, grid)
+from ldm.pipelines import demo  # noqa: E402  (model loading, sampling, grid)
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation import repetition  # noqa: E402
 from ldm.inference import pick_device  # noqa: E402

@@ -46,7 +46,6 @@ from ldm.evaluation.metrics import EvalError  # noqa: E402
 STOP_AFTER_ENV = "SCALECRAFTER_TABLE_STOP_AFTER"  # test hook: stop after N sampling jobs ran in this invocation
 RUN_ID_ENV = "SCALECRAFTER_TABLE_RUN_ID"           # shared by the processes of one launch (torchrun ranks)
 JOB_FILE = "job.json"
-_TXT2IMG = None
 
 
 class TableInterrupted(Exception):
@@ -58,17 +57,11 @@ def log(msg):
 
 
 # --------------------------------------------------------------------------------------------------
-# scripts/txt2img.py: its method list, its option parser, its main()
+# the txt2img pipeline (ldm/pipelines/txt2img.py: its option parser, its main()) and the method registry
 # --------------------------------------------------------------------------------------------------
 def txt2img():
-    global _TXT2IMG
-    if _TXT2IMG is None:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("txt2img_for_tables", REPO_ROOT / "scripts" / "txt2img.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _TXT2IMG = mod
-    return _TXT2IMG
+    from ldm.pipelines import txt2img as pipeline
+    return pipeline
 
 
 def option_check(flags):
@@ -84,19 +77,15 @@ def option_check(flags):
         raise ValueError(f"scripts/txt2img.py does not take {' '.join(extra)}")
 
 
+def methods_names():
+    from ldm import methods
+    return methods.names()
+
+
 def preset_flags():
-    """The txt2img.py option that takes each method's preset: --<method>_config, or --<prefix>_config for a
-    method named <prefix>... (--fouri_config for fouriscale); ScaleCrafter's and FreeScale's are built in."""
-    flags = {}
-    for action in txt2img().build_parser()._actions:
-        for s in action.option_strings:
-            if not s.endswith("_config") or s in ("--config", "--scalecrafter_config", "--freescale_config"):
-                continue
-            prefix = s[2:-7]
-            for method in txt2img().METHODS:
-                if method == prefix or (len(prefix) >= 4 and method.startswith(prefix)):
-                    flags.setdefault(method, s)
-    return flags
+    """{method: the txt2img option that takes its preset} from the method registry."""
+    from ldm import methods
+    return methods.preset_flags()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,7 +540,7 @@ def main(argv=None) -> int:
             import torch
             torch.set_num_threads(args.threads)
         sel = tables.select(spec, args.rows, args.columns)
-        notes = tables.check_spec(spec, txt2img().METHODS, option_check, sel.rows(), preset_flags())
+        notes = tables.check_spec(spec, methods_names(), option_check, sel.rows(), preset_flags())
         sel = tables.select(spec, args.rows, args.columns)  # rows now carry the sizes of their presets
         out = Path(args.out or REPO_ROOT / "outputs" / "tables" / tables._slug(spec.name))
         p = tables.plan(sel, out, device=args.device)

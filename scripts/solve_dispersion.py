@@ -24,7 +24,7 @@ except ImportError:  # run from a checkout without installing the package
 
 import numpy as np
 
-from ldm.scalecrafter.dispersion import (
+from ldm.unet_hooks.dispersion import (
     DEFAULTS,
     OBJECTIVES,
     calibration_residuals,

@@ -59,7 +59,7 @@ class RecordingUNetModel:
     every raw UNet output in ``raw``."""
 
     def __init__(self, unet):
-        from ldm.scalecrafter.benchmark_modes import BareUNetModel
+        from tools.benchmark_modes import BareUNetModel
         self.bare, self.raw = BareUNetModel(unet), []
         self.model = self.bare.model
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.baselines import demofusion as DF
-from ldm.baselines import multidiffusion as MD
-from ldm.freescale.cascade import cosine_factor
-from ldm.freescale.scale_fusion import gaussian_1d, window_views
+from ldm.methods import demofusion as DF
+from ldm.methods import multidiffusion as MD
+from ldm.methods.freescale.cascade import cosine_factor
+from ldm.methods.freescale.scale_fusion import gaussian_1d, window_views
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 
@@ -381,7 +381,7 @@ def _run_ours(run, monkeypatch, init_latent=None):
     monkeypatch.setattr(DDIMSampler, "_randn", staticmethod(randn))
     runner = DF.DemoFusion(model, run["height"], run["width"], run["sample_size"] * 8, f=8, stride=run["stride"],
                            sigma=run["sigma"], cosine_scales=run["cosine_scales"], view_batch=run["view_batch_size"])
-    result = runner.sample(DDIMSampler(model), run["steps"], cond, uncond, run["guidance_scale"], run["eta"], 1,
+    result = runner.sample(DDIMSampler(model, eta=run["eta"]), run["steps"], cond, uncond, run["guidance_scale"], 1,
                            x_T=run["x_T"], jitter_seed=run["seed"], init_latent=init_latent)
     assert noises == []
     return runner, result

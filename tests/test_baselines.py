@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import load_script
-from ldm.baselines import attention_scaling as AS
-from ldm.baselines import multidiffusion as MD
+from ldm.methods import attention_scaling as AS
+from ldm.methods import multidiffusion as MD
 from ldm.modules.attention import CrossAttention
-from ldm.processors import installed
+from ldm.unet_hooks.processors import installed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ def test_txt2img_comparison_methods(tiny_ckpts, tmp_path, model, method, extra, 
 
 
 def test_demofusion_phases():
-    from ldm.baselines.demofusion import demofusion_stages
+    from ldm.methods.demofusion import demofusion_stages
     assert demofusion_stages(2048, 2048, 1024) == [(1024, 1024), (2048, 2048)]
     assert demofusion_stages(4096, 4096, 1024) == [(1024, 1024), (2048, 2048), (3072, 3072), (4096, 4096)]
     assert demofusion_stages(2048, 4096, 1024) == [(512, 1024), (1024, 2048), (1536, 3072), (2048, 4096)]
@@ -167,7 +167,7 @@ def test_demofusion_phases():
 
 
 def test_demofusion_blur_is_the_gaussian_conv():
-    from ldm.baselines.demofusion import gaussian_blur_2d
+    from ldm.methods.demofusion import gaussian_blur_2d
     x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
     k, sigma = 5, 0.7
     g = torch.tensor([math.exp(-((i - 2) ** 2) / (2 * sigma ** 2)) for i in range(k)], dtype=torch.float64)
@@ -183,8 +183,8 @@ def test_demofusion_blur_is_the_gaussian_conv():
 def test_demofusion_guidance_fuses_local_and_global_paths():
     """Brute force with the window-mean stand-in: local windows on the zero-padded latent (no jitter), global
     paths on the blurred, re-standardised sub-lattices, fused with c2 = cos_factor."""
-    from ldm.baselines.demofusion import DemoFusionGuidance, gaussian_blur_2d
-    from ldm.freescale.cascade import cosine_factor
+    from ldm.methods.demofusion import DemoFusionGuidance, gaussian_blur_2d
+    from ldm.methods.freescale.cascade import cosine_factor
     torch.manual_seed(2)
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([700])
     cond, uncond = torch.randn(1, 4, 5), torch.randn(1, 4, 5)
@@ -217,7 +217,7 @@ def test_demofusion_guidance_fuses_local_and_global_paths():
 
 def test_demofusion_guidance_with_one_window_and_no_global_path_is_plain_guidance():
     """c2 = 0 (scale 1: no global path) and one window covering the latent (stride = window: no jitter)."""
-    from ldm.baselines.demofusion import DemoFusionGuidance
+    from ldm.methods.demofusion import DemoFusionGuidance
     from ldm.models.diffusion.ddim import classifier_free_guidance
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([300, 300])
     cond, uncond = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
@@ -259,7 +259,7 @@ def test_txt2img_demofusion(tiny_ckpts, tmp_path, model):
 @pytest.mark.parametrize("setting", ["method:multidiffusion", "method:demofusion", "method:hidiffusion",
                                      "method:fouriscale"])
 def test_demo_model_runs_the_comparison_settings(setting):
-    demo = load_script("demo")
+    from ldm.pipelines import demo
     model = demo.load_demo_model()
     imgs = demo.sample_images(model, ["a red circle"], [0], 64, setting, steps=3)
     assert len(imgs) == 1 and imgs[0].shape == (64, 64, 3)
@@ -270,7 +270,7 @@ def test_demo_model_runs_the_comparison_settings(setting):
 def test_attention_scaling_on_the_demo_model_is_direct_sampling():
     """The demo UNet has no self-attention (cross-attention only), so attention scaling changes nothing: its
     demo row is direct sampling's."""
-    demo = load_script("demo")
+    from ldm.pipelines import demo
     model = demo.load_demo_model()
     direct = demo.sample_images(model, ["a red circle"], [4], 64, None, steps=3)
     scaled = demo.sample_images(model, ["a red circle"], [4], 64, "method:attn_scale", steps=3)

@@ -30,6 +30,7 @@ TINY_HFCLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_h
 LONG_PROMPT = " ".join(["cat"] * 90)
 
 txt2img = load_script("txt2img")
+from ldm.pipelines import txt2img as pipeline  # noqa: E402  (what the script runs: patched below)
 make_ckpt = load_script("make_random_checkpoint")
 
 
@@ -268,7 +269,7 @@ def no_model_loading(monkeypatch):
     """The output folder must be checked before the model is loaded: loading fails the test."""
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the output folder was checked")
-    monkeypatch.setattr(txt2img, "load_model_from_config", refuse)
+    monkeypatch.setattr(pipeline, "load_model_from_config", refuse)
 
 
 def test_outdir_is_an_existing_file(ckpt, tmp_path, capsys, no_model_loading):
@@ -349,7 +350,7 @@ def _no_temp_files(folder):
 
 def test_ctrl_c_while_writing_the_second_image(ckpt, tmp_path, capsys, monkeypatch):
     """Ctrl-C arrives inside save_png, after the temp file was started: it must not stay behind."""
-    real_save = txt2img.save_png
+    real_save = pipeline.save_png
     calls = []
 
     class Interrupting:
@@ -367,7 +368,7 @@ def test_ctrl_c_while_writing_the_second_image(ckpt, tmp_path, capsys, monkeypat
             return real_save(Interrupting(), path, meta)
         return real_save(img, path, meta)
 
-    monkeypatch.setattr(txt2img, "save_png", save_png)
+    monkeypatch.setattr(pipeline, "save_png", save_png)
     out_dir = tmp_path / "out"
     code, out, err = cli(capsys, *base_args(ckpt, out_dir, "--n_iter", "3"))
     assert code == 130

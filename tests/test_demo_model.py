@@ -14,8 +14,8 @@ from ldm.checkpoint import load_model_from_config  # noqa: E402
 from ldm.data.shapes import CAPTIONS, VOCAB  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules.encoders.word_embedder import PAD_ID, UNK_ID, UnknownWordError, WordEmbedder  # noqa: E402
-from ldm.scalecrafter.guidance import ScaleCrafterGuidance  # noqa: E402
-from ldm.scalecrafter.presets import plan_from_preset  # noqa: E402
+from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance  # noqa: E402
+from ldm.methods.scalecrafter.presets import plan_from_preset  # noqa: E402
 
 CONFIG = REPO_ROOT / "configs/demo/shapes32.yaml"
 CKPT = REPO_ROOT / "checkpoints/demo/shapes32.ckpt"

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.scalecrafter import dispersion as D
+from ldm.unet_hooks import dispersion as D
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -368,7 +368,7 @@ def test_disperse_kernel_torch(dtype):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys; import ldm.scalecrafter.dispersion as d; d.solve_dispersion(); print('torch' in sys.modules)"
+    code = "import sys; import ldm.unet_hooks.dispersion as d; d.solve_dispersion(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

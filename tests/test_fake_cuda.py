@@ -1,4 +1,4 @@
-"""The GPU-memory estimate without a GPU (ldm/fake_cuda.py): the counter against hand-computed byte counts,
+"""The GPU-memory estimate without a GPU (tools/fake_cuda.py): the counter against hand-computed byte counts,
 autocast's dtype rules, attention that does not materialize the score matrix, and the pipeline estimate."""
 import gc
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT as REPO, load_script
-from ldm.fake_cuda import ALLOCATOR_GRANULARITY, FakeCuda, cast_parameters_, fused_attention
+from tools.fake_cuda import ALLOCATOR_GRANULARITY, FakeCuda, cast_parameters_, fused_attention
 MiB = 2 ** 20
 
 

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO_ROOT, load_script
-from ldm.baselines import fouriscale as FS
+from ldm.methods import fouriscale as FS
 from ldm.models.diffusion.ddim import DDIMSampler, classifier_free_guidance
 from ldm.modules.attention import CrossAttention
-from ldm.processors import installed
+from ldm.unet_hooks.processors import installed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def test_guidance_with_all_pass_filter_is_redilation_with_plain_cfg(tiny_models)
     """Stop band 1 (no filtering) and one dilation for all branches: the weak and strong branches are the same,
     so FouriScale guidance must equal plain CFG on a UNet whose listed convs run at ⌈d_i⌉ (ScaleCrafter's
     re-dilation processors, an independent path). With the filter on, it must not."""
-    from ldm.scalecrafter.redilation import ReDilation
+    from ldm.unet_hooks.redilation import ReDilation
     model = tiny_models["sd2"]
     unet = model.model.diffusion_model
     torch.manual_seed(6)

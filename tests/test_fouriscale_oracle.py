@@ -6,7 +6,7 @@ The recording, its weights (LDM key format) and its provenance script are in tes
 per-step conv processors and Q/K-sharing attention; every step's input latent was prescribed, and the raw
 three-branch UNet output ([uncond strong, cond strong, cond weak]) and the guided noise prediction it combines
 were stored. Here ``FouriScaleGuidance`` is set up the way ``scripts/txt2img.py --method fouriscale`` sets it up for
-the same size and steps (its parser, ``baselines.prepare_options``, ``baselines.build_guidance``) and called as the
+the same size and steps (its parser and the registry's method class: settings, guidance) and called as the
 DDIM sampler calls it, on the same inputs; raw and guided outputs must match the release's to float32 rounding
 (the release's own float32 run is about 2e-6 from its float64 run, which is what is stored).
 
@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from conftest import RecordingUNetModel, load_script, tiny_sd1_oracle_unet
-from ldm import baselines
-from ldm.baselines import fouriscale as FS
+from ldm import methods
+from ldm.methods.base import ModelInfo
+from ldm.methods import fouriscale as FS
 
 REF = Path(__file__).resolve().parent / "reference" / "fouriscale"
 ORACLE = REF / "oracle_tiny.pt"
@@ -57,9 +58,10 @@ def _guidance(txt2img, unet, oracle, case, *extra):
     opt = txt2img.build_parser().parse_args(
         ["--method", "fouriscale", "--H", str(h * F), "--W", str(w * F), "--steps", str(oracle["steps"]),
          "--scale", str(oracle["cfg_scale"]), *extra])
-    baselines.prepare_options("fouriscale", opt, "sd1", base * F, 512)
-    guide, _ = baselines.build_guidance("fouriscale", opt, RecordingUNetModel(unet), base, (opt.H, opt.W), F)
-    return guide
+    info = ModelInfo(family="sd1", f=F, channels=4, base_latent=base, side=512, steps=opt.steps, seed=opt.seed)
+    cls = methods.method_class("fouriscale")
+    settings = cls.settings(opt, info, (opt.H, opt.W))
+    return cls(RecordingUNetModel(unet), settings, info).guidance()
 
 
 def _run(guide, unet, oracle, case, index):

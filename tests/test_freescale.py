@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ldm.freescale import scale_fusion as SF
-from ldm.freescale.cascade import (FreeScale, FreeScaleSettings, cosine_factor, default_stages,
+from ldm.methods.freescale import scale_fusion as SF
+from ldm.methods.freescale.cascade import (FreeScale, FreeScaleSettings, cosine_factor, default_stages,
                                    restrained_dilation, restrained_layer_names)
-from ldm.freescale.presets import PresetError, load_preset, make_settings
+from ldm.methods.freescale.presets import PresetError, load_preset, make_settings
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import BasicTransformerBlock
-from ldm.processors import installed
+from ldm.unet_hooks.processors import installed
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_processor_off_is_bit_identical_and_restored():
     x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, cfg.params.context_dim)
     with torch.no_grad():
         before = unet(x, t, context=c)
-        from ldm.processors import self_attention_layers
+        from ldm.unet_hooks.processors import self_attention_layers
         layers = self_attention_layers(unet)
         assert layers
         with installed([]):
@@ -244,10 +244,10 @@ def test_stage_follows_the_skip_residual_formula(demo_model, monkeypatch, restar
     st = FreeScaleSettings(stages=[(32, 32), (64, 64)], base=32, restart_step=restart, cosine_scale=cs)
     fs = FreeScale(demo_model, st, f=1)
     z0 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(fs, "upscale", lambda latent, size, generator: z0)
+    monkeypatch.setattr(fs, "upscale", lambda latent, size, generator, sampler: z0)
     monkeypatch.setattr(fs, "stage_guidance", lambda size, steps, randint: _zero_eps_guidance)
     sampler = DDIMSampler(demo_model)
-    res = fs.sample(sampler, steps, None, None, 1.0, 0.0, 2, generator=torch.Generator().manual_seed(5),
+    res = fs.sample(sampler, steps, None, None, 1.0, 2, generator=torch.Generator().manual_seed(5),
                     init_latent=torch.zeros(2, 3, 32, 32))
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(5))
     ac = demo_model.alphas_cumprod.double()
@@ -265,18 +265,18 @@ def test_stage_follows_the_skip_residual_formula(demo_model, monkeypatch, restar
 
 
 def test_restart_zero_without_residual_is_a_plain_sample_of_the_stage(demo_model, monkeypatch):
-    import ldm.freescale.cascade as C
+    import ldm.methods.cascade as C
     monkeypatch.setattr(C, "cosine_factor", lambda t, T=1000: 0.0)
     st = FreeScaleSettings(stages=[(32, 32), (64, 64)], base=32, restart_step=0)
     fs = FreeScale(demo_model, st, f=1)
     c = demo_model.get_learned_conditioning(["a red circle"])
     uc = demo_model.get_learned_conditioning([""])
     z0 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(fs, "upscale", lambda latent, size, generator: z0)
+    monkeypatch.setattr(fs, "upscale", lambda latent, size, generator, sampler: z0)
     guidance = fs.stage_guidance((64, 64), 4, random.Random(0).randint)
     monkeypatch.setattr(fs, "stage_guidance", lambda size, steps, randint: guidance)
     sampler = DDIMSampler(demo_model)
-    got = fs.sample(sampler, 4, c, uc, 3.0, 0.0, 1, generator=torch.Generator().manual_seed(9),
+    got = fs.sample(sampler, 4, c, uc, 3.0, 1, generator=torch.Generator().manual_seed(9),
                     init_latent=torch.zeros(1, 3, 32, 32)).latent
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(9))
     t0 = torch.tensor([int(sampler.ddim_timesteps[-1])])
@@ -293,7 +293,7 @@ def test_cascade_is_deterministic_per_seed(demo_model):
     outs = []
     for seed in (3, 3, 4):
         fs = FreeScale(demo_model, st, f=1)
-        outs.append(fs.sample(DDIMSampler(demo_model), 5, c, None, 1.0, 1.0, 1,
+        outs.append(fs.sample(DDIMSampler(demo_model, eta=1.0), 5, c, None, 1.0, 1,
                               generator=torch.Generator().manual_seed(seed), jitter_seed=seed).latent)
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 

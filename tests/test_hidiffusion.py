@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import load_script
-from ldm.baselines import hidiffusion as HD
+from ldm.methods import hidiffusion as HD
 from ldm.models.diffusion.ddim import classifier_free_guidance
 from ldm.modules.attention import CrossAttention
-from ldm.processors import call_original, installed
-from ldm.scalecrafter.benchmark_modes import BareUNetModel
+from ldm.unet_hooks.processors import call_original, installed
+from tools.benchmark_modes import BareUNetModel
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def _no_processors_left(unet):
 
 
 # ---------------------------------------------------------------------------------------------
-# processors on blocks (ldm/processors.py)
+# processors on blocks (ldm/unet_hooks/processors.py)
 
 
 def test_installed_wraps_a_block_and_its_child(unets):

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import RecordingUNetModel, tiny_sd1_oracle_unet
-from ldm.baselines import hidiffusion as HD
+from ldm.methods import hidiffusion as HD
 
 REF = Path(__file__).resolve().parent / "reference" / "hidiffusion"
 ORACLE = REF / "oracle_tiny.pt"

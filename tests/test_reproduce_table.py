@@ -117,7 +117,7 @@ def test_two_rows_two_columns_end_to_end(reference_run):
     # the two rows sample different images (ScaleCrafter's dilation changes them), from the same seeds
     assert table["direct"]["fid_b"] != table["dilated"]["fid_b"]
     md = (out / "table.md").read_text()
-    assert "| direct | direct | 64x64 | 4 |" in md and "s / image" in md and "seed `ldm.sweep.derive_seed(5" in md
+    assert "| direct | direct | 64x64 | 4 |" in md and "s / image" in md and "seed `ldm.pipelines.sweep.derive_seed(5" in md
     # three jobs: the two rows and one base-resolution (32x32) reference shared by both
     roles = sorted(j["role"] for j in doc["jobs"])
     assert roles == ["base", "row", "row"]
@@ -173,7 +173,7 @@ def test_interrupted_run_resumes_without_redoing_finished_jobs(reference_run, tm
 
 
 def test_killed_process_resumes_with_the_same_table(reference_run, tmp_path):
-    """A real kill: the whole process is SIGKILLed after the 3rd image of its first job (ldm/sweep.py's hook);
+    """A real kill: the whole process is SIGKILLed after the 3rd image of its first job (ldm/pipelines/sweep.py's hook);
     the re-run renders the missing images only and gives the uninterrupted run's table."""
     spec = write_spec(tmp_path / "tiny.yaml", columns=[{"id": "multi", "metric": "multi_object_rate"},
                                                        {"id": "fd_b", "metric": "shape_fd", "reference": "base"}])
@@ -310,7 +310,7 @@ def test_rows_sampling_the_same_share_a_job(tmp_path):
     rows = SPEC["rows"] + [{"id": "native", "method": "direct", "size": [32, 32]},
                            {"id": "direct_again", "name": "the same as 'direct'", "method": "direct", "size": [64, 64]}]
     spec = tables.load_spec(write_spec(tmp_path / "tiny.yaml", rows=rows))
-    tables.check_spec(spec, rt.txt2img().METHODS, rt.option_check)
+    tables.check_spec(spec, rt.methods_names(), rt.option_check)
     p = tables.plan(tables.select(spec), tmp_path / "out")
     assert len(p.jobs) == 3
     assert p.row_job["native"] is p.base_job[("tiny", "demo")] and p.base_job[("tiny", "demo")].role == "base"

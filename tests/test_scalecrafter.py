@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.scalecrafter.freeu import fourier_filter, freeu
-from ldm.scalecrafter.guidance import ScaleCrafterGuidance
-from ldm.scalecrafter.layers import LayerNames, conv_table
-from ldm.scalecrafter.plan import LayerSchedule, ScaleCrafterPlan
-from ldm.scalecrafter.presets import SettingsError, plan_from_flags, plan_from_preset, read_settings_file
-from ldm.scalecrafter.redilation import Dispersion, ReDilation, installed
+from ldm.unet_hooks.freeu import fourier_filter, freeu
+from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance
+from ldm.unet_hooks.layers import LayerNames, conv_table
+from ldm.methods.scalecrafter.plan import LayerSchedule, ScaleCrafterPlan
+from ldm.methods.scalecrafter.presets import SettingsError, plan_from_flags, plan_from_preset, read_settings_file
+from ldm.unet_hooks.redilation import Dispersion, ReDilation, installed
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def test_ndcfg_formula_and_cost():
 
 
 def test_dispersed_layer_uses_5x5_kernel_at_half_the_dilation(monkeypatch):
-    from ldm.scalecrafter.dispersion import disperse_kernel, get_dispersion_transform
+    from ldm.unet_hooks.dispersion import disperse_kernel, get_dispersion_transform
     R = torch.as_tensor(get_dispersion_transform(), dtype=torch.float32)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     x = torch.randn(1, 3, 18, 18)
@@ -326,7 +326,7 @@ def _dispersed_reference(conv, x, R, factor):
 @pytest.mark.parametrize("factor", [2, 4, 6, 5, 3])  # dilations 1, 2, 3 and the fractional 2.5, 1.5
 @pytest.mark.parametrize("stride", [1, 2])
 def test_both_dispersion_paths_match_the_formed_kernel(factor, stride):
-    from ldm.scalecrafter.dispersion import get_dispersion_transform
+    from ldm.unet_hooks.dispersion import get_dispersion_transform
     R = torch.as_tensor(get_dispersion_transform(), dtype=torch.float32)
     torch.manual_seed(factor * 10 + stride)
     conv = nn.Conv2d(24, 40, 3, stride, 1)
@@ -343,8 +343,8 @@ def test_both_dispersion_paths_match_the_formed_kernel(factor, stride):
 
 
 def test_basis_path_chunks_channels_within_its_memory_budget(monkeypatch):
-    import ldm.scalecrafter.redilation as rd
-    from ldm.scalecrafter.dispersion import get_dispersion_transform
+    import ldm.unet_hooks.redilation as rd
+    from ldm.unet_hooks.dispersion import get_dispersion_transform
     R = torch.as_tensor(get_dispersion_transform(), dtype=torch.float32)
     torch.manual_seed(3)
     conv = nn.Conv2d(10, 6, 3, 1, 1)
@@ -369,7 +369,7 @@ def test_basis_path_chunks_channels_within_its_memory_budget(monkeypatch):
 
 
 def test_dispersion_path_rule_and_validation():
-    from ldm.scalecrafter.redilation import BASIS_MIN_OUT_CHANNELS, choose_dispersion_path
+    from ldm.unet_hooks.redilation import BASIS_MIN_OUT_CHANNELS, choose_dispersion_path
     x = torch.zeros(1, 8, 4, 4)
     wide = nn.Conv2d(8, BASIS_MIN_OUT_CHANNELS["cpu"], 3, padding=1)
     narrow = nn.Conv2d(8, BASIS_MIN_OUT_CHANNELS["cpu"] // 2, 3, padding=1)
@@ -381,7 +381,7 @@ def test_dispersion_path_rule_and_validation():
 
 
 def test_preset_dispersion_path_reaches_the_processors():
-    from ldm.scalecrafter.presets import load_preset
+    from ldm.methods.scalecrafter.presets import load_preset
     unet = meta_unet("v2-inference.yaml")
     cfg = load_preset(PRESETS / "sd2.1_2048x2048_disperse.yaml")
     assert "disperse_path" not in cfg  # the shipped presets use the automatic choice

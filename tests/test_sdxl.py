@@ -20,8 +20,8 @@ from ldm.models.diffusion.sdxl import SDXLDiffusion
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.modules.encoders.modules import ConcatTimestepEmbedderND, FrozenOpenCLIPEmbedder2
-from ldm.scalecrafter.layers import LayerNames, conv_table
-from ldm.scalecrafter.presets import SettingsError, plan_from_preset, read_settings_file
+from ldm.unet_hooks.layers import LayerNames, conv_table
+from ldm.methods.scalecrafter.presets import SettingsError, plan_from_preset, read_settings_file
 from ldm.util import instantiate_from_config
 from oracle_utils import apply_recipe, checksum_mismatches
 
@@ -337,7 +337,7 @@ def test_warn_mode_still_rejects_typos(meta_sdxl, tmp_path):
 # benchmark modes exist (CPU smoke on the tiny model; the real numbers need a GPU)
 
 def test_benchmark_sdxl_modes_and_pipeline_smoke(tmp_path):
-    from ldm.scalecrafter.benchmark_modes import make_step, mode_available
+    from tools.benchmark_modes import make_step, mode_available
     cfg = OmegaConf.load(TINY_SDXL).model.params.unet_config
     unet = instantiate_from_config(cfg).eval()
     with torch.no_grad():
@@ -355,8 +355,8 @@ def test_benchmark_sdxl_modes_and_pipeline_smoke(tmp_path):
 
 
 def test_dispersed_kernels_are_freed_after_disperse_tau():
-    from ldm.scalecrafter.benchmark_modes import BareUNetModel
-    from ldm.scalecrafter.guidance import ScaleCrafterGuidance
+    from tools.benchmark_modes import BareUNetModel
+    from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance
     unet = instantiate_from_config(OmegaConf.load(TINY_SDXL).model.params.unet_config).eval()
     plan = plan_from_preset(unet, PRESETS / "sdxl_4096x4096_disperse_corrected.yaml")
     guide, model = ScaleCrafterGuidance(plan), BareUNetModel(unet)
@@ -375,6 +375,6 @@ def test_dispersed_kernels_are_freed_after_disperse_tau():
 
 
 def test_dead_name_vocabulary_is_the_released_all_valid_convs():
-    from ldm.scalecrafter.presets import SD_LAYOUT_NAMES
+    from ldm.methods.scalecrafter.presets import SD_LAYOUT_NAMES
     released = set((PRESETS / "settings/dilate_settings/all_valid_convs.txt").read_text().split())
     assert SD_LAYOUT_NAMES == released

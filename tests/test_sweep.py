@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO_ROOT
-from ldm import sweep
+from ldm.pipelines import sweep
 from ldm.inference import UsageError
 from ldm.models.diffusion.ddim import DDIMSampler
 from test_txt2img import make_ckpt, txt2img

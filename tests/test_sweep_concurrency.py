@@ -1,6 +1,6 @@
-"""Two sweep jobs started together on one --outdir (ldm/sweep.py, docs/cluster.md section 3).
+"""Two sweep jobs started together on one --outdir (ldm/pipelines/sweep.py, docs/cluster.md section 3).
 
-Each round forks two processes that meet at a barrier and then run ``ldm.sweep.run_sweep`` on the same
+Each round forks two processes that meet at a barrier and then run ``ldm.pipelines.sweep.run_sweep`` on the same
 folder with a fake renderer (no model: a few milliseconds per batch, and a pause while each temporary
 PNG exists, so that the other job's start-up clean-up has something to find). Same settings: the jobs
 share the work, every batch is rendered exactly once in total and the folder ends complete and valid.
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm import sweep
+from ldm.pipelines import sweep
 from ldm.inference import UsageError
 
 PROMPTS = [f"prompt {i}" for i in range(6)]

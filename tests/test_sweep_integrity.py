@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm import sweep
+from ldm.pipelines import sweep
 from ldm.inference import save_png
-from ldm.scalecrafter import dispersion
+from ldm.unet_hooks import dispersion
 
 PROMPTS = ["a red circle", "a blue square", "a green tree", "a cat on a mat"]
 EXPECTED = sorted(sweep.image_name(p, k) for p in range(4) for k in range(2))  # 8 images, batches of 3: 3, 3, 2

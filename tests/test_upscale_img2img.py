@@ -43,7 +43,7 @@ def loaded():
 def upscale(monkeypatch, loaded):
     """scripts/upscale.py, loading each (config, checkpoint) once per module (the tests check the model is not
     changed by a run: every method's processors are scoped to its UNet calls)."""
-    mod = load_script("upscale")
+    from ldm.pipelines import upscale as mod  # the pipeline behind scripts/upscale.py (its loader is patched)
     real = mod.load_model_from_config
     mod.load_calls = []
 
@@ -154,7 +154,7 @@ def test_tiled_encoding_matches_the_whole_image(upscale, weighted, image, tmp_pa
 def test_noised_latent_start_step_and_plan_steps(upscale, weighted, image, tmp_path, monkeypatch, steps, strength,
                                                  want_steps, want_t):
     from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.scalecrafter.guidance import ScaleCrafterGuidance
+    from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance
     seen, calls = {}, []
     real_sample, real_guide = DDIMSampler.sample, ScaleCrafterGuidance.__call__
 
@@ -188,7 +188,7 @@ def test_noised_latent_start_step_and_plan_steps(upscale, weighted, image, tmp_p
 
 
 def test_t_enc_is_the_floor_of_strength_times_steps():
-    upscale = load_script("upscale")
+    from ldm.pipelines import upscale
     assert [upscale.t_enc_of(s, 100) for s in (0.0, 0.004, 0.29, 0.5, 0.999, 1.0)] == [0, 0, 29, 50, 99, 100]
     assert upscale.t_enc_of(0.7, 10) == 7 and upscale.t_enc_of(0.75, 50) == 37
     # the cascades' entry stage: the largest stage before the last that fits in the image

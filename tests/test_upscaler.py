@@ -19,8 +19,9 @@ from PIL import Image
 
 from conftest import REPO_ROOT, load_script
 from ldm.checkpoint import CheckpointError, identify_family, load_model_from_config
-from ldm.modules.diffusionmodules.upscaling import (ImageConcatWithNoiseAugmentation, Upscaler,
-                                                    WindowedUpscaleGuidance, sdsr_base_size)
+from ldm.methods.sdsr import sdsr_base_size
+from ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation
+from ldm.upscaler import Upscaler, WindowedUpscaleGuidance
 from ldm.util import instantiate_from_config
 
 X4_CONFIG = REPO_ROOT / "configs/stable-diffusion/x4-upscaling.yaml"

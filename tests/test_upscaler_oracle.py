@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import REPO_ROOT, load_script
 from ldm.checkpoint import load_model_from_config
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules.diffusionmodules.upscaling import Upscaler
+from ldm.upscaler import Upscaler
 
 TINY_X4 = REPO_ROOT / "configs/tiny/tiny-x4-upscaler.yaml"
 ORACLE = "x4_upscaler_oracle_tiny.pt"

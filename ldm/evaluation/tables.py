@@ -476,15 +476,9 @@ def _row(r, index, tid, tw, models, seed, sampler, prompts, images, multi) -> Ro
 # checks that need scripts/txt2img.py (method list, option parser) and the presets
 # --------------------------------------------------------------------------------------------------
 def _load_preset_for(method, path):
-    """(height, width, preset dict) of a preset file, read by the method's own loader."""
-    if method == "scalecrafter":
-        from ldm.scalecrafter.presets import load_preset
-    elif method == "freescale":
-        from ldm.freescale.presets import load_preset
-    else:
-        from omegaconf import OmegaConf
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
-    return load_preset(path)
+    """The preset dict of a preset file, read by the method's own loader (the method registry)."""
+    from ldm import methods
+    return methods.method_class(method).read_preset(path)
 
 
 def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callable[[List[str]], None]] = None,
@@ -706,7 +700,7 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
 
 
 def expected_files(job: Job) -> List[str]:
-    from ldm.sweep import image_name
+    from ldm.pipelines.sweep import image_name
     return [image_name(p, 0) for p in range(job.n_images)]
 
 
@@ -1113,7 +1107,7 @@ def render_markdown(p: Plan, results: Dict, meta: Dict, heading: str = "#") -> s
                      if sampling else "") + ".", ""]
     lines += [f"- **Spec**: `{os.path.relpath(spec.path, REPO_ROOT) if str(spec.path).startswith(str(REPO_ROOT)) else spec.path}`"
               + (f" ({spec.paper})" if spec.paper else ""),
-              f"- **Seed**: {spec.seed} (image p of a row: seed `ldm.sweep.derive_seed({spec.seed}, p, 0)`, the same for "
+              f"- **Seed**: {spec.seed} (image p of a row: seed `ldm.pipelines.sweep.derive_seed({spec.seed}, p, 0)`, the same for "
               "every row: rows at one latent size start from the same noise)",
               f"- **Sampler**: {spec.describe_sampler()}"
               + (f"; every job also gets `{' '.join(spec.common_options)}`" if spec.common_options else ""),

@@ -137,3 +137,16 @@ def checkpoint(func, inputs, params, flag):
     if flag and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
+
+
+def gaussian_noise(shape, device, generator=None):
+    """Standard normal noise of ``shape``: from the global RNG, one generator, or one generator per batch element
+    (a list/tuple, drawing row i from ``generator[i]``, so an image's noise does not depend on its batch)."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device).to(device)
+                            for g in generator])
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.inference import InputWarning
+from ldm.errors import InputWarning
 
 
 def disabled_train(self, mode=True):
@@ -152,7 +152,7 @@ def _init_openclip_text(model):
 
 def _to_empty(module, device):
     """``module.to_empty(device)`` by replacing tensors rather than swapping them in place (the in-place swap
-    is refused for the fake tensors of ``ldm.fake_cuda``; for real tensors both are the same)."""
+    is refused for the fake tensors of ``tools.fake_cuda``; for real tensors both are the same)."""
     for m in module.modules():
         for name, p in list(m._parameters.items()):
             if p is not None:

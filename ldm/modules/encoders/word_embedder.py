@@ -20,7 +20,7 @@ from typing import List, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ldm.inference import InputWarning, UsageError
+from ldm.errors import InputWarning, UsageError
 
 PAD_ID = 0
 UNK_ID = 1

@@ -24,13 +24,14 @@ Switching ratios (T = int(N * ratio) of N steps), by the latent size as in the r
 and "sd15_2048" T1 0.7 T2 0.3 (SD, split at a latent side of 4x the training latent: 256 for SD 1.5/2.1-base),
 "sdxl_2048" T1 0.4 T2 0 and "sdxl_4096" T1 0.7 T2 0.3 (SDXL, split at 512).
 
-Built from per-call processors (``ldm.processors``) on existing modules (a conv, two UNet blocks, the top
+Built from per-call processors (``ldm.unet_hooks.processors``) on existing modules (a conv, two UNet blocks, the top
 level's ``SpatialTransformer``s and their ``attn1``), installed per sampling step by the sampler's ``guidance``
 hook, which also supplies the step index. Differences from megvii-research/HiDiffusion (docs/hidiffusion.md):
 the step is the sampler's, not a per-module forward counter; the window shift is drawn from a generator seeded
 with (run seed, step), not from the global RNG; the windowed layers read their feature size from the feature
 map, not from a formula on the latent size; the preset split is relative to the model's training latent.
 """
+import argparse
 import warnings
 from dataclasses import dataclass, field
 
@@ -39,9 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.inference import InputWarning
-from ldm.models.diffusion.ddim import classifier_free_guidance
-from ldm.processors import call_original, installed
+from ldm.errors import InputWarning, UsageError
+from ldm.methods.base import GuidanceMethod, Settings
+from ldm.guidance import classifier_free_guidance
+from ldm.unet_hooks.processors import call_original, installed
 
 # (T1_ratio, T2_ratio) per preset, as the release's switching_threshold_ratio_dict
 SWITCHING_RATIOS = {
@@ -382,3 +384,48 @@ class HiDiffusionGuidance:
         if self.apply_window_attn:
             out["window_transformers"] = self.modules.names["window_transformers"]
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the method (--method hidiffusion)
+
+
+class HiDiffusionMethod(GuidanceMethod):
+    name = "hidiffusion"
+    label = "HiDiffusion"
+    summary = "HiDiffusion: RAU-Net and MSW-MSA (shifted-window self-attention)"
+
+    @classmethod
+    def add_args(cls, parser):
+        g = parser.add_argument_group("HiDiffusion (--method hidiffusion)")
+        g.add_argument("--hidiff_raunet", action=argparse.BooleanOptionalAction, default=True,
+                       help="RAU-Net (resolution-aware down/upsampling in the first steps; the release's "
+                            "apply_raunet, on by default)")
+        g.add_argument("--hidiff_window_attn", action=argparse.BooleanOptionalAction, default=True,
+                       help="MSW-MSA shifted-window self-attention in the top level (the release's "
+                            "apply_window_attn, on by default)")
+        g.add_argument("--hidiff_T1_ratio", type=float, default=None, metavar="R",
+                       help="T1 = int(steps * R) (default by latent size as the release: 0.4 below 4x the "
+                            "training side, else 0.7)")
+        g.add_argument("--hidiff_T2_ratio", type=float, default=None, metavar="R",
+                       help="T2 = int(steps * R) (default: 0 below 4x the training side, else 0.3)")
+        g.add_argument("--hidiff_aggressive", choices=("auto", "on", "off"), default="auto",
+                       help="SDXL's aggressive RAU-Net schedule (auto: below the 4096 preset, as the release)")
+
+    @classmethod
+    def settings(cls, opt, info, size):
+        values = {"apply_raunet": opt.hidiff_raunet, "apply_window_attn": opt.hidiff_window_attn,
+                  "t1_ratio": opt.hidiff_T1_ratio, "t2_ratio": opt.hidiff_T2_ratio,
+                  "aggressive": {"auto": None, "on": True, "off": False}[opt.hidiff_aggressive]}
+        return Settings(size=tuple(size), values=values)
+
+    def make_guidance(self):
+        try:
+            return HiDiffusionGuidance(self.model.model.diffusion_model, self.info.steps, self.info.base_latent,
+                                       seed=self.info.seed, **self.settings.values)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
+    def describe(self):
+        h, w = self.settings.size
+        return {"hidiffusion": self.guidance().describe((h // self.info.f, w // self.info.f))}

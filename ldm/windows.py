@@ -1,24 +1,9 @@
-"""MultiDiffusion (Bar-Tal et al., 2023): a large latent denoised as overlapping base-size windows.
-
-Every step, the latent is covered by windows of the model's base latent size (64² for SD, 128² for SDXL) at a
-stride (default 8 latent pixels); each window gets a classifier-free-guided prediction of its own (windows are
-batched), and the predictions are averaged where windows overlap. The DDIM update is linear in the model
-output, so averaging outputs is averaging the per-window denoised latents, which is what the reference does.
-
-Differences from the reference implementation (omerbt/MultiDiffusion, diffusers' panorama pipeline):
-* a last window is aligned with the right/bottom edge when (side − window) is not a multiple of the stride;
-  the reference leaves that rim uncovered, where ``where(count > 0, value / count, value)`` sets it to zero
-  (no effect at the papers' sizes, which are multiples of 64 px); a latent side shorter than the window gets one
-  window spanning it (the reference's get_views then returns no views, or, with both sides shorter, windows at
-  negative offsets);
-* for η > 0 one noise draw per step is shared by all windows (the reference draws per window and averages,
-  which lowers the noise variance); for η = 0, as in the reference, the two are the same;
-* SDXL: each window is conditioned on its own crop: original size = the whole image, crop = the window's
-  offset, target size = the window's size (pixels).
-"""
+"""Windows over a latent, shared by the methods that denoise in windows (MultiDiffusion, DemoFusion, FreeScale's
+local attention, the x4 upscaler's windowed denoising): window positions, jittered views, per-window conditions
+(SDXL's size embeddings per window) and the Gaussian kernel of the blurred paths."""
 import torch
 
-from ldm.models.diffusion.ddim import classifier_free_guidance
+from ldm.guidance import classifier_free_guidance
 
 
 def window_starts(size, window, stride):
@@ -111,6 +96,54 @@ class SDXLWindowConditioning:
                 offset += p.shape[-1]
         return torch.cat(out, dim=1)
 
+
+# jittered windows (FreeScale's and DemoFusion's local paths)
+
+def _starts(size, window, stride):
+    """Window starts along one axis: every ``stride``, the last one moved back to end at ``size``."""
+    if size <= window:
+        return [0]
+    count = int((size - window) / stride - 1e-6) + 2
+    return [min(i * stride, size - window) for i in range(count)]
+
+
+def _jitter(start, end, size, j, randint):
+    if j == 0:
+        return 0
+    if start != 0 and end != size:
+        return randint(-j, j)
+    if start == 0 and end != size:
+        return randint(-j, 0)
+    if start != 0 and end == size:
+        return randint(0, j)
+    return 0
+
+
+def window_views(grid_hw, geometry, randint=None):
+    """Views (h0, h1, w0, w1) in the grid padded by the jitter ranges; jittered when ``randint`` is given.
+
+    Row-major over the windows; per window the width jitter is drawn before the height jitter (the release's
+    order, so the same draws give the same windows)."""
+    h, w = grid_hw
+    wh, ww, sh, sw, jh, jw = geometry
+    wh, ww = min(wh, h), min(ww, w)
+    views = []
+    for h0 in _starts(h, wh, sh):
+        for w0 in _starts(w, ww, sw):
+            h1, w1 = h0 + wh, w0 + ww
+            dw = _jitter(w0, w1, w, jw, randint) if randint else 0
+            dh = _jitter(h0, h1, h, jh, randint) if randint else 0
+            views.append((h0 + dh + jh, h1 + dh + jh, w0 + dw + jw, w1 + dw + jw))
+    return views
+
+
+def gaussian_1d(kernel_size, sigma=1.0, dtype=torch.float32, device=None):
+    x = torch.arange(kernel_size, dtype=torch.float64)
+    g = torch.exp(-((x - (kernel_size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+# window-wise guidance (MultiDiffusion; the x4 upscaler's windowed denoising)
 
 class MultiDiffusionGuidance:
     """``guidance`` for the DDIM sampler: window-wise classifier-free guidance, averaged over overlaps."""

@@ -16,6 +16,8 @@ import math
 
 import torch.nn.functional as F
 
+from ldm.methods.base import GuidanceMethod, Settings
+
 VARIANTS = ("published", "release")
 
 
@@ -31,7 +33,7 @@ def scale_factor(n_tokens, area_ratio, variant="published"):
 
 
 class AttentionScaling:
-    """Attention processor for ``CrossAttention`` layers (see ``ldm.processors.installed``)."""
+    """Attention processor for ``CrossAttention`` layers (see ``ldm.unet_hooks.processors.installed``)."""
 
     def __init__(self, area_ratio, variant="published"):
         if area_ratio <= 0:
@@ -60,12 +62,41 @@ class AttentionScalingGuidance:
     """``guidance`` for the DDIM sampler: every self-attention layer scaled, then plain CFG."""
 
     def __init__(self, unet, area_ratio, variant="published"):
-        from ldm.processors import self_attention_layers
+        from ldm.unet_hooks.processors import self_attention_layers
         self.layers = self_attention_layers(unet)
         self.processor = AttentionScaling(area_ratio, variant)
 
     def __call__(self, model, x, t, cond, uncond, scale, step):
-        from ldm.models.diffusion.ddim import classifier_free_guidance
-        from ldm.processors import installed
+        from ldm.guidance import classifier_free_guidance
+        from ldm.unet_hooks.processors import installed
         with installed([(layer, self.processor) for layer in self.layers]):
             return classifier_free_guidance(model, x, t, cond, uncond, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# the method (--method attn_scale)
+
+
+class AttentionScalingMethod(GuidanceMethod):
+    name = "attn_scale"
+    label = "attention scaling"
+    summary = "attention scaling (Jin et al.): self-attention logits scaled by sqrt(log N / log N_train)"
+
+    @classmethod
+    def add_args(cls, parser):
+        g = parser.add_argument_group("attention scaling (--method attn_scale)")
+        g.add_argument("--attn_scale_variant", choices=("published", "release"), default="published",
+                       help="N_train = N / area ratio (published) or N / side ratio (the ScaleCrafter authors' "
+                            "ScaledAttnProcessor)")
+
+    @classmethod
+    def settings(cls, opt, info, size):
+        area = (size[0] * size[1]) / float(info.base_px ** 2)
+        return Settings(size=tuple(size), values={"area_ratio": area, "variant": opt.attn_scale_variant})
+
+    def make_guidance(self):
+        v = self.settings.values
+        return AttentionScalingGuidance(self.model.model.diffusion_model, v["area_ratio"], v["variant"])
+
+    def describe(self):
+        return {"attn_scale": dict(self.settings.values)}

@@ -10,6 +10,8 @@ The mapping is derived from the UNet's structure (levels, residual blocks per le
 SD 1.x/2.x (4 levels) and SDXL (3 levels) alike.
 """
 import difflib
+import warnings
+from pathlib import Path
 
 import torch.nn as nn
 
@@ -112,3 +114,72 @@ class LayerNames:
         if name.startswith("mid_block"):
             pool = list(self.diffusers_to_own)
         return difflib.get_close_matches(name, pool, n=n, cutoff=0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# settings files: `module_name:factor` lines naming layers (the authors' format)
+
+class SettingsError(ValueError):
+    pass
+
+
+def _sd_layout_names():
+    """Every re-dilatable conv of the SD 1.x/2.x UNet in diffusers naming (4 levels, 2 ResBlocks per level on
+    the way down, 3 on the way up): the vocabulary of the released settings files (all_valid_convs.txt)."""
+    names = []
+    for level in range(4):
+        names += [f"down_blocks.{level}.resnets.{j}.conv{c}" for j in range(2) for c in (1, 2)]
+        if level < 3:
+            names.append(f"down_blocks.{level}.downsamplers.0.conv")
+    names += [f"mid_block.resnets.{j}.conv{c}" for j in range(2) for c in (1, 2)]
+    for level in range(4):
+        names += [f"up_blocks.{level}.resnets.{j}.conv{c}" for j in range(3) for c in (1, 2)]
+        if level < 3:
+            names.append(f"up_blocks.{level}.upsamplers.0.conv")
+    return frozenset(names)
+
+
+SD_LAYOUT_NAMES = _sd_layout_names()
+
+
+def _is_sd_name(name):
+    """A name the released files could legitimately use (valid for SD 1.x/2.x) — not a typo."""
+    return name in SD_LAYOUT_NAMES
+
+
+def read_settings_file(path, names, with_factor=True, dead_names="error"):
+    """Parse a settings file into {own_name: factor} (or a set of own names when ``with_factor`` is False)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"settings file not found: {path}")
+    out = {}
+    dead = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if with_factor:
+            if line.count(":") != 1:
+                raise SettingsError(f"{path}:{lineno}: expected 'module_name:factor', got {raw.strip()!r}")
+            name, value = (s.strip() for s in line.split(":"))
+            try:
+                factor = float(value)
+            except ValueError:
+                raise SettingsError(f"{path}:{lineno}: factor {value!r} is not a number") from None
+            if factor < 1:
+                raise SettingsError(f"{path}:{lineno}: factor {factor:g} must be >= 1")
+        else:
+            name, factor = line.split(":")[0].strip(), None
+        own = names.resolve(name)
+        if own is None:
+            if dead_names == "warn" and _is_sd_name(name):
+                dead.append(name)
+                continue
+            hint = names.suggestions(name)
+            hint = f"; closest valid names: {', '.join(hint)}" if hint else ""
+            raise SettingsError(f"{path}:{lineno}: no convolution named {name!r} in this UNet{hint}")
+        out[own] = factor
+    if dead:
+        warnings.warn(f"{path}: {len(dead)} layer name(s) match no module of this UNet and are skipped, as the "
+                      f"authors' code skips them silently: {', '.join(dead)}", stacklevel=2)
+    return out if with_factor else set(out)

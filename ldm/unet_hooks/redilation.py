@@ -13,7 +13,7 @@ import math
 
 import torch.nn.functional as F
 
-from ldm.processors import installed  # noqa: F401  (the one install mechanism; re-exported)
+from ldm.unet_hooks.processors import installed  # noqa: F401  (the one install mechanism; re-exported)
 
 
 def _out_size(size, conv):
@@ -144,7 +144,7 @@ class Dispersion:
         self.path = path
 
     def weight(self, conv):
-        from ldm.scalecrafter.dispersion import disperse_kernel
+        from ldm.unet_hooks.dispersion import disperse_kernel
         if self.cache is None:
             return disperse_kernel(conv.weight, self.transform.to(conv.weight.device, conv.weight.dtype))
         w = self.cache.get(id(conv))

@@ -9,7 +9,7 @@ discards one: 2×). Afterwards plain CFG with the strong schedule.
 import torch
 
 from ldm.models.diffusion.ddim import _cat_cond
-from ldm.scalecrafter.redilation import installed
+from ldm.unet_hooks.redilation import installed
 
 
 class ScaleCrafterGuidance:

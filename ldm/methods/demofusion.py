@@ -5,8 +5,8 @@ Phase 1 samples at the base size (the target's aspect ratio, long side = base). 
 K = max(H, W) // base) upsamples the previous latent bicubically to k times the base, re-noises it to the first
 step with one noise tensor, and denoises with
 
-* the skip residual z ← z·(1 − c₁) + q(z₀, t_i, ε)·c₁, c₁ = cos_factor^cosine_scale_1 (3), as FreeScale's
-  cascade (``ldm/freescale/cascade.py``, which this module reuses with latent resizing and restart step 0);
+* the skip residual z ← z·(1 − c₁) + q(z₀, t_i, ε)·c₁, c₁ = cos_factor^cosine_scale_1 (3), as in the
+  shared cascade machinery (``ldm/methods/cascade.py``, with latent resizing and restart step 0);
 * local paths: base-size windows (stride half a window, jitter up to (window − stride)/4 on a zero-padded latent,
   each with its SDXL crop conditioning), averaged;
 * global paths: the k×k dilated sub-lattices z[a::k, b::k] of a Gaussian-blurred copy of the latent (kernel 2k − 1,
@@ -33,14 +33,17 @@ The re-standardisations (of the blurred latent, and of each phase's result to ph
 image's own mean and std (the reference pools them over the batch: identical for one image per prompt, its default).
 """
 import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ldm.baselines.multidiffusion import SDXLWindowConditioning, window_conditions
-from ldm.freescale.cascade import FreeScale, FreeScaleSettings, cosine_factor
-from ldm.freescale.scale_fusion import gaussian_1d, window_views
-from ldm.models.diffusion.ddim import classifier_free_guidance
+from ldm.guidance import classifier_free_guidance
+from ldm.errors import UsageError
+from ldm.methods.base import Settings
+from ldm.methods.cascade import Cascade, CascadeMethod, check_files, cosine_factor
+from ldm.windows import SDXLWindowConditioning, gaussian_1d, window_conditions, window_views
 
 
 def demofusion_stages(height, width, base):
@@ -134,13 +137,24 @@ class DemoFusionGuidance:
         return local * (1 - c2) + self.global_(model, x, t, cond, uncond, scale, cf) * c2
 
 
-class DemoFusion(FreeScale):
-    """The phases on FreeScale's cascade (latent resize, restart 0, skip residual), DemoFusion's guidance."""
+@dataclass
+class DemoFusionStages:
+    """The cascade settings of DemoFusion's phases: latent resize, restart at step 0, skip residual c1."""
+    stages: Sequence[Tuple[int, int]]
+    base: int
+    cosine_scale: float = 3.0
+    restart_step: Optional[int] = 0
+    cosine_scale_bg: Optional[float] = None
+    resize: str = "latent"
+
+
+class DemoFusion(Cascade):
+    """The phases on the shared cascade machinery (``ldm/methods/cascade.py``), DemoFusion's guidance."""
 
     def __init__(self, model, height, width, base, f=8, tiling=None, stride=None, sigma=0.8, cosine_scales=(3, 1, 1),
                  view_batch=16, stage_callback=None):
-        settings = FreeScaleSettings(stages=demofusion_stages(height, width, base), base=base, restart_step=0,
-                                     cosine_scale=float(cosine_scales[0]), resize="latent", fusion=False)
+        settings = DemoFusionStages(stages=demofusion_stages(height, width, base), base=base,
+                                    cosine_scale=float(cosine_scales[0]))
         super().__init__(model, settings, f=f, tiling=tiling, stage_callback=stage_callback)
         self.window = base // f
         self.stride = int(stride) if stride else self.window // 2  # 64 of 128 for SDXL, as released
@@ -150,7 +164,7 @@ class DemoFusion(FreeScale):
                                     if hasattr(model, "conditioner") else None)
 
     def sample(self, *args, **kwargs):
-        """FreeScale's cascade, with every upscaling phase's latent re-standardised to the mean and std of phase 1's
+        """The cascade, with every upscaling phase's latent re-standardised to the mean and std of phase 1's
         (the reference's ``anchor_mean``/``anchor_std``; per image) before it is upscaled again or returned; done in
         place from the stage callback, so stage_latents and the result carry it."""
         user_callback, anchor, dims = self.stage_callback, [], (1, 2, 3)
@@ -177,3 +191,51 @@ class DemoFusion(FreeScale):
         scale_num = max(1, math.ceil(max(size) / self.settings.base - 1e-9))
         return DemoFusionGuidance(scale_num, self.window, self.stride, randint, self.sigma, self.cs2, self.cs3,
                                   int(self.model.num_timesteps), self.window_conditioning, self.view_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# the method (--method demofusion)
+
+
+class DemoFusionMethod(CascadeMethod):
+    name = "demofusion"
+    label = "DemoFusion"
+    summary = "DemoFusion: progressive upscaling with local windows and dilated global paths"
+    img2img = True
+
+    @classmethod
+    def add_args(cls, parser):
+        g = parser.add_argument_group("DemoFusion (--method demofusion)")
+        g.add_argument("--df_stride", type=int, default=None,
+                       help="local window stride in latent pixels (default: half a window, 64 for SDXL)")
+        g.add_argument("--df_sigma", type=float, default=0.8, help="Gaussian sigma of the global paths")
+        g.add_argument("--df_cosine_scales", type=float, nargs=3, default=[3.0, 1.0, 1.0], metavar=("C1", "C2", "C3"),
+                       help="exponents of the skip residual, the local/global fusion and the blur")
+        g.add_argument("--df_view_batch", type=int, default=16, help="windows per UNet call")
+
+    @classmethod
+    def settings(cls, opt, info, size):
+        values = {"stride": opt.df_stride, "sigma": opt.df_sigma, "cosine_scales": list(opt.df_cosine_scales),
+                  "view_batch": opt.df_view_batch, "init_image": getattr(opt, "init_image", None),
+                  "save_stages": getattr(opt, "save_stages", False)}
+        check_files(values, "init_image")
+        stages = demofusion_stages(size[0], size[1], info.base_px)
+        values["stages"] = stages
+        return Settings(size=tuple(size), sample_size=tuple(stages[0]), values=values)
+
+    def make_cascade(self):
+        v = self.settings.values
+        h, w = self.settings.size
+        try:
+            return DemoFusion(self.model, h, w, self.info.base_px, f=self.info.f, tiling=self.tiling,
+                              stride=v["stride"], sigma=v["sigma"], cosine_scales=v["cosine_scales"],
+                              view_batch=v["view_batch"])
+        except ValueError as err:
+            raise UsageError(f"DemoFusion: {err}") from None
+
+    @classmethod
+    def stages_of(cls, settings):
+        return [tuple(s) for s in settings.values["stages"]]
+
+    def describe(self):
+        return {"demofusion": {**self.runner.describe(), "restart_step": self.runner.settings.restart_step}}

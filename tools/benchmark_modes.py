@@ -21,10 +21,10 @@ from types import SimpleNamespace
 
 import torch
 
-from ldm.scalecrafter.guidance import ScaleCrafterGuidance
-from ldm.scalecrafter.presets import load_preset, plan_from_preset
+from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance
+from ldm.methods.scalecrafter.presets import load_preset, plan_from_preset
 
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "scalecrafter"
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "scalecrafter"
 MODES = ("plain", "redilate", "redilate_frac", "redilate_ndcfg", "disperse", "disperse_direct", "disperse_basis",
          "preset", "preset_corrected")
 DISPERSION_PATH = {"disperse": "auto", "disperse_direct": "direct", "disperse_basis": "basis"}
@@ -103,7 +103,7 @@ def make_step(mode, unet, size, batch, device, dtype, family="sd2"):
         uncond = {"crossattn": uncond, "vector": torch.randn(half, adm, device=device, dtype=dtype)}
     model = BareUNetModel(unet)
     if mode == "plain":
-        from ldm.models.diffusion.ddim import classifier_free_guidance
+        from ldm.guidance import classifier_free_guidance
         return lambda i: classifier_free_guidance(model, x, t, cond, uncond, 7.5)
     path = preset_path(mode, size, family)
     if not path.is_file():

@@ -1,5 +1,5 @@
 """FreeScale presets (``configs/freescale/*.yaml``): stage sizes and the method's settings, per model."""
-from ldm.freescale.cascade import FreeScaleSettings, default_stages
+from ldm.methods.freescale.cascade import FreeScaleSettings, default_stages
 from ldm.util import load_yaml_preset
 
 PRESET_KEYS = {"method", "base_model", "height", "width", "base", "stages", "restart_step", "cosine_scale",
@@ -65,9 +65,6 @@ def add_args(parser):
                    help="global attention over dilated sub-lattices instead of all tokens (faster, some quality loss)")
     g.add_argument("--latent_resize", action="store_true",
                    help="resize latents between stages instead of decode - bicubic - encode")
-    g.add_argument("--save_stages", action="store_true", help="also write every earlier stage's image")
-    g.add_argument("--init_image", type=str, default=None,
-                   help="start the cascade from this image (resized to the first stage) instead of sampling stage 1")
     return g
 
 
@@ -86,4 +83,4 @@ def settings_from_args(opt, preset, height, width, base):
                          cosine_scale_bg=opt.cosine_scale_bg, dilate_tau=opt.freescale_dilate_tau,
                          fast_mode=True if opt.fast_mode else None,
                          resize="latent" if opt.latent_resize else None,
-                         save_stages=True if opt.save_stages else None)
+                         save_stages=True if getattr(opt, "save_stages", False) else None)

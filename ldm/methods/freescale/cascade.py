@@ -23,22 +23,16 @@ Differences from the authors' release (``pipeline_freescale.py``), all deliberat
   Python's unseeded global ``random``), so a seed gives the same image.
 """
 import math
-import random
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
-
-from ldm.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion
-from ldm.models.diffusion.ddim import DDIMSampler, classifier_free_guidance
-from ldm.processors import installed, self_attention_layers
-from ldm.scalecrafter.layers import LayerNames
-from ldm.scalecrafter.plan import LayerSchedule
-from ldm.scalecrafter.redilation import ReDilation
-
-RESIZES = ("pixel", "latent")
+from ldm.guidance import classifier_free_guidance
+from ldm.methods.cascade import RESIZES, Cascade, CascadeResult, cosine_factor, encode_image  # noqa: F401
+from ldm.methods.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion
+from ldm.unet_hooks.processors import installed, self_attention_layers
+from ldm.unet_hooks.layers import LayerNames
+from ldm.unet_hooks.schedule import LayerSchedule
+from ldm.unet_hooks.redilation import ReDilation
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,11 +95,6 @@ class FreeScaleGuidance:
 # the cascade
 
 
-def cosine_factor(t, num_timesteps=1000):
-    """½(1 + cos(π(T − t)/T)): 1 at t = T, 0 at t = 0."""
-    return 0.5 * (1.0 + math.cos(math.pi * (num_timesteps - float(t)) / num_timesteps))
-
-
 def default_stages(height, width, base):
     """Stage sizes doubling the side from the base size up to (height, width), the last one exact.
 
@@ -161,35 +150,12 @@ class FreeScaleSettings:
         return {k: (list(map(list, v)) if k == "stages" else v) for k, v in self.__dict__.items()}
 
 
-@dataclass
-class CascadeResult:
-    latent: torch.Tensor
-    stage_latents: List[torch.Tensor] = field(default_factory=list)
-
-
-class FreeScale:
-    """Runs the cascade for one batch. ``model`` is a LatentDiffusion (SD/SDXL) or the demo model.
-
-    ``f``: the first stage's downsampling factor (8 for SD, 1 for the demo model); ``tiling``: keyword
-    arguments for tiled VAE decoding/encoding (tile_size, overlap, sync_gn), or {} for whole-image passes.
-    """
+class FreeScale(Cascade):
+    """FreeScale's cascade: each later stage with restrained dilation and scale fusion (``stage_guidance``)."""
 
     def __init__(self, model, settings: FreeScaleSettings, f=8, tiling=None, stage_callback=None):
-        self.model = model
-        self.settings = settings
-        self.f = int(f)
-        self.tiling = dict(tiling or {})
-        self.unet = model.model.diffusion_model
+        super().__init__(model, settings, f=f, tiling=tiling, stage_callback=stage_callback)
         self.attention_layers = self_attention_layers(self.unet)
-        self.stage_callback = stage_callback  # called as stage_callback(index, size, latent)
-        for size in settings.stages:
-            if size[0] % self.f or size[1] % self.f:
-                raise ValueError(f"stage size {size[0]}x{size[1]} is not a multiple of the latent factor {self.f}")
-
-    # -- the pieces ---------------------------------------------------------------------------
-
-    def latent_shape(self, size):
-        return (self.unet.in_channels, size[0] // self.f, size[1] // self.f)
 
     def stage_guidance(self, size, steps, randint):
         st = self.settings
@@ -201,101 +167,3 @@ class FreeScale:
             fusion = ScaleFusion((size[0] // self.f, size[1] // self.f), st.scale_of(size), st.fast_mode,
                                  randint, st.blur, st.window)
         return FreeScaleGuidance(dilation, names, self.attention_layers, fusion)
-
-    def upscale(self, latent, size, generator):
-        """The previous stage's latent at the next stage size: through pixels (decode, bicubic, encode) or
-        resized directly (``resize='latent'``)."""
-        target = (size[0] // self.f, size[1] // self.f)
-        if self.settings.resize == "latent":
-            return F.interpolate(latent, size=target, mode="bicubic", align_corners=False)
-        image = self.model.decode_first_stage(latent, **self.tiling)
-        image = F.interpolate(image.float(), size=tuple(size), mode="bicubic", align_corners=False)
-        return encode_image(self.model, image, self.tiling, generator)
-
-    @staticmethod
-    def c1_exponent(settings, mask, latent):
-        """cosine_scale as a scalar, or per pixel from a mask (1 = foreground) resized to the latent."""
-        if mask is None:
-            return settings.cosine_scale
-        bg = settings.cosine_scale_bg if settings.cosine_scale_bg is not None else settings.cosine_scale
-        m = F.interpolate(mask.to(latent.device, torch.float32), size=latent.shape[-2:], mode="bilinear",
-                          align_corners=False).clamp(0, 1)
-        return (m * settings.cosine_scale + (1 - m) * bg).to(latent.dtype)
-
-    # -- the run ------------------------------------------------------------------------------
-
-    def sample(self, sampler: DDIMSampler, steps, cond, uncond, scale, eta, batch_size, generator=None,
-               x_T=None, init_latent=None, mask=None, guidance=None, jitter_seed=0, disable_progress=True):
-        """The whole cascade. Returns CascadeResult (final latent, one latent per stage).
-
-        init_latent: start from this latent of the first stage size instead of sampling stage 1 (image to
-        image: the user's image, encoded). guidance: what stage 1 uses (plain CFG by default).
-        jitter_seed: seeds the window jitter of the scale-fusion layers.
-        """
-        st = self.settings
-        stage_latents = []
-        if init_latent is None:
-            latent, _ = sampler.sample(S=steps, conditioning=cond, batch_size=batch_size,
-                                       shape=self.latent_shape(st.stages[0]), verbose=False,
-                                       unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                                       eta=eta, guidance=guidance, generator=generator, x_T=x_T,
-                                       disable_progress=disable_progress)
-        else:
-            latent = init_latent
-        stage_latents.append(latent)
-        if self.stage_callback:
-            self.stage_callback(0, st.stages[0], latent)
-        restart = int(0.3 * steps) if st.restart_step is None else int(st.restart_step)
-        if not 0 <= restart < steps:
-            raise ValueError(f"restart_step {restart} must be in [0, {steps})")
-        jitter = random.Random(int(jitter_seed))  # python ints only: also runs on fake tensors (benchmark)
-        for k, size in enumerate(st.stages[1:], start=1):
-            z0 = self.upscale(latent, size, generator)
-            noise = DDIMSampler._randn(z0.shape, z0.device, generator).to(z0.dtype)
-            sampler.make_schedule(steps, ddim_eta=eta, verbose=False)
-            times = list(reversed(sampler.ddim_timesteps.tolist()))
-            T = int(self.model.num_timesteps)
-            exponent = self.c1_exponent(st, mask, z0)
-
-            def noised(i, z0=z0, noise=noise):
-                t = torch.full((z0.shape[0],), int(times[i]), device=z0.device, dtype=torch.long)
-                return self.model.q_sample(z0, t, noise)
-
-            def skip_residual(z, i, ts, noised=noised, exponent=exponent):
-                c1 = cosine_factor(times[i], T) ** exponent
-                if not torch.is_tensor(c1) and c1 == 0:
-                    return z
-                return z * (1 - c1) + noised(i) * c1
-
-            latent, _ = sampler.sample(S=steps, conditioning=cond, batch_size=batch_size,
-                                       shape=self.latent_shape(size), verbose=False,
-                                       unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                                       eta=eta, guidance=self.stage_guidance(size, steps, jitter.randint),
-                                       generator=generator, x_T=noised(restart), start_step=restart,
-                                       pre_step=skip_residual, disable_progress=disable_progress)
-            stage_latents.append(latent)
-            if self.stage_callback:
-                self.stage_callback(k, size, latent)
-        return CascadeResult(latent, stage_latents)
-
-
-def encode_image(model, image, tiling=None, generator=None):
-    """Images in [-1, 1] -> scaled latents, sampling the posterior with ``generator`` (one, or one per image).
-
-    Tiled (synchronized GroupNorm) when ``tiling`` is given and the autoencoder can; in float32 with autocast
-    off for models whose VAE must stay in float32 (SDXL)."""
-    fs = model.first_stage_model
-    params = next(iter(fs.parameters()), None)
-    if params is not None:
-        image = image.to(params.dtype)
-    guard = (torch.autocast(device_type=image.device.type, enabled=False)
-             if getattr(model, "vae_fp32", False) else nullcontext())
-    with torch.no_grad(), guard:
-        if tiling and hasattr(fs, "encode_tiled"):
-            posterior = fs.encode_tiled(image, **tiling)
-        else:
-            posterior = model.encode_first_stage(image)
-    if isinstance(posterior, torch.Tensor):
-        return model.get_first_stage_encoding(posterior)
-    noise = DDIMSampler._randn(posterior.mean.shape, posterior.mean.device, generator).to(posterior.mean.dtype)
-    return model.scale_factor * (posterior.mean + posterior.std * noise)

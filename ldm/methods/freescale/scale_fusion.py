@@ -31,6 +31,8 @@ What the authors' release (``scale_attention.py``) does, and what this module do
 import torch
 import torch.nn.functional as F
 
+from ldm.windows import _jitter, _starts, gaussian_1d, window_views  # noqa: F401
+
 BLURS = ("release", "spatial")
 WINDOWS = ("release", "base")
 
@@ -74,52 +76,8 @@ def window_geometry(grid_hw, scale_hw, window="release"):
     return wh, ww, max(sh, 1), max(sw, 1), wh // 8, ww // 8
 
 
-def _starts(size, window, stride):
-    """Window starts along one axis: every ``stride``, the last one moved back to end at ``size``."""
-    if size <= window:
-        return [0]
-    count = int((size - window) / stride - 1e-6) + 2
-    return [min(i * stride, size - window) for i in range(count)]
-
-
-def _jitter(start, end, size, j, randint):
-    if j == 0:
-        return 0
-    if start != 0 and end != size:
-        return randint(-j, j)
-    if start == 0 and end != size:
-        return randint(-j, 0)
-    if start != 0 and end == size:
-        return randint(0, j)
-    return 0
-
-
-def window_views(grid_hw, geometry, randint=None):
-    """Views (h0, h1, w0, w1) in the grid padded by the jitter ranges; jittered when ``randint`` is given.
-
-    Row-major over the windows; per window the width jitter is drawn before the height jitter (the release's
-    order, so the same draws give the same windows)."""
-    h, w = grid_hw
-    wh, ww, sh, sw, jh, jw = geometry
-    wh, ww = min(wh, h), min(ww, w)
-    views = []
-    for h0 in _starts(h, wh, sh):
-        for w0 in _starts(w, ww, sw):
-            h1, w1 = h0 + wh, w0 + ww
-            dw = _jitter(w0, w1, w, jw, randint) if randint else 0
-            dh = _jitter(h0, h1, h, jh, randint) if randint else 0
-            views.append((h0 + dh + jh, h1 + dh + jh, w0 + dw + jw, w1 + dw + jw))
-    return views
-
-
 # ------------------------------------------------------------------------------------------------
 # the Gaussian split
-
-
-def gaussian_1d(kernel_size, sigma=1.0, dtype=torch.float32, device=None):
-    x = torch.arange(kernel_size, dtype=torch.float64)
-    g = torch.exp(-((x - (kernel_size - 1) / 2) ** 2) / (2 * sigma ** 2))
-    return (g / g.sum()).to(dtype=dtype, device=device)
 
 
 def _blur_axis(x, kernel, dim):

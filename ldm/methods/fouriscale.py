@@ -21,7 +21,7 @@ Per family (release): SD 1.x/2.x stop band 0 for both masks, one dilation for al
 bucket table (the bucket needing the least padding with equal factors on both sides), and SDXL's size
 conditioning set to that base size. Upsampling convolutions are dilated but never filtered.
 
-Built from per-call processors (``ldm.processors.installed``) and the DDIM sampler's ``guidance`` hook; the UNet
+Built from per-call processors (``ldm.unet_hooks.processors.installed``) and the DDIM sampler's ``guidance`` hook; the UNet
 and the sampler are not modified. What differs from the release, and its bugs: docs/fouriscale.md.
 """
 import math
@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 
-from ldm.models.diffusion.ddim import _cat_cond, classifier_free_guidance
-from ldm.processors import installed, self_attention_layers
-from ldm.scalecrafter.redilation import dilated_conv
+from ldm.errors import UsageError
+from ldm.guidance import cat_cond as _cat_cond, classifier_free_guidance
+from ldm.methods.base import GuidanceMethod, Settings
+from ldm.unet_hooks.processors import installed, self_attention_layers
+from ldm.unet_hooks.redilation import dilated_conv
 
 FILTERS = ("release", "symmetric", "ideal")
 LAYER_STYLES = ("sd", "sdxl")
@@ -250,7 +252,7 @@ def default_layers(unet, style):
     ``"sd"``: down levels ≥ L−2 (with their downsampler), the middle block, up_blocks 0…L−2 (with upsamplers)
     (SD 1.x/2.x: 34 convs); ``"sdxl"``: the ResBlocks of the deepest down level, the middle block, up_blocks.0
     with its upsampler, the ResBlocks of up_blocks.1 (SDXL: 21 convs)."""
-    from ldm.scalecrafter.layers import conv_table
+    from ldm.unet_hooks.layers import conv_table
     if style not in LAYER_STYLES:
         raise ValueError(f"layer style must be one of {LAYER_STYLES}, got {style!r}")
     levels = len(unet.channel_mult)
@@ -286,8 +288,8 @@ def _level(diffusers_name, levels):
 def resolve_layers(unet, layers):
     """[(own name, diffusers name or own name, level, conv)] for a style ("sd"/"sdxl") or a settings file of
     names (own or diffusers, one per line, ``#`` comments)."""
-    from ldm.scalecrafter.layers import LayerNames
-    from ldm.scalecrafter.presets import read_settings_file
+    from ldm.unet_hooks.layers import LayerNames
+    from ldm.unet_hooks.layers import read_settings_file
     names = LayerNames(unet)
     levels = len(unet.channel_mult)
     own_to_diff = {own: diff for own, diff, _ in names.rows}
@@ -452,16 +454,6 @@ def add_args(parser):
     return g
 
 
-OPTION_NAMES = ("fouri_config", "fouri_start_step", "fouri_stop_step", "fouri_progressive", "fouri_dilation",
-                "fouri_filter", "fouri_stopband", "fouri_weak_dilation_div", "fouri_amp_guidance", "fouri_buckets",
-                "fouri_size_cond", "fouri_layers")
-
-
-def given_options(opt):
-    return [f"--{n}" for n in OPTION_NAMES if getattr(opt, n, None) is not None] + \
-        (["--fouri_full_batch"] if getattr(opt, "fouri_full_batch", False) else [])
-
-
 def _value(opt, preset, key, default):
     v = getattr(opt, f"fouri_{key}", None)
     if v is not None:
@@ -472,25 +464,6 @@ def _value(opt, preset, key, default):
 def _buckets(opt, preset, sdxl):
     b = _value(opt, preset, "buckets", "auto")
     return ("sdxl" if sdxl else "square") if b == "auto" else b
-
-
-def prepare_options(opt, family, base_px, side):
-    """Before the model is loaded: the preset's image size as the --H/--W defaults, and (SDXL, size_cond base)
-    SDXL's original and target size set to the base size, as the release conditions."""
-    preset = load_preset(opt.fouri_config) if opt.fouri_config else {}
-    if preset:
-        base_model = preset.get("base_model")
-        if base_model in ("sd1", "sd2", "sdxl") and (base_model == "sdxl") != (family == "sdxl"):
-            raise ValueError(f"--fouri_config {opt.fouri_config} is a preset for {base_model} but the model is "
-                             f"{family}")
-        opt.H = opt.H if opt.H is not None else preset.get("height")
-        opt.W = opt.W if opt.W is not None else preset.get("width")
-    sdxl = family == "sdxl"
-    size_cond = _value(opt, preset, "size_cond", "auto")
-    if sdxl and size_cond in ("auto", "base") and opt.original_size is None and opt.target_size is None:
-        h, w = opt.H if opt.H is not None else side, opt.W if opt.W is not None else side
-        bh, bw, _ = choose_base(h, w, base_px, _buckets(opt, preset, sdxl))
-        opt.original_size = opt.target_size = [int(round(bh)), int(round(bw))]
 
 
 def settings_from_args(opt, model, base_latent, image_hw, f):
@@ -509,7 +482,7 @@ def settings_from_args(opt, model, base_latent, image_hw, f):
             ref = int(preset.get("steps", steps))
             p_start, p_stop = int(preset["start_step"]), int(preset["stop_step"])
             if ref != steps:
-                from ldm.inference import InputWarning
+                from ldm.errors import InputWarning
                 p_start, p_stop = round(p_start * steps / ref), round(p_stop * steps / ref)
                 warnings.warn(f"{opt.fouri_config}: start/stop steps are for {ref} steps; with --steps {steps} "
                               f"they are scaled to {p_start}/{p_stop}", InputWarning, stacklevel=2)
@@ -537,3 +510,60 @@ def settings_from_args(opt, model, base_latent, image_hw, f):
         stopband=float(_value(opt, preset, "stopband", 0.6 if sdxl else 0.0)),
         weak_dilation_div=float(_value(opt, preset, "weak_dilation_div", 1.5 if sdxl else 1.0)),
         amp_guidance=float(amp), layers=layers, full_batch=bool(opt.fouri_full_batch), info=info)
+
+
+# ---------------------------------------------------------------------------------------------
+# the method (--method fouriscale)
+
+
+class FouriScaleMethod(GuidanceMethod):
+    name = "fouriscale"
+    label = "FouriScale"
+    summary = "FouriScale: dilated convolutions on low-pass filtered inputs (--fouri_config)"
+    preset_flag = "--fouri_config"
+    preset_dir = "fouriscale"
+
+    @classmethod
+    def add_args(cls, parser):
+        add_args(parser)
+
+    @classmethod
+    def read_preset(cls, path):
+        return load_preset(path)
+
+    @classmethod
+    def _preset(cls, opt, info):
+        try:
+            preset = load_preset(opt.fouri_config) if opt.fouri_config else {}
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        base_model = preset.get("base_model")
+        if base_model in ("sd1", "sd2", "sdxl") and (base_model == "sdxl") != info.sdxl:
+            raise UsageError(f"--fouri_config {opt.fouri_config} is a preset for {base_model} but the model is "
+                             f"{info.family}")
+        return preset
+
+    @classmethod
+    def preset_size(cls, opt, info):
+        preset = cls._preset(opt, info)
+        return (preset.get("height"), preset.get("width")) if preset else None
+
+    @classmethod
+    def settings(cls, opt, info, size):
+        """SDXL (size_cond base, as the release): original and target size = the base (bucket) size."""
+        preset = cls._preset(opt, info)
+        conditioning = {}
+        size_cond = _value(opt, preset, "size_cond", "auto")
+        if info.sdxl and size_cond in ("auto", "base") and opt.original_size is None and opt.target_size is None:
+            bh, bw, _ = choose_base(size[0], size[1], info.base_px, _buckets(opt, preset, True))
+            conditioning = {"original_size": [int(round(bh)), int(round(bw))],
+                            "target_size": [int(round(bh)), int(round(bw))]}
+        return Settings(size=tuple(size), size_conditioning=conditioning, values={"opt": opt})
+
+    def make_guidance(self):
+        settings = settings_from_args(self.settings.values["opt"], self.model, self.info.base_latent,
+                                      self.settings.size, self.info.f)
+        return FouriScaleGuidance(self.model.model.diffusion_model, settings)
+
+    def describe(self):
+        return {"fouriscale": self.guidance().describe()}

@@ -1,0 +1,93 @@
+"""FreeScale (Qiu et al., 2024): tailored self-cascade, restrained dilation and scale fusion (--method freescale).
+
+* ``scale_fusion.py``: the attention processor (local windows + global attention, Gaussian split);
+* ``cascade.py``: the restrained dilation and each stage's guidance, on the shared stage machinery
+  (``ldm/methods/cascade.py``);
+* ``presets.py``: the YAML presets in ``configs/freescale/``.
+"""
+from ldm.errors import UsageError
+from ldm.methods.base import Settings, check_preset_family
+from ldm.methods.cascade import CascadeMethod, check_files
+from ldm.methods.freescale import presets
+from ldm.methods.freescale.cascade import FreeScale, FreeScaleSettings, default_stages  # noqa: F401
+
+
+class FreeScaleMethod(CascadeMethod):
+    name = "freescale"
+    label = "FreeScale"
+    summary = "FreeScale: self-cascade with restrained dilation and scale fusion (--freescale_config)"
+    preset_flag = "--freescale_config"
+    preset_dir = "freescale"
+    img2img = True
+    implied_by = ("freescale_config",)
+    img2img_refused = {"restart_step": "each cascade stage restarts at step steps - floor(strength x steps): give "
+                                       "--strength"}
+
+    @classmethod
+    def add_args(cls, parser):
+        presets.add_args(parser)
+
+    @classmethod
+    def read_preset(cls, path):
+        return presets.load_preset(path)
+
+    @classmethod
+    def _preset(cls, opt, info):
+        if not opt.freescale_config:
+            return None
+        try:
+            preset = presets.load_preset(opt.freescale_config)
+        except presets.PresetError as err:
+            raise UsageError(str(err)) from None
+        check_preset_family("--freescale_config", opt.freescale_config, preset.get("base_model"), info, "freescale")
+        return preset
+
+    @classmethod
+    def preset_size(cls, opt, info):
+        preset = cls._preset(opt, info)
+        return (preset.get("height"), preset.get("width")) if preset else None
+
+    @classmethod
+    def settings(cls, opt, info, size):
+        preset = cls._preset(opt, info)
+        try:
+            fs = presets.settings_from_args(opt, preset, size[0], size[1], info.base_px)
+        except (presets.PresetError, ValueError) as err:
+            raise UsageError(f"FreeScale: {err}") from None
+        for h, w in fs.stages:
+            if h % info.f or w % info.f:
+                raise UsageError(f"FreeScale: stage size {h}x{w} is not a multiple of {info.f}")
+        values = {"freescale": fs, "preset": opt.freescale_config, "detail_mask": opt.detail_mask,
+                  "init_image": getattr(opt, "init_image", None), "save_stages": getattr(opt, "save_stages", False)}
+        check_files(values, "init_image", "detail_mask")
+        conditioning = {"target_size": list(fs.stages[0])} if info.sdxl else {}  # the release: the first stage's
+        return Settings(size=tuple(size), sample_size=tuple(fs.stages[0]), size_conditioning=conditioning,
+                        freeu=(preset or {}).get("freeu"), values=values)
+
+    def make_cascade(self):
+        import copy
+        fs = copy.deepcopy(self.settings.values["freescale"])  # the run changes stages/restart (img2img)
+        return FreeScale(self.model, fs, f=self.info.f, tiling=self.tiling)
+
+    @classmethod
+    def stages_of(cls, settings):
+        return [tuple(s) for s in settings.values["freescale"].stages]
+
+    @classmethod
+    def default_strength(cls, settings, steps):
+        restart = settings.values["freescale"].restart_step
+        restart = int(0.3 * steps) if restart is None else int(restart)
+        return (steps - restart) / steps
+
+    @classmethod
+    def entering_at(cls, settings, k, init_image):
+        """As the release, SDXL conditions on the entry stage's size."""
+        out = super().entering_at(settings, k, init_image)
+        if "target_size" in settings.size_conditioning:
+            out.size_conditioning["target_size"] = list(cls.stages_of(settings)[k])
+        return out
+
+    def describe(self):
+        v = self.settings.values
+        return {"freescale": {"preset": v["preset"], **self.runner.settings.describe(),
+                              "init_image": v["init_image"], "detail_mask": v["detail_mask"]}}
