@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ldm.freescale import ablations, release_tiling
 from ldm.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion
 from ldm.models.diffusion.ddim import DDIMSampler, classifier_free_guidance
 from ldm.processors import installed, self_attention_layers
@@ -134,6 +135,8 @@ class FreeScaleSettings:
     window: str = "release"
     resize: str = "pixel"
     save_stages: bool = False
+    dilate_up_blocks: bool = False        # Table 2's "Dilated Up-Blocks" (ldm/freescale/ablations.py)
+    vae_tiling: str = "ours"              # "release": the release's blended VAE tiles (release_tiling.py)
 
     def __post_init__(self):
         self.stages = [tuple(int(v) for v in s) for s in self.stages]
@@ -148,6 +151,8 @@ class FreeScaleSettings:
             raise ValueError(f"blur must be one of {BLURS} and window one of {WINDOWS}")
         if self.dilation_from not in ("long_side", "width"):
             raise ValueError(f"dilation_from must be 'long_side' or 'width', got {self.dilation_from!r}")
+        if self.vae_tiling not in release_tiling.MODES:
+            raise ValueError(f"vae_tiling must be one of {release_tiling.MODES}, got {self.vae_tiling!r}")
 
     def scale_of(self, size):
         """Integer (s_h, s_w) of a stage over the base size (at least 1)."""
@@ -182,6 +187,8 @@ class FreeScale:
         self.unet = model.model.diffusion_model
         self.attention_layers = self_attention_layers(self.unet)
         self.stage_callback = stage_callback  # called as stage_callback(index, size, latent)
+        if settings.vae_tiling == "release":
+            release_tiling.install(model, settings.base, self.f)
         for size in settings.stages:
             if size[0] % self.f or size[1] % self.f:
                 raise ValueError(f"stage size {size[0]}x{size[1]} is not a multiple of the latent factor {self.f}")
@@ -194,7 +201,9 @@ class FreeScale:
     def stage_guidance(self, size, steps, randint):
         st = self.settings
         factor = st.dilation_of(size)
-        dilation, names = (restrained_dilation(self.unet, factor, min(st.dilate_tau, steps))
+        layers = restrained_layer_names(self.unet) + (ablations.up_block_layer_names(self.unet)
+                                                      if st.dilate_up_blocks else [])
+        dilation, names = (restrained_dilation(self.unet, factor, min(st.dilate_tau, steps), layers)
                            if factor > 1 else (None, None))
         fusion = None
         if st.fusion and self.attention_layers and max(st.scale_of(size)) > 1:
