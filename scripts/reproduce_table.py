@@ -19,9 +19,15 @@ a table samples the same prompts with the same seed and sampler settings. The sc
    of ``scripts/eval_fid.py``) and writes ``OUT/table.md``, ``table.csv`` and ``table.json`` with N,
    settings, machine, time per image and peak memory per row.
 
-``--dry-run`` lists the jobs, their image counts and a GPU-hour estimate (measured runs in OUT, else the
-spec's ``timing`` entries, each with its source). ``--slurm DIR`` writes SLURM array job scripts (one task
-per sampling job, then the evaluation) instead of running anything.
+Paper specs record the published value of every cell that was found (``sources:``, ``published:``); the
+written table shows each reproduced cell beside the published one (and their ratio) and the rank order of the
+rows on each metric, published vs ours.
+
+``--dry-run`` lists the jobs, their image counts and a GPU-hour estimate, each figure with its basis and source
+(measured runs in OUT, else the paper's own time, else the spec's ``timing`` entries: a time or a measured ratio
+to direct sampling). ``--with-optional`` adds the spec's optional rows (variants beside the paper's protocol).
+``--slurm DIR`` writes SLURM array job scripts (one task per sampling job, then the evaluation) instead of
+running anything.
 """
 from __future__ import annotations
 

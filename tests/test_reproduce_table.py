@@ -373,9 +373,9 @@ def _published_spec(tmp_path, **changes):
                                  "device": "GPU-X"}}
     spec["published"] = {"source": "paper"}
     spec["columns"] = [{"id": "fid_b", "metric": "fid", "reference": "base"},
-                       {"id": "area", "metric": "object_area"}]
+                       {"id": "area", "metric": "object_area"}, {"id": "multi", "metric": "multi_object_rate"}]
     spec["rows"] = [{"id": "a", "method": "direct", "size": [64, 64],
-                     "published": {"fid_b": "10", "area": "0.30", "seconds_per_image": "2"}},
+                     "published": {"fid_b": "10", "area": "0.30", "multi": "0.5", "seconds_per_image": "2"}},
                     {"id": "b", "method": "direct", "size": [32, 64],
                      "published": {"fid_b": "20", "area": "n/a", "minutes_per_image": "0.5", "note": "b's note"}},
                     {"id": "c", "method": "direct", "size": [64, 32], "published": {"fid_b": "30", "area": "0.10"}},
@@ -396,15 +396,17 @@ def test_published_beside_reproduced_and_rank_agreement(tmp_path):
     tables.check_spec(spec, rt.txt2img().METHODS, rt.option_check)
     p = tables.plan(tables.select(spec), tmp_path / "out")
     ours = {"a": (12.0, 0.25), "b": (25.0, 0.5), "c": (22.0, 0.2), "d": (5.0, 0.9)}
-    results = {"cells": {"tiny": {r: {"fid_b": {"value": v[0]}, "area": {"value": v[1]}} for r, v in ours.items()}},
-               "warnings": []}
+    results = {"cells": {"tiny": {r: {"fid_b": {"value": v[0]}, "area": {"value": v[1]},
+                                      "multi": {"value": 0.25, "k": 1, "n": 4, "ci95": [0.05, 0.7]}}
+                                  for r, v in ours.items()}}, "warnings": []}
     md = tables.render_markdown(p, results, {})
     assert "**Published beside reproduced**: A. Author, Paper, Table 9 (read from https://example.org/t9)" in md
-    assert "| row | FID vs base | object area / image | s / image |" in md
-    assert "| a | 12.00 / 10 (×1.20) | 0.250 / 0.30 (×0.83) | – / 2 s |" in md
-    assert "| b | 25.00 / 20 (×1.25) | 0.500 / n/a | – / 0.5 min |" in md
-    assert "| c | 22.00 / 30 (×0.73) | 0.200 / 0.10 (×2.00) | – / – |" in md
-    assert "| d | 5.00 / not in the paper | 0.900 / not in the paper | – / not in the paper |" in md
+    assert "| row | FID vs base | object area / image | more than one object | s / image |" in md
+    assert "| a | 12.00 / 10 (×1.20) | 0.250 / 0.30 (×0.83) | 25.0 % [5, 70] / 0.5 (×0.50) | – / 2 s |" in md
+    assert "| b | 25.00 / 20 (×1.25) | 0.500 / n/a | 25.0 % [5, 70] / – | – / 0.5 min |" in md
+    assert "| c | 22.00 / 30 (×0.73) | 0.200 / 0.10 (×2.00) | 25.0 % [5, 70] / – | – / – |" in md
+    assert ("| d | 5.00 / not in the paper | 0.900 / not in the paper | 25.0 % [5, 70] / not in the paper | – / not "
+            "in the paper |") in md
     assert "- **d**: our extra row" in md and "- **b**: b's note" in md
     # FID (lower is better), best first: published a, b, c; ours a, c, b: one discordant pair of three
     assert ("- **FID vs base**: published a, b, c; ours a, c, b; Kendall τ_b = 0.33 over 3 rows; best row the "

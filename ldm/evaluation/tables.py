@@ -15,8 +15,16 @@
   base-sample references are extracted once, whatever the number of rows.
 * :func:`evaluate` computes every cell; :func:`render_markdown`, :func:`write_csv` and the JSON written by
   the script hold the table with N, settings, machine, time per image and peak memory per row.
-* :func:`estimate` is the dry run's GPU-hour estimate, from measured runs in the output folder or the spec's
-  ``timing`` entries (each with its source), extrapolated by pixel count where no entry matches.
+* Published values: a spec's ``sources:`` say where the papers' numbers were read, a table's ``published:``
+  names its source (or says the values were not found), and each row carries its published cells.
+  :func:`published_comparison` / :func:`render_published` put every reproduced cell beside the published one
+  (ours ÷ published) and compare the rank order of the rows per column (Kendall's τ_b, same best row).
+* :func:`estimate` is the dry run's GPU-hour estimate, with the basis of each figure: measured runs in the
+  output folder, else the paper's own time of a row of the job, else the spec's ``timing`` entries (a time with
+  its basis and source, or a ratio to the direct-sampling estimate at the same size), else extrapolation by
+  pixel count.
+* Optional rows (``optional: true``: variants beside the paper's protocol) are planned only when asked for
+  (:func:`select`).
 
 Spec format: ``docs/evaluation.md`` ("Reproducing the paper tables") and the commented ``configs/tables/``.
 """
@@ -1343,8 +1351,8 @@ def published_comparison(p: Plan, results: Dict, t: Table) -> Dict:
                "source": rp.get("source"), "cells": {}}
         ours_time = job_stats(p.row_job[row.qid])["seconds_per_image"]
         for cid, _, _ in columns:
-            ours = ours_time if cid == "time" else \
-                (results["cells"].get(t.id, {}).get(row.qid, {}).get(cid) or {}).get("value")
+            cell = None if cid == "time" else results["cells"].get(t.id, {}).get(row.qid, {}).get(cid)
+            ours = ours_time if cid == "time" else (cell or {}).get("value")
             if cid == "time":
                 published = rp.get("seconds_per_image")
                 written = rp.get("time_as_published")
@@ -1353,7 +1361,7 @@ def published_comparison(p: Plan, results: Dict, t: Table) -> Dict:
                 written = (rp.get("as_written") or {}).get(cid)
             o, q = _ordinary(ours), _ordinary(published)
             rec["cells"][cid] = {"ours": o, "published": published, "as_written": written,
-                                 "ratio": None if o is None or not q else o / q}
+                                 "ratio": None if o is None or not q else o / q, "ours_cell": cell}
         out["rows"].append(rec)
     for cid, cname, lower in columns:
         both = [(r["name"], r["cells"][cid]["published"], r["cells"][cid]["ours"]) for r in out["rows"]
@@ -1398,7 +1406,7 @@ def render_published(p: Plan, results: Dict, t: Table) -> List[str]:
         for cid in [c.id for c in t.columns] + ["time"]:
             c = rec["cells"][cid]
             ours = ("–" if c["ours"] is None else _fmt_seconds(c["ours"])) if cid == "time" else \
-                format_cell(metric_of[cid], {"value": c["ours"]} if c["ours"] is not None else None)
+                format_cell(metric_of[cid], c["ours_cell"])
             if rec["absent"]:
                 theirs = "not in the paper"
             elif c["published"] == NOT_AVAILABLE:
