@@ -473,6 +473,9 @@ def test_optional_rows_are_planned_only_when_asked(tmp_path):
     assert [r.id for r in tables.select(spec, include_optional=True).rows()] == ["direct", "dilated", "variant"]
     assert [r.id for r in tables.select(spec, rows=["variant"]).rows()] == ["variant"]
     assert [r.id for r in tables.select(spec, rows=["*"]).rows()] == ["direct", "dilated"]
+    assert [r.id for r in tables.select(spec, rows=["var*"], include_optional=True).rows()] == ["variant"]
+    with pytest.raises(tables.SpecError, match="only optional rows"):
+        tables.select(spec, rows=["var*"])
 
 
 @pytest.mark.parametrize("name", PAPER_SPECS)
@@ -572,6 +575,17 @@ def test_paper_spec_totals():
                        + d[1280 * 1280] * 1.23 + (d[1024 * 2048] + d[2048 * 2048]) * 1.52)) / 3600
     _, p = checked("scalecrafter_sd21")
     assert sum(e["hours"] for e in tables.estimate(p)) == pytest.approx(sd21, rel=1e-3)
+    # SDXL (A800 hours): FreeScale Table 1's SDXL-DI and ScaleCrafter times at 2048² and 4096², direct sampling
+    # at 2560² and 4096x2048 by (pixels)^1.54 from 2048², Attn-SF 1.01x, ScaleCrafter 1.01x (2560²), 1.80x
+    # (4096x2048) and 590.3 s (4096², with dispersion); the 1024² references 6.5 s on the A100
+    d2560, d4096x2048 = 38.9 * (2560 ** 2 / 2048 ** 2) ** 1.54, 38.9 * 2 ** 1.54
+    a800 = (30000 * (38.9 * 2.01 + 39.2) + 10000 * (d2560 * (1 + 1.01 + 1.01) + d4096x2048 * (1 + 1.01 + 1.80)
+                                                    + 327.4 * 2.01 + 590.3)) / 3600
+    _, p = checked("scalecrafter_sdxl")
+    by_device = {}
+    for e in tables.estimate(p):
+        by_device[e["device"]] = by_device.get(e["device"], 0.0) + e["hours"]
+    assert by_device == pytest.approx({"A800": a800, "A100 40G, 16-bit": 6.5 * 60000 / 3600}, rel=1e-3)
     _, p = checked("scalecrafter_rebuttal")
     assert sum(e["hours"] for e in tables.estimate(p)) == pytest.approx(30000 * (6.5 + 9.5 + 5.6) / 3600)
 

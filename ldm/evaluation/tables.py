@@ -709,6 +709,9 @@ def select(spec: Spec, rows: Optional[Sequence[str]] = None, columns: Optional[S
                                     (columns, used_c, "column", sorted({c.id for t in spec.tables for c in t.columns}))):
         for p in pats or []:
             if p not in used:
+                if what == "row" and any(_match([p], (r.qid, r.id), set()) for r in spec.rows() if r.optional):
+                    raise SpecError(f"--rows {p}: matches only optional rows of {spec.path}; add --with-optional, "
+                                    "or name each one exactly")
                 raise SpecError(f"--{what}s {p}: matches no {what} of {spec.path}; {what}s: {', '.join(known)}")
     if not out.tables:
         raise SpecError("the selection leaves no row and column")
