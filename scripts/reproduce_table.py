@@ -19,9 +19,15 @@ a table samples the same prompts with the same seed and sampler settings. The sc
    of ``scripts/eval_fid.py``) and writes ``OUT/table.md``, ``table.csv`` and ``table.json`` with N,
    settings, machine, time per image and peak memory per row.
 
-``--dry-run`` lists the jobs, their image counts and a GPU-hour estimate (measured runs in OUT, else the
-spec's ``timing`` entries, each with its source). ``--slurm DIR`` writes SLURM array job scripts (one task
-per sampling job, then the evaluation) instead of running anything.
+Paper specs record the published value of every cell that was found (``sources:``, ``published:``); the
+written table shows each reproduced cell beside the published one (and their ratio) and the rank order of the
+rows on each metric, published vs ours.
+
+``--dry-run`` lists the jobs, their image counts and a GPU-hour estimate, each figure with its basis and source
+(measured runs in OUT, else the paper's own time, else the spec's ``timing`` entries: a time or a measured ratio
+to direct sampling). ``--with-optional`` adds the spec's optional rows (variants beside the paper's protocol).
+``--slurm DIR`` writes SLURM array job scripts (one task per sampling job, then the evaluation) instead of
+running anything.
 """
 from __future__ import annotations
 
@@ -277,7 +283,7 @@ def run_jobs(p: tables.Plan, args) -> list:
 # --------------------------------------------------------------------------------------------------
 # dry run and SLURM
 # --------------------------------------------------------------------------------------------------
-def print_dry_run(p: tables.Plan, warnings_out, args):
+def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None):
     est = tables.estimate(p)
     spec = p.spec
     n_rows = sum(len(t.rows) for t in spec.tables)
@@ -286,18 +292,20 @@ def print_dry_run(p: tables.Plan, warnings_out, args):
     print(f"{len(spec.tables)} table(s), {n_rows} row(s), {len(p.jobs)} sampling job(s) ({n_base} base-resolution "
           f"reference job(s) shared by the rows of their table and model); seed {spec.seed}; {spec.describe_sampler()}")
     print()
-    print("| job | used by | size | method | images | done | s / image | hours left | estimate |")
-    print("|---|---|---|---|---:|---:|---:|---:|---|")
+    print("| job | used by | size | method | images | done | s / image | hours left | basis | estimate |")
+    print("|---|---|---|---|---:|---:|---:|---:|---|---|")
     sources = {}
     for e in est:
         j = e["job"]
         used = ", ".join(j.rows + ([f"base reference ({j.table})"] if j.role == tables.BASE else []))
         sec = "?" if e["seconds_per_image"] is None else f"{e['seconds_per_image']:.3g}"
         hours = "?" if e["hours"] is None else f"{e['hours']:.2f}"
-        method = j.method + (" " + Path(j.preset).name if j.preset else "")
+        method = j.method + (" " + Path(j.preset).name if j.preset else "") + (" " + " ".join(j.options)
+                                                                              if j.options else "")
         ref = sources.setdefault((e["source"], e["device"]), len(sources) + 1)
+        basis = tables.BASIS_LABELS.get(e["basis"], "?")
         print(f"| {j.id} | {used} | {j.W}x{j.H} | {method} | {e['images']} | {e['present']} | {sec} | {hours} | "
-              f"[{ref}] |")
+              f"{basis} | [{ref}] |")
     print()
     for (source, device), ref in sources.items():
         print(f"[{ref}] {source} (device: {device})")
@@ -321,6 +329,25 @@ def print_dry_run(p: tables.Plan, warnings_out, args):
               f"(the jobs' sum over {args.parallel} processes, at least the longest job: {longest:.2f} hours)")
     if unknown:
         print(f"no estimate for {len(unknown)} job(s): {', '.join(unknown)}")
+    left_out = [r for r in full_spec.rows() if r.optional and r.qid not in {x.qid for x in spec.rows()}] \
+        if full_spec is not None else []
+    if left_out:
+        print(f"optional rows not planned ({len(left_out)}; name one with --rows, or all with --with-optional): "
+              + ", ".join(f"{r.qid} ({r.name})" for r in left_out))
+    print()
+    print("published values:")
+    for t in spec.tables:
+        pub = t.published or {}
+        if pub.get("source"):
+            src = spec.sources[pub["source"]]
+            n = sum(1 for r in t.rows for c in t.columns if r.published and not r.published.get("absent")
+                    and r.published.get(c.id) is not None)
+            print(f"  {t.id}: {src['cite']} (read from {src['read_from']}): {n} cell(s) of "
+                  f"{len(t.rows) * len(t.columns)}")
+        elif pub.get("not_found"):
+            print(f"  {t.id}: not found: {pub['not_found']}")
+        else:
+            print(f"  {t.id}: none (not a paper table)")
     print()
     print("references and features:")
     seen = set()
@@ -475,6 +502,8 @@ def build_parser():
     p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                    help="only these rows: ids or table/id, fnmatch patterns ('1024x1024/*')")
     p.add_argument("--columns", nargs="+", default=None, metavar="COL", help="only these columns (ids, patterns)")
+    p.add_argument("--with-optional", dest="with_optional", action="store_true",
+                   help="also the spec's optional rows (variants beside the paper's protocol, e.g. the release presets)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="list the sampling jobs, image counts and a GPU-hour estimate; run nothing")
     p.add_argument("--slurm", default=None, metavar="DIR",
@@ -539,13 +568,13 @@ def main(argv=None) -> int:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
-        sel = tables.select(spec, args.rows, args.columns)
+        sel = tables.select(spec, args.rows, args.columns, args.with_optional)
         notes = tables.check_spec(spec, methods_names(), option_check, sel.rows(), preset_flags())
-        sel = tables.select(spec, args.rows, args.columns)  # rows now carry the sizes of their presets
+        sel = tables.select(spec, args.rows, args.columns, args.with_optional)  # rows now carry their presets' sizes
         out = Path(args.out or REPO_ROOT / "outputs" / "tables" / tables._slug(spec.name))
         p = tables.plan(sel, out, device=args.device)
         if args.dry_run:
-            print_dry_run(p, notes, args)
+            print_dry_run(p, notes, args, spec)
             return 0
         for line in notes:
             log(f"note: {line}")
@@ -606,6 +635,8 @@ def main(argv=None) -> int:
                                        for c in t.columns],
                            "rows": [r for r in records if r["table"] == t.id]} for t in sel.tables],
                "cells": results["cells"], "warnings": results["warnings"], "spec_notes": notes,
+               "published": {t.id: tables.published_comparison(p, results, t) for t in sel.tables},
+               "sources": spec.sources,
                "jobs": [{"id": j.id, "role": j.role, "rows": j.rows, "images": j.n_images,
                          "command": "python scripts/txt2img.py " + " ".join(shlex.quote(a) for a in j.argv),
                          "stats": tables.job_stats(j), "run_now": j.id in executed} for j in p.jobs],

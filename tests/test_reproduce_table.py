@@ -270,7 +270,7 @@ def test_preset_made_for_another_step_count_names_the_row(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------
 def test_dry_run_lists_jobs_and_estimate(tmp_path, capsys):
     timing = {"entries": [{"match": {"method": "direct", "size": [64, 64]}, "seconds_per_image": 2.0,
-                           "device": "test CPU", "source": "made up for the test"}]}
+                           "basis": "measured", "device": "test CPU", "source": "made up for the test"}]}
     spec = write_spec(tmp_path / "tiny.yaml", timing=timing)
     assert run(spec, tmp_path / "out", tmp_path / "cache", "--dry-run") == 0
     out = capsys.readouterr().out
@@ -285,7 +285,7 @@ def test_dry_run_lists_jobs_and_estimate(tmp_path, capsys):
 def test_cpu_run_sets_parallel_and_threads_unless_given(tmp_path, capsys, monkeypatch):
     """A spec's cpu_run gives --parallel/--threads on a CPU when the command line gives neither."""
     timing = {"entries": [{"match": {"method": "direct", "size": [64, 64]}, "seconds_per_image": 2.0,
-                           "device": "test CPU", "source": "made up for the test"}]}
+                           "basis": "measured", "device": "test CPU", "source": "made up for the test"}]}
     spec = write_spec(tmp_path / "tiny.yaml", timing=timing, cpu_run={"parallel": 2, "threads": 1})
     threads = torch.get_num_threads()
     try:
@@ -340,3 +340,299 @@ def test_committed_specs_plan(spec, tmp_path, capsys):
     assert run(spec, tmp_path / "out", tmp_path / "cache", "--dry-run") == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "sampling job(s)" in out and "images:" in out
+
+
+# ------------------------------------------------------------------------------------------------------
+# published values beside ours, rank agreement, sourced estimates, the paper specs' protocols
+# ------------------------------------------------------------------------------------------------------
+PAPER_SPECS = ["freescale_table1", "freescale_table2", "scalecrafter_rebuttal", "scalecrafter_sd15",
+               "scalecrafter_sd21", "scalecrafter_sdxl"]
+
+
+def checked(name, with_optional=False, tmp=None):
+    spec = tables.load_spec(REPO_ROOT / "configs" / "tables" / f"{name}.yaml")
+    sel = tables.select(spec, include_optional=with_optional)
+    tables.check_spec(spec, rt.methods_names(), rt.option_check, sel.rows(), rt.preset_flags())
+    sel = tables.select(spec, include_optional=with_optional)
+    return spec, tables.plan(sel, tmp or (REPO_ROOT / "outputs" / "tables" / "_never_written"))
+
+
+def test_kendall_tau_b_known_values():
+    assert tables.kendall_tau_b([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    assert tables.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert tables.kendall_tau_b([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert tables.kendall_tau_b([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / 6 ** 0.5)  # scipy: 0.8165
+    assert tables.kendall_tau_b([1, 1], [1, 2]) is None
+    assert tables.rank_order(["a", "b", "c"], [2.0, 1.0, 2.0]) == [["b"], ["a", "c"]]
+    assert tables.rank_order(["a", "b"], [2.0, 1.0], lower_is_better=False) == [["a"], ["b"]]
+
+
+def _published_spec(tmp_path, **changes):
+    spec = json.loads(json.dumps(SPEC))
+    spec["sources"] = {"paper": {"cite": "A. Author, Paper, Table 9", "read_from": "https://example.org/t9",
+                                 "device": "GPU-X"}}
+    spec["published"] = {"source": "paper"}
+    spec["columns"] = [{"id": "fid_b", "metric": "fid", "reference": "base"},
+                       {"id": "area", "metric": "object_area"}, {"id": "multi", "metric": "multi_object_rate"}]
+    spec["rows"] = [{"id": "a", "method": "direct", "size": [64, 64],
+                     "published": {"fid_b": "10", "area": "0.30", "multi": "0.5", "seconds_per_image": "2"}},
+                    {"id": "b", "method": "direct", "size": [32, 64],
+                     "published": {"fid_b": "20", "area": "n/a", "minutes_per_image": "0.5", "note": "b's note"}},
+                    {"id": "c", "method": "direct", "size": [64, 32], "published": {"fid_b": "30", "area": "0.10"}},
+                    {"id": "d", "method": "direct", "size": [96, 96], "published": {"absent": "our extra row"}}]
+    spec.update(changes)
+    return write_spec_dict(tmp_path / "pub.yaml", spec)
+
+
+def write_spec_dict(path, spec):
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_published_beside_reproduced_and_rank_agreement(tmp_path):
+    """A synthetic result against hand-written published values: each cell 'ours / published (×ratio)', n/a and
+    absent rows, the rank order per column and Kendall's τ_b."""
+    spec = tables.load_spec(_published_spec(tmp_path))
+    tables.check_spec(spec, rt.methods_names(), rt.option_check)
+    p = tables.plan(tables.select(spec), tmp_path / "out")
+    ours = {"a": (12.0, 0.25), "b": (25.0, 0.5), "c": (22.0, 0.2), "d": (5.0, 0.9)}
+    results = {"cells": {"tiny": {r: {"fid_b": {"value": v[0]}, "area": {"value": v[1]},
+                                      "multi": {"value": 0.25, "k": 1, "n": 4, "ci95": [0.05, 0.7]}}
+                                  for r, v in ours.items()}}, "warnings": []}
+    md = tables.render_markdown(p, results, {})
+    assert "**Published beside reproduced**: A. Author, Paper, Table 9 (read from https://example.org/t9)" in md
+    assert "| row | FID vs base | object area / image | more than one object | s / image |" in md
+    assert "| a | 12.00 / 10 (×1.20) | 0.250 / 0.30 (×0.83) | 25.0 % [5, 70] / 0.5 (×0.50) | – / 2 s |" in md
+    assert "| b | 25.00 / 20 (×1.25) | 0.500 / n/a | 25.0 % [5, 70] / – | – / 0.5 min |" in md
+    assert "| c | 22.00 / 30 (×0.73) | 0.200 / 0.10 (×2.00) | 25.0 % [5, 70] / – | – / – |" in md
+    assert ("| d | 5.00 / not in the paper | 0.900 / not in the paper | 25.0 % [5, 70] / not in the paper | – / not "
+            "in the paper |") in md
+    assert "- **d**: our extra row" in md and "- **b**: b's note" in md
+    # FID (lower is better), best first: published a, b, c; ours a, c, b: one discordant pair of three
+    assert ("- **FID vs base**: published a, b, c; ours a, c, b; Kendall τ_b = 0.33 over 3 rows; best row the "
+            "same.") in md
+    # area (higher is better): published a, c (b is n/a); ours a, c
+    assert "- **object area / image**: published a, c; ours a, c; Kendall τ_b = 1.00 over 2 rows; best row the same." \
+        in md
+    recs = {r["row"]: r for r in tables.table_rows(p, results)}
+    assert recs["a"]["fid_b_published"] == 10.0 and recs["a"]["fid_b_ratio_to_published"] == pytest.approx(1.2)
+    assert recs["b"]["area_published"] == "n/a" and recs["b"]["seconds_per_image_published"] == 30.0
+    assert recs["d"]["published_absent"] == "our extra row"
+    # the paper's own time is the dry run's estimate (30 s from 0.5 min), labelled as published
+    est = {e["job"].rows[0]: e for e in tables.estimate(p) if e["job"].rows}
+    assert est["b"]["seconds_per_image"] == 30.0 and est["b"]["basis"] == "published"
+    assert "A. Author, Paper, Table 9: b, 0.5 min per image" in est["b"]["source"] and est["b"]["device"] == "GPU-X"
+
+
+def test_published_values_are_checked(tmp_path, capsys):
+    rows = json.loads(json.dumps(SPEC["rows"]))
+    err = _error(tmp_path, capsys, sources={"p": {"cite": "x", "read_from": "y"}}, published={"source": "p"},
+                 rows=rows)
+    assert "row 'direct'" in err and "published" in err  # a paper table's row must say what was published
+    rows[0]["published"] = {"fid_b": "1.0", "multi": "0.5"}
+    rows[1]["published"] = {"fid_c": "1.0"}
+    err = _error(tmp_path, capsys, sources={"p": {"cite": "x", "read_from": "y"}}, published={"source": "p"},
+                 rows=rows)
+    assert "row 'dilated'" in err and "fid_c" in err
+    err = _error(tmp_path, capsys, published={"not_found": "searched everywhere"},
+                 rows=[{**SPEC["rows"][0], "published": {"fid_b": 1.0}}, SPEC["rows"][1]])
+    assert "row 'direct'" in err and "without a source" in err
+    err = _error(tmp_path, capsys, published={"source": "nowhere"})
+    assert "unknown source 'nowhere'" in err
+
+
+def test_timing_entries_must_say_what_they_are(tmp_path, capsys):
+    entry = {"match": {"method": "direct"}, "seconds_per_image": 1.0, "source": "s"}
+    err = _error(tmp_path, capsys, timing={"entries": [entry]})
+    assert "basis" in err
+    err = _error(tmp_path, capsys, timing={"entries": [{"match": {"method": "direct"}, "seconds_per_image": 1.0,
+                                                         "basis": "published"}]})
+    assert "source" in err
+
+
+def test_ratio_to_direct_estimate(tmp_path):
+    timing = {"exponent": 1.0, "entries": [
+        {"match": {"method": "direct", "size": [64, 64]}, "seconds_per_image": 2.0, "basis": "measured", "source": "d"},
+        {"match": {"method": "scalecrafter"}, "ratio_to_direct": 1.5, "source": "r"}]}
+    spec = tables.load_spec(write_spec(tmp_path / "tiny.yaml", timing=timing,
+                                       rows=SPEC["rows"] + [{"id": "big", "method": "scalecrafter", "size": [128, 64],
+                                                            "options": ["--dilate", "2", "--dilate_tau", "2"]}]))
+    tables.check_spec(spec, rt.methods_names(), rt.option_check)
+    est = {e["job"].rows[0] if e["job"].rows else "base": e for e in tables.estimate(tables.plan(tables.select(spec),
+                                                                                                 tmp_path / "o"))}
+    assert est["dilated"]["seconds_per_image"] == pytest.approx(3.0) and est["dilated"]["basis"] == "ratio"
+    # no direct row at 128x64: direct is extrapolated (x2 pixels, exponent 1), then x1.5
+    assert est["big"]["seconds_per_image"] == pytest.approx(6.0)
+    assert est["base"]["basis"] == "extrapolated"
+
+
+def test_optional_rows_are_planned_only_when_asked(tmp_path):
+    rows = SPEC["rows"] + [{"id": "variant", "method": "direct", "size": [96, 96], "optional": True}]
+    spec = tables.load_spec(write_spec(tmp_path / "tiny.yaml", rows=rows))
+    assert [r.id for r in tables.select(spec).rows()] == ["direct", "dilated"]
+    assert [r.id for r in tables.select(spec, include_optional=True).rows()] == ["direct", "dilated", "variant"]
+    assert [r.id for r in tables.select(spec, rows=["variant"]).rows()] == ["variant"]
+    assert [r.id for r in tables.select(spec, rows=["*"]).rows()] == ["direct", "dilated"]
+    assert [r.id for r in tables.select(spec, rows=["var*"], include_optional=True).rows()] == ["variant"]
+    with pytest.raises(tables.SpecError, match="only optional rows"):
+        tables.select(spec, rows=["var*"])
+
+
+@pytest.mark.parametrize("name", PAPER_SPECS)
+def test_paper_specs_are_sourced(name):
+    """Every table of a paper spec either records the published values (every row says what it is) or says they
+    were not found; every job of the dry run has an estimate with its basis and source."""
+    spec, p = checked(name, with_optional=True)
+    for t in spec.tables:
+        assert t.published, (name, t.id)
+        if t.published.get("source"):
+            src = spec.sources[t.published["source"]]
+            assert src["cite"] and src["read_from"]
+            assert all(r.published for r in t.rows), (name, t.id)
+        else:
+            assert len(t.published["not_found"]) > 20
+    for e in tables.estimate(p):
+        assert e["seconds_per_image"] and e["basis"] in tables.BASIS_LABELS, (name, e["job"].id, e["source"])
+        assert e["source"] and not e["source"].startswith("no estimate")
+
+
+def _hours(p, **match):
+    return sum(e["hours"] for e in tables.estimate(p)
+               if all(getattr(e["job"], k) == v for k, v in match.items()))
+
+
+def test_freescale_estimates_are_the_papers_minutes():
+    """Table 1's ten times (minutes per image, the paper), 1024 images each: 45.598 min x 1024 / 60 hours."""
+    minutes = [0.648, 0.653, 1.441, 1.224, 0.853, 5.456, 9.255, 11.382, 8.446, 6.240]
+    _, p = checked("freescale_table1")
+    est = tables.estimate(p)
+    assert all(e["basis"] == "published" for e in est)
+    assert sum(e["hours"] for e in est) == pytest.approx(sum(minutes) * 1024 / 60)
+    fs = next(e for e in est if e["job"].rows == ["2048x2048/freescale"])
+    assert fs["seconds_per_image"] == pytest.approx(0.853 * 60)
+    _, p2 = checked("freescale_table2")
+    assert sum(e["hours"] for e in tables.estimate(p2)) == pytest.approx(
+        (0.614 + 0.861 + 0.840 + 0.853 + 4.566 + 6.245 + 6.113 + 6.240) * 1024 / 60)
+
+
+def test_freescale_rows_run_as_released_and_table2_shares_the_full_job():
+    for name in ("freescale_table1", "freescale_table2"):
+        spec, p = checked(name)
+        fs_rows = [r for r in spec.rows() if r.method == "freescale"]
+        assert fs_rows and all(r.options == ["--freeu"] for r in fs_rows)
+        from ldm.methods.freescale.presets import load_preset
+        assert all(load_preset(REPO_ROOT / r.preset)["vae_tiling"] == "release" for r in fs_rows)
+    _, p1 = checked("freescale_table1")
+    _, p2 = checked("freescale_table2")
+    for size in ("2048x2048", "4096x4096"):
+        assert p1.row_job[f"{size}/freescale"].id == p2.row_job[f"{size}/full"].id
+    t2 = tables.load_spec(REPO_ROOT / "configs/tables/freescale_table2.yaml")
+    assert [r.name for r in t2.tables[0].rows] == ["w/o Scale Fusion", "Dilated Up-Blocks", "Latent Space Upsampling",
+                                                    "Ours"]
+
+
+@pytest.mark.parametrize("name", ["scalecrafter_sd15", "scalecrafter_sd21", "scalecrafter_sdxl"])
+def test_scalecrafter_8x_16x_rows_use_ndcfg_and_dispersion(name):
+    """The rebuttal: above 1280x1280 (6.25x the training area) the settings add noise-damped guidance and the
+    dispersed convolution; the release presets without them are optional rows."""
+    from ldm.methods.scalecrafter.presets import load_preset
+    spec, _ = checked(name, with_optional=True)
+    base = 512 if "sdxl" not in name else 1024
+    for r in spec.rows():
+        if r.method != "scalecrafter" or r.table.startswith("table2"):
+            continue
+        pre = load_preset(REPO_ROOT / r.preset)
+        big = r.H * r.W > 6.25 * base * base
+        full = bool(pre.get("disperse_settings")) and int(pre.get("disperse_tau", 0)) > 0 \
+            and int(pre.get("ndcfg_tau", 0)) > 0
+        assert full == (big and not r.optional), (name, r.qid, r.preset)
+        if r.optional:
+            assert big and r.id == "scalecrafter_release"
+
+
+def test_sd21_sdsr_is_its_own_table_and_its_time_does_not_scale():
+    spec, p = checked("scalecrafter_sd21", with_optional=True)
+    for t in spec.tables:
+        sdsr = [r for r in t.rows if r.method == "sdsr"]
+        if not t.id.startswith("table2"):
+            assert not sdsr, t.id
+        else:
+            assert sdsr and not any(c.reference == "base" for c in t.columns)
+            assert sdsr[0].optional == (t.id != "table2_1024x1024")
+    sdsr_jobs = [e for e in tables.estimate(p) if e["job"].method == "sdsr"]
+    assert len(sdsr_jobs) == 4 and {e["seconds_per_image"] for e in sdsr_jobs} == {9.5}
+
+
+def test_paper_spec_totals():
+    """The dry-run totals from the sourced per-row times (hours on each device), checked by hand:
+    SD 2.1: base 1.5 s, direct 4.55 s at 1024² scaled by (pixels)^1.28, Attn-SF 1.10x, ScaleCrafter 5.6 s / 1.23x
+    / 1.52x direct, SD+SR 9.5 s."""
+    d = {1024 * 1024: 4.55}
+    for h, w in ((1280, 1280), (1024, 2048), (2048, 2048)):
+        d[h * w] = 4.55 * (h * w / 1024 ** 2) ** 1.28
+    sd21 = (30000 * (1.5 + 4.55 + 4.55 * 1.10 + 5.6 + 9.5)
+            + 10000 * (3 * 1.5 + sum(d[k] * (1 + 1.10) for k in list(d)[1:])
+                       + d[1280 * 1280] * 1.23 + (d[1024 * 2048] + d[2048 * 2048]) * 1.52)) / 3600
+    _, p = checked("scalecrafter_sd21")
+    assert sum(e["hours"] for e in tables.estimate(p)) == pytest.approx(sd21, rel=1e-3)
+    # SDXL (A800 hours): FreeScale Table 1's SDXL-DI and ScaleCrafter times at 2048² and 4096², direct sampling
+    # at 2560² and 4096x2048 by (pixels)^1.54 from 2048², Attn-SF 1.01x, ScaleCrafter 1.01x (2560²), 1.80x
+    # (4096x2048) and 590.3 s (4096², with dispersion); the 1024² references 6.5 s on the A100
+    d2560, d4096x2048 = 38.9 * (2560 ** 2 / 2048 ** 2) ** 1.54, 38.9 * 2 ** 1.54
+    a800 = (30000 * (38.9 * 2.01 + 39.2) + 10000 * (d2560 * (1 + 1.01 + 1.01) + d4096x2048 * (1 + 1.01 + 1.80)
+                                                    + 327.4 * 2.01 + 590.3)) / 3600
+    _, p = checked("scalecrafter_sdxl")
+    by_device = {}
+    for e in tables.estimate(p):
+        by_device[e["device"]] = by_device.get(e["device"], 0.0) + e["hours"]
+    assert by_device == pytest.approx({"A800": a800, "A100 40G, 16-bit": 6.5 * 60000 / 3600}, rel=1e-3)
+    _, p = checked("scalecrafter_rebuttal")
+    assert sum(e["hours"] for e in tables.estimate(p)) == pytest.approx(30000 * (6.5 + 9.5 + 5.6) / 3600)
+
+
+def test_demo_table_keeps_its_rows():
+    spec = tables.load_spec(REPO_ROOT / "configs/tables/demo.yaml")
+    assert [r.id for r in spec.rows()] == [
+        "32_direct", "64_direct", "64_sc", "64_sc_ndcfg", "64_sc_disperse", "64_sc_freeu", "64_freescale",
+        "64_attn_scale", "64_multidiffusion", "64_demofusion", "64_fouriscale", "64_hidiffusion", "128_direct",
+        "128_sc", "128_sc_ndcfg", "128_sc_disperse", "128_sc_freeu", "128_freescale", "128_multidiffusion",
+        "128_demofusion", "128_fouriscale", "128_hidiffusion"]
+    assert not any(t.published for t in spec.tables) and not any(r.optional for r in spec.rows())
+    _, p = checked("demo")
+    assert {e["basis"] for e in tables.estimate(p)} == {"measured"}
+    assert tables.render_published(p, {"cells": {}}, spec.tables[0]) == []
+
+
+@pytest.mark.filterwarnings("ignore:.*different sizes")
+def test_native_crop_sfid_features(tmp_path):
+    """sFID without downsampling: the spatial (mixed_6/conv) features of the native-resolution crops of pFID. For
+    an image of exactly the crop size they are the resized image's spatial features; for a larger one, those of
+    its crop (drawn as pFID's)."""
+    from PIL import Image
+
+    from ldm.evaluation.features import crop_boxes
+    from ldm.evaluation.inception import FIDInceptionV3
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (299, 299, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    big = rng.integers(0, 256, (310, 330, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "b.png")
+    torch.manual_seed(0)
+    net = FIDInceptionV3().eval()
+    ex = tables.InceptionExtractor(device="cpu", crop=299, crops_per_image=1, seed=3)
+    ex._model = net
+    feats = ex._extract(str(tmp_path), ["a.png", "b.png"], ["spatial", tables.PATCH_SPATIAL], "cpu")
+    def rel(a, b):
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    assert feats[tables.PATCH_SPATIAL].shape == (2, 2023)
+    assert rel(feats[tables.PATCH_SPATIAL][0], feats["spatial"][0]) < 1e-4
+    (left, top), = crop_boxes("b.png", 330, 310, 299, 1, seed=3)
+    crop = torch.from_numpy(big[top:top + 299, left:left + 299].astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        want = net(crop, outputs=("spatial",))["spatial"][0].numpy()
+    assert rel(feats[tables.PATCH_SPATIAL][1], want) < 1e-4
+    assert rel(feats[tables.PATCH_SPATIAL][1], feats["spatial"][1]) > 1e-2  # the crop, not the resized image
+    # the cache key of the crop features carries the crop settings (as patch_pool3's)
+    key = ex.settings().key_for(tables.PATCH_SPATIAL)
+    assert key["crop"] == 299 and key["seed"] == 3 and key["crops_per_image"] == 1
+    assert tables.resolve_metric("sfid_native").kind == tables.PATCH_SPATIAL

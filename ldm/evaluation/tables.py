@@ -15,8 +15,16 @@
   base-sample references are extracted once, whatever the number of rows.
 * :func:`evaluate` computes every cell; :func:`render_markdown`, :func:`write_csv` and the JSON written by
   the script hold the table with N, settings, machine, time per image and peak memory per row.
-* :func:`estimate` is the dry run's GPU-hour estimate, from measured runs in the output folder or the spec's
-  ``timing`` entries (each with its source), extrapolated by pixel count where no entry matches.
+* Published values: a spec's ``sources:`` say where the papers' numbers were read, a table's ``published:``
+  names its source (or says the values were not found), and each row carries its published cells.
+  :func:`published_comparison` / :func:`render_published` put every reproduced cell beside the published one
+  (ours ÷ published) and compare the rank order of the rows per column (Kendall's τ_b, same best row).
+* :func:`estimate` is the dry run's GPU-hour estimate, with the basis of each figure: measured runs in the
+  output folder, else the paper's own time of a row of the job, else the spec's ``timing`` entries (a time with
+  its basis and source, or a ratio to the direct-sampling estimate at the same size), else extrapolation by
+  pixel count.
+* Optional rows (``optional: true``: variants beside the paper's protocol) are planned only when asked for
+  (:func:`select`).
 
 Spec format: ``docs/evaluation.md`` ("Reproducing the paper tables") and the commented ``configs/tables/``.
 """
@@ -75,8 +83,16 @@ METRICS: Dict[str, MetricDef] = {m.name: m for m in (
               _INC + "pool3 of random native-resolution crops (patch FID; FreeScale's FIDc)"),
     MetricDef("pkid", "pKID", "inception", "patch_pool3", "kid", True, "{:.5f}",
               _INC + "KID of the same crops (FreeScale's KIDc)"),
-    MetricDef("sfid", "sFID", "inception", "spatial", "fid", True, "{:.2f}", _INC + "mixed_6/conv spatial features"),
-    MetricDef("skid", "sKID", "inception", "spatial", "kid", True, "{:.5f}", _INC + "KID of the spatial features"),
+    MetricDef("sfid", "sFID", "inception", "spatial", "fid", True, "{:.2f}",
+              _INC + "mixed_6/conv spatial features (the first 7 channels, 2023-d; Nash et al. 2021) of the image "
+                     "resized to 299² (as the ADM evaluator that defines sFID resizes)"),
+    MetricDef("skid", "sKID", "inception", "spatial", "kid", True, "{:.5f}",
+              _INC + "KID of those spatial features of the resized image"),
+    MetricDef("sfid_native", "sFID (native crops)", "inception", "patch_spatial", "fid", True, "{:.2f}",
+              _INC + "the same mixed_6/conv spatial features (2023-d), of the native-resolution crops of pFID: "
+                     "features before global pooling with no downsampling of the image (docs/evaluation.md §9)"),
+    MetricDef("skid_native", "sKID (native crops)", "inception", "patch_spatial", "kid", True, "{:.5f}",
+              _INC + "KID of the spatial features of the native-resolution crops"),
     MetricDef("shape_fd", "FD_shape", "shapes", shape_features.KIND, "fid", True, "{:.4f}",
               "Fréchet distance of the 13 shape descriptors (ldm/evaluation/shape_features.py)"),
     MetricDef("shape_kd", "KD_shape", "shapes", shape_features.KIND, "kid", True, "{:.4f}",
@@ -109,10 +125,16 @@ SAMPLER_REQUIRED = ("steps", "eta", "scale")
 SAMPLER_KEYS = SAMPLER_REQUIRED + tuple(SAMPLER_DEFAULTS)
 # keys a row may repeat (they must then equal the table's): what every row of a table shares
 ROW_SHARED_KEYS = ("seed", "prompts", "images") + SAMPLER_KEYS
-ROW_KEYS = {"id", "name", "method", "model", "size", "preset", "options", "notes"} | set(ROW_SHARED_KEYS)
-TABLE_KEYS = {"id", "title", "prompts", "images", "references", "columns", "rows", "notes"}
+ROW_KEYS = {"id", "name", "method", "model", "size", "preset", "options", "notes", "published", "optional"} \
+    | set(ROW_SHARED_KEYS)
+TABLE_KEYS = {"id", "title", "prompts", "images", "references", "columns", "rows", "notes", "published"}
 TOP_KEYS = {"name", "title", "paper", "notes", "models", "prompts", "images", "seed", "sampler", "common_options",
-            "features", "references", "columns", "rows", "tables", "timing", "cpu_run"}
+            "features", "references", "columns", "rows", "tables", "timing", "cpu_run", "sources", "published"}
+# a row's published values: column ids, plus these keys
+PUBLISHED_ROW_KEYS = {"seconds_per_image", "minutes_per_image", "note", "absent", "source"}
+NOT_AVAILABLE = "n/a"   # a cell the paper marks as not available (e.g. '-')
+TIMING_ENTRY_KEYS = {"match", "seconds_per_image", "ratio_to_direct", "device", "source", "basis"}
+TIMING_MATCH_KEYS = {"role", "method", "model", "preset", "rows", "size"}
 # txt2img flags a row's options must not set: table-wide settings, or what the runner sets itself
 RESERVED_FLAGS = {
     "--steps": "sampler.steps", "--ddim_eta": "sampler.eta", "--scale": "sampler.scale", "--seed": "seed",
@@ -171,6 +193,8 @@ class Row:
     notes: str = ""
     qid: str = ""
     preset_flag: Optional[str] = None  # the txt2img option that takes the preset (set by check_spec)
+    published: Optional[Dict] = None   # the paper's values of this row: {column id: value | "n/a", ...}
+    optional: bool = False             # planned only when selected (--rows) or with --with-optional
 
 
 @dataclass
@@ -183,6 +207,7 @@ class Table:
     columns: List[Column]
     rows: List[Row]
     notes: str = ""
+    published: Dict = field(default_factory=dict)  # {source: id, notes} | {not_found: why} | {} (not a paper table)
 
     def prompt_list(self) -> List[str]:
         return resolve_prompts(self.prompts, self.images, f"table {self.id!r}")
@@ -204,6 +229,7 @@ class Spec:
     timing: Dict
     multi: bool
     cpu_run: Dict = field(default_factory=dict)  # defaults of --parallel/--threads when sampling on a CPU
+    sources: Dict[str, Dict] = field(default_factory=dict)  # published sources: id -> {cite, read_from, device}
 
     def rows(self) -> List[Row]:
         return [r for t in self.tables for r in t.rows]
@@ -384,8 +410,9 @@ def load_spec(path) -> Spec:
     common = [str(o) for o in (raw.get("common_options") or [])]
     features = dict(raw.get("features") or {})
     _check_keys(features, {"inception", "shapes"}, f"{where}: features")
-    timing = dict(raw.get("timing") or {})
-    _check_keys(timing, {"entries", "exponent", "exponent_source", "notes"}, f"{where}: timing")
+    timing = _timing(raw.get("timing"), f"{where}: timing")
+    sources = _sources(raw.get("sources"), f"{where}: sources")
+    top_published = _table_published(raw.get("published"), f"{where}: published", sources)
     cpu_run = dict(raw.get("cpu_run") or {})
     _check_keys(cpu_run, {"parallel", "threads"}, f"{where}: cpu_run")
     for k, v in cpu_run.items():
@@ -394,6 +421,8 @@ def load_spec(path) -> Spec:
     top_refs = _references(raw.get("references"), f"{where}: references")
     multi = "tables" in raw
     table_defs = raw["tables"] if multi else [{"id": name, "title": raw.get("title", name), "rows": raw["rows"]}]
+    if not multi and "published" in raw:
+        table_defs[0]["published"] = raw["published"]
     tables, qids = [], set()
     for ti, t in enumerate(table_defs):
         tw = f"{where}: tables[{ti}]"
@@ -406,9 +435,13 @@ def load_spec(path) -> Spec:
             raise SpecError(f"{tw}: images: a positive integer (images per row) is required, got {images!r}")
         refs = {**top_refs, **_references(t.get("references"), f"{tw}: references")}
         columns = _columns(t.get("columns", raw.get("columns")), f"{tw}: columns", refs)
+        published = (_table_published(t["published"], f"{tw}: published", sources) if "published" in t
+                     else dict(top_published))
         rows, ids = [], set()
         for ri, r in enumerate(t.get("rows") or []):
             rows.append(_row(r, ri, tid, tw, models, seed, sampler, prompts, images, multi))
+            rows[-1].published = _row_published(r.get("published"), f"{tw}: row {rows[-1].id!r}", published,
+                                                columns, sources)
             if rows[-1].id in ids:
                 raise SpecError(f"{tw}: row {rows[-1].id!r}: two rows with this id")
             ids.add(rows[-1].id)
@@ -416,10 +449,104 @@ def load_spec(path) -> Spec:
         if not rows:
             raise SpecError(f"{tw}: no rows")
         tables.append(Table(tid, str(t.get("title", tid)), prompts, images, refs, columns, rows,
-                            str(t.get("notes", "") or "")))
+                            str(t.get("notes", "") or ""), published))
     return Spec(path, name, str(raw.get("title", name)), str(raw.get("paper", "") or ""),
                 str(raw.get("notes", "") or ""), models, seed, sampler, common, features, tables, timing, multi,
-                cpu_run)
+                cpu_run, sources)
+
+
+# --------------------------------------------------------------------------------------------------
+# published values and timing entries
+# --------------------------------------------------------------------------------------------------
+def _sources(value, where) -> Dict[str, Dict]:
+    """``sources:`` id -> {cite, read_from, device, notes}: where published numbers were read."""
+    out = {}
+    for sid, src in (value or {}).items():
+        w = f"{where}.{sid}"
+        _check_keys(src, {"cite", "read_from", "device", "notes"}, w)
+        for key in ("cite", "read_from"):
+            if not str(src.get(key) or "").strip():
+                raise SpecError(f"{w}: {key}: required (what the numbers are, and where they were read)")
+        out[str(sid)] = {k: " ".join(str(v).split()) for k, v in src.items()}
+    return out
+
+
+def _table_published(value, where, sources) -> Dict:
+    """A table's ``published:``: {source: ID, notes} (the rows carry the values) or {not_found: WHY}."""
+    if value is None:
+        return {}
+    _check_keys(value, {"source", "not_found", "notes"}, where)
+    if ("source" in value) == ("not_found" in value):
+        raise SpecError(f"{where}: give either source: (an id of sources:) or not_found: (why no value is given)")
+    if "source" in value and str(value["source"]) not in sources:
+        raise SpecError(f"{where}: unknown source {value['source']!r}; sources: {sorted(sources)}")
+    if "not_found" in value and not str(value["not_found"]).strip():
+        raise SpecError(f"{where}: not_found: say what was searched and not found")
+    return {k: " ".join(str(v).split()) for k, v in value.items()}
+
+
+def _row_published(value, where, table_published, columns, sources) -> Optional[Dict]:
+    """A row's ``published:`` values, checked against the table's columns (or None)."""
+    if value is None:
+        if table_published.get("source"):
+            raise SpecError(f"{where}: the table has published values ({table_published['source']}): give "
+                            "published: {COLUMN: VALUE, ...} (n/a where the paper marks the cell unavailable) or "
+                            "published: {absent: WHY} for a row that is not in the paper's table")
+        return None
+    if not table_published.get("source"):
+        what = ("its published values were not found" if table_published.get("not_found") else
+                "it has no published: {source: ...}")
+        raise SpecError(f"{where}: published values in a table without a source ({what})")
+    col_ids = [c.id for c in columns]
+    _check_keys(value, set(col_ids) | PUBLISHED_ROW_KEYS, f"{where}: published (columns: {col_ids})")
+    out = {}
+    for k, v in value.items():
+        if k in ("note", "absent"):
+            out[k] = " ".join(str(v).split())
+        elif k == "source":
+            if str(v) not in sources:
+                raise SpecError(f"{where}: published.source: unknown source {v!r}; sources: {sorted(sources)}")
+            out[k] = str(v)
+        elif isinstance(v, str) and v.strip().lower() in (NOT_AVAILABLE, "-", "n.a."):
+            out[k] = NOT_AVAILABLE
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+        else:  # a number written as text keeps the paper's digits ("0.020")
+            try:
+                out[k] = float(str(v))
+            except ValueError:
+                raise SpecError(f"{where}: published.{k}: a number or {NOT_AVAILABLE!r}, got {v!r}") from None
+    if "absent" in out and any(k in col_ids or k.endswith("_per_image") for k in out):
+        raise SpecError(f"{where}: published: absent (not a row of the paper) and values at once")
+    if "minutes_per_image" in out:
+        if "seconds_per_image" in out:
+            raise SpecError(f"{where}: published: give seconds_per_image or minutes_per_image, not both")
+        m = out.pop("minutes_per_image")
+        out["seconds_per_image"] = m if m == NOT_AVAILABLE else m * 60.0
+        out["time_as_published"] = f"{value['minutes_per_image']} min"
+    elif "seconds_per_image" in out:
+        out["time_as_published"] = f"{value['seconds_per_image']} s"
+    out["as_written"] = {k: str(value[k]) for k in value if k in col_ids}
+    return out
+
+
+def _timing(value, where) -> Dict:
+    timing = dict(value or {})
+    _check_keys(timing, {"entries", "exponent", "exponent_source", "notes"}, where)
+    for i, e in enumerate(timing.get("entries") or []):
+        w = f"{where}.entries[{i}]"
+        _check_keys(e, TIMING_ENTRY_KEYS, w)
+        _check_keys(e.get("match") or {}, TIMING_MATCH_KEYS, f"{w}.match")
+        if ("seconds_per_image" in e) == ("ratio_to_direct" in e):
+            raise SpecError(f"{w}: give seconds_per_image or ratio_to_direct (times the direct-sampling estimate "
+                            "at the same model and size)")
+        if not str(e.get("source") or "").strip():
+            raise SpecError(f"{w}: source: required (where the figure comes from)")
+        if "ratio_to_direct" in e and (e.get("match") or {}).get("method") == "direct":
+            raise SpecError(f"{w}: ratio_to_direct on direct sampling itself")
+        if "seconds_per_image" in e and e.get("basis") not in ENTRY_BASES:
+            raise SpecError(f"{w}: basis: one of {list(ENTRY_BASES)} (what the seconds are), got {e.get('basis')!r}")
+    return timing
 
 
 def _row(r, index, tid, tw, models, seed, sampler, prompts, images, multi) -> Row:
@@ -467,8 +594,11 @@ def _row(r, index, tid, tw, models, seed, sampler, prompts, images, multi) -> Ro
         H = W = None
     else:
         raise SpecError(f"{w}: give size: [H, W] (or a preset that names its size)")
+    optional = r.get("optional", False)
+    if not isinstance(optional, bool):
+        raise SpecError(f"{w}: optional: true or false, got {optional!r}")
     row = Row(tid, rid, str(r.get("name") or rid), str(r["method"]), model, H, W, preset, options,
-              str(r.get("notes", "") or ""), f"{tid}/{rid}" if multi else rid)
+              str(r.get("notes", "") or ""), f"{tid}/{rid}" if multi else rid, optional=optional)
     return row
 
 
@@ -483,7 +613,7 @@ def _load_preset_for(method, path):
 
 def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callable[[List[str]], None]] = None,
                selected: Optional[Sequence[Row]] = None, preset_flags: Optional[Dict[str, str]] = None) -> List[str]:
-    """Checks of the rows against the sampler: ``methods`` (txt2img's METHODS, read at run time), the presets
+    """Checks of the rows against the sampler: ``methods`` (the method registry's names), the presets
     (exist, load, made for the row's size and the table's steps) and the row options (``option_check`` raises
     ValueError with a message for flags txt2img does not take). Selected rows (default: all) raise
     :class:`SpecError` naming the row; for the others an unknown method is returned as a warning line (a row
@@ -524,6 +654,11 @@ def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callab
                 # the preset's schedules count steps (dilate_tau, ndcfg_tau, ...): another step count changes them
                 raise SpecError(f"{w}: preset {row.preset} is made for steps {preset['steps']} (its schedules count "
                                 f"steps), the table samples with steps {spec.sampler['steps']}")
+            if preset.get("negative_prompt") is not None and str(preset["negative_prompt"]) != \
+                    spec.sampler["negative_prompt"] and is_selected:
+                warnings_out.append(f"{w}: preset {row.preset} was released with negative prompt "
+                                    f"{preset['negative_prompt']!r}; the row samples with the table's "
+                                    f"{spec.sampler['negative_prompt']!r}")
             for key in ("scale", "eta"):
                 if preset.get(key) is not None and float(preset[key]) != float(spec.sampler[key]) and is_selected:
                     warnings_out.append(f"{w}: preset {row.preset} was released with {key} {preset[key]}; the row "
@@ -539,25 +674,38 @@ def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callab
     return warnings_out
 
 
-def select(spec: Spec, rows: Optional[Sequence[str]] = None, columns: Optional[Sequence[str]] = None) -> Spec:
+def select(spec: Spec, rows: Optional[Sequence[str]] = None, columns: Optional[Sequence[str]] = None,
+           include_optional: bool = False) -> Spec:
     """A copy of ``spec`` with the rows and columns whose id (or table/id) matches one of the patterns
-    (fnmatch); an unmatched pattern is an error listing the ids."""
+    (fnmatch); an unmatched pattern is an error listing the ids. Optional rows (``optional: true``: variants a
+    spec offers beside the paper's protocol) are left out unless ``include_optional`` or a pattern without
+    wildcards names them (``--rows 2048x2048/scalecrafter_release``)."""
     import copy
     out = copy.copy(spec)
     out.tables = []
     used_r, used_c = set(), set()
+
+    def wanted(r):
+        if not r.optional or include_optional:
+            return not rows or _match(rows, (r.qid, r.id), used_r)
+        exact = [p for p in rows or [] if not any(ch in p for ch in "*?[")]
+        return _match(exact, (r.qid, r.id), used_r)
+
     for t in spec.tables:
         tc = copy.copy(t)
-        if rows:
-            tc.rows = [r for r in t.rows if _match(rows, (r.qid, r.id), used_r)]
+        tc.rows = [r for r in t.rows if wanted(r)]
         if columns:
             tc.columns = [c for c in t.columns if _match(columns, (c.id, f"{t.id}/{c.id}"), used_c)]
         if tc.rows and tc.columns:
             out.tables.append(tc)
-    for pats, used, what, known in ((rows, used_r, "row", [r.qid for r in spec.rows()]),
+    for pats, used, what, known in ((rows, used_r, "row", [r.qid + (" (optional)" if r.optional else "")
+                                                          for r in spec.rows()]),
                                     (columns, used_c, "column", sorted({c.id for t in spec.tables for c in t.columns}))):
         for p in pats or []:
             if p not in used:
+                if what == "row" and any(_match([p], (r.qid, r.id), set()) for r in spec.rows() if r.optional):
+                    raise SpecError(f"--rows {p}: matches only optional rows of {spec.path}; add --with-optional, "
+                                    "or name each one exactly")
                 raise SpecError(f"--{what}s {p}: matches no {what} of {spec.path}; {what}s: {', '.join(known)}")
     if not out.tables:
         raise SpecError("the selection leaves no row and column")
@@ -841,16 +989,45 @@ class ShapeExtractor:
         return {shape_features.KIND: feats.astype(np.float32)}
 
 
+PATCH_SPATIAL = "patch_spatial"  # spatial (mixed_6/conv) features of the native-resolution crops of patch_pool3
+
+
+@dataclass
+class TableFeatureSettings(FeatureSettings):
+    """:class:`FeatureSettings` whose cache key of ``patch_spatial`` carries the crop settings (as patch_pool3's)."""
+
+    def key_for(self, kind: str) -> Dict[str, object]:
+        d = super().key_for(kind)
+        if kind == PATCH_SPATIAL:
+            d.update(crop=self.crop, crops_per_image=self.crops_per_image, seed=self.seed)
+        return d
+
+
+class _SpatialOfCrops:
+    """The Inception network answering a request for pool3 with its spatial features: run through
+    ``extract_features(kinds=["patch_pool3"])`` it yields the spatial features of the same native crops."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def __call__(self, x, outputs=("pool3",)):
+        return {"pool3": self.net(x, outputs=("spatial",))["spatial"]}
+
+
 class InceptionExtractor:
     """The standard FID Inception-v3 (``ldm.evaluation.inception``) from a local weights file; the features and
-    their cache are those of ``scripts/eval_fid.py`` (same cache keys)."""
+    their cache are those of ``scripts/eval_fid.py`` (same cache keys), plus ``patch_spatial``: the spatial
+    features of the native-resolution crops (sFID/sKID without downsampling the image)."""
 
     name = "inception"
-    kinds = ("pool3", "spatial", "patch_pool3")
+    kinds = ("pool3", "spatial", "patch_pool3", PATCH_SPATIAL)
 
     def __init__(self, weights=None, device=None, batch_size=50, num_workers=0, crop=299, crops_per_image=1, seed=0):
         self.weights, self.device, self.batch_size, self.num_workers = weights, device, batch_size, num_workers
-        self._settings = FeatureSettings(crop=int(crop), crops_per_image=int(crops_per_image), seed=int(seed))
+        self._settings = TableFeatureSettings(crop=int(crop), crops_per_image=int(crops_per_image), seed=int(seed))
         self._model = self._identity = None
 
     def identity(self) -> Dict:
@@ -866,15 +1043,27 @@ class InceptionExtractor:
 
     def compute(self, folder, relpaths, kinds) -> Dict[str, np.ndarray]:
         from .evaluate import default_device
-        from .features import extract_features
         from .inception import load_fid_inception
         device = self.device or default_device()
         if self._model is None:
             self._model, ident = load_fid_inception(self.weights, device=device)
             self._identity = {**self.identity(), **ident}
-        res = extract_features(folder, self._model, kinds, self._settings, device=device, batch_size=self.batch_size,
-                               num_workers=self.num_workers, progress=False, relpaths=relpaths)
-        return res.features
+        return self._extract(folder, relpaths, kinds, device)
+
+    def _extract(self, folder, relpaths, kinds, device) -> Dict[str, np.ndarray]:
+        from .features import extract_features
+        out = {}
+        standard = [k for k in kinds if k != PATCH_SPATIAL]
+        if standard:
+            out.update(extract_features(folder, self._model, standard, self._settings, device=device,
+                                        batch_size=self.batch_size, num_workers=self.num_workers, progress=False,
+                                        relpaths=relpaths).features)
+        if PATCH_SPATIAL in kinds:  # the crops of patch_pool3 (same draws), through the spatial output
+            res = extract_features(folder, _SpatialOfCrops(self._model), ["patch_pool3"], self._settings,
+                                   device=device, batch_size=self.batch_size, num_workers=self.num_workers,
+                                   progress=False, relpaths=relpaths)
+            out[PATCH_SPATIAL] = res.features["patch_pool3"]
+        return out
 
 
 EXTRACTORS: Dict[str, Callable[..., object]] = {"shapes": ShapeExtractor, "inception": InceptionExtractor}
@@ -1040,6 +1229,7 @@ def table_rows(p: Plan, results: Dict) -> List[Dict]:
     """One flat record per row (what the CSV holds)."""
     out = []
     for t in p.spec.tables:
+        cmp = {r["row"]: r for r in published_comparison(p, results, t)["rows"]}
         for row in t.rows:
             job = p.row_job[row.qid]
             stats = job_stats(job)
@@ -1056,6 +1246,12 @@ def table_rows(p: Plan, results: Dict) -> List[Dict]:
                         None if stats["peak_memory_bytes"] is None else stats["peak_memory_bytes"] / 2 ** 30,
                         "peak_memory_kind": stats["peak_memory_kind"], "device": "; ".join(stats["devices"]),
                         "machine": "; ".join(stats["machines"])})
+            if row.qid in cmp:  # a paper table with a source: the published value and ours ÷ published
+                for cid, c in cmp[row.qid]["cells"].items():
+                    key = "seconds_per_image" if cid == "time" else cid
+                    rec[f"{key}_published"] = c["published"]
+                    rec[f"{key}_ratio_to_published"] = c["ratio"]
+                rec["published_absent"] = cmp[row.qid]["absent"]
             out.append(rec)
     return out
 
@@ -1091,6 +1287,152 @@ def _describe_reference(p: Plan, t: Table, ref: str, results_counts: Dict[str, i
                 f"(seed {ds['seed']}; the model was trained on seed 0)")
     return f"real images in `{r.folder}`" + (f" ({r.description})" if r.description else "") + \
         (f", N = {results_counts.get(ref)}" if results_counts.get(ref) else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# the published table beside the reproduction
+# --------------------------------------------------------------------------------------------------
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Kendall's τ_b of two equally long sequences (ties allowed); None when undefined (fewer than two
+    values, or one sequence constant)."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError("kendall_tau_b: sequences of different length")
+    conc = disc = tied_x = tied_y = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx = (x[i] > x[j]) - (x[i] < x[j])
+            dy = (y[i] > y[j]) - (y[i] < y[j])
+            tied_x += dx == 0
+            tied_y += dy == 0
+            if dx and dy:
+                conc += dx == dy
+                disc += dx != dy
+    pairs = n * (n - 1) // 2
+    denom = math.sqrt((pairs - tied_x) * (pairs - tied_y))
+    return None if denom == 0 else (conc - disc) / denom
+
+
+def rank_order(names: Sequence[str], values: Sequence[float], lower_is_better=True) -> List[List[str]]:
+    """Rows grouped by value, best first (equal values share a group)."""
+    order = sorted(range(len(values)), key=lambda i: values[i] if lower_is_better else -values[i])
+    groups: List[List[str]] = []
+    last = None
+    for i in order:
+        if groups and values[i] == last:
+            groups[-1].append(names[i])
+        else:
+            groups.append([names[i]])
+        last = values[i]
+    return groups
+
+
+def _ordinary(v) -> Optional[float]:
+    return None if v is None or isinstance(v, str) or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def published_comparison(p: Plan, results: Dict, t: Table) -> Dict:
+    """The paper's values of table ``t`` beside ours: per row and column (ours, published, ours ÷ published) and,
+    per column with at least two rows having both, the rank order of the rows published vs ours (Kendall τ_b,
+    whether the best row is the same). The time column compares seconds per image (different GPUs)."""
+    pub = t.published or {}
+    out = {"source": None, "not_found": pub.get("not_found"), "notes": pub.get("notes"), "rows": [], "ranks": []}
+    if not pub.get("source"):
+        return out
+    src = p.spec.sources[pub["source"]]
+    out["source"] = {"id": pub["source"], **src}
+    columns = [(c.id, c.name, c.metric.lower_is_better) for c in t.columns] + [("time", "s / image", True)]
+    for row in t.rows:
+        rp = row.published or {}
+        rec = {"row": row.qid, "name": row.name, "absent": rp.get("absent"), "note": rp.get("note"),
+               "source": rp.get("source"), "cells": {}}
+        ours_time = job_stats(p.row_job[row.qid])["seconds_per_image"]
+        for cid, _, _ in columns:
+            cell = None if cid == "time" else results["cells"].get(t.id, {}).get(row.qid, {}).get(cid)
+            ours = ours_time if cid == "time" else (cell or {}).get("value")
+            if cid == "time":
+                published = rp.get("seconds_per_image")
+                written = rp.get("time_as_published")
+            else:
+                published = rp.get(cid)
+                written = (rp.get("as_written") or {}).get(cid)
+            o, q = _ordinary(ours), _ordinary(published)
+            rec["cells"][cid] = {"ours": o, "published": published, "as_written": written,
+                                 "ratio": None if o is None or not q else o / q, "ours_cell": cell}
+        out["rows"].append(rec)
+    for cid, cname, lower in columns:
+        both = [(r["name"], r["cells"][cid]["published"], r["cells"][cid]["ours"]) for r in out["rows"]
+                if _ordinary(r["cells"][cid]["published"]) is not None and r["cells"][cid]["ours"] is not None]
+        if len(both) < 2:
+            continue
+        names = [b[0] for b in both]
+        pv, ov = [float(b[1]) for b in both], [float(b[2]) for b in both]
+        pub_order, our_order = rank_order(names, pv, lower), rank_order(names, ov, lower)
+        tau = kendall_tau_b(pv, ov)
+        out["ranks"].append({"column": cid, "name": cname, "n": len(both), "published_order": pub_order,
+                             "ours_order": our_order, "tau_b": tau,
+                             "best_agrees": bool(set(pub_order[0]) & set(our_order[0]))})
+    return out
+
+
+def _fmt_order(groups) -> str:
+    return ", ".join(" = ".join(g) for g in groups)
+
+
+def render_published(p: Plan, results: Dict, t: Table) -> List[str]:
+    """Markdown lines: the paper's table beside ours, and the rank agreement per column (nothing for a table that
+    is not a paper table)."""
+    pub = t.published or {}
+    if not pub:
+        return []
+    if pub.get("not_found"):
+        return ["", f"**Published values: not found.** {pub['not_found']}"]
+    cmp = published_comparison(p, results, t)
+    src = cmp["source"]
+    lines = ["", f"**Published beside reproduced**: {src['cite']} (read from {src['read_from']})"
+             + (f"; published times on {src['device']}" if src.get("device") else "")
+             + (f". {cmp['notes']}" if cmp.get("notes") else "") + ". Each cell: ours / published "
+             "(ours ÷ published); n/a: the paper marks the cell unavailable; –: no value.", ""]
+    metric_of = {c.id: c.metric for c in t.columns}
+    names = [c.name for c in t.columns] + ["s / image"]
+    lines.append("| row | " + " | ".join(names) + " |")
+    lines.append("|---|" + "|".join(["---:"] * len(names)) + "|")
+    footnotes = []
+    for rec in cmp["rows"]:
+        cells = []
+        for cid in [c.id for c in t.columns] + ["time"]:
+            c = rec["cells"][cid]
+            ours = ("–" if c["ours"] is None else _fmt_seconds(c["ours"])) if cid == "time" else \
+                format_cell(metric_of[cid], c["ours_cell"])
+            if rec["absent"]:
+                theirs = "not in the paper"
+            elif c["published"] == NOT_AVAILABLE:
+                theirs = "n/a"
+            elif c["published"] is None:
+                theirs = "–"
+            else:
+                theirs = c["as_written"] or f"{c['published']:g}"
+            ratio = f" (×{c['ratio']:.2f})" if c["ratio"] is not None else ""
+            cells.append(f"{ours} / {theirs}{ratio}")
+        lines.append(f"| {rec['name']} | " + " | ".join(cells) + " |")
+        for what in ("absent", "note"):
+            if rec[what]:
+                footnotes.append(f"- **{rec['name']}**: {rec[what]}")
+        if rec["source"] and rec["source"] != src["id"]:
+            other = p.spec.sources[rec["source"]]
+            footnotes.append(f"- **{rec['name']}**: published values from {other['cite']} (read from "
+                             f"{other['read_from']})")
+    if footnotes:
+        lines += [""] + footnotes
+    if cmp["ranks"]:
+        lines += ["", "Rank order of the rows, best first (rows with both a published and a reproduced value; ties "
+                      "share a place):", ""]
+        for r in cmp["ranks"]:
+            tau = "undefined" if r["tau_b"] is None else f"{r['tau_b']:.2f}"
+            lines.append(f"- **{r['name']}**: published {_fmt_order(r['published_order'])}; ours "
+                         f"{_fmt_order(r['ours_order'])}; Kendall τ_b = {tau} over {r['n']} rows; best row "
+                         + ("the same" if r["best_agrees"] else "differs") + ".")
+    return lines
 
 
 def render_markdown(p: Plan, results: Dict, meta: Dict, heading: str = "#") -> str:
@@ -1148,6 +1490,7 @@ def render_markdown(p: Plan, results: Dict, meta: Dict, heading: str = "#") -> s
         row_notes = [(r.name, r.notes) for r in t.rows if r.notes]
         if row_notes:
             lines += ["", "Rows:", ""] + [f"- **{n}**: {' '.join(x.split())}" for n, x in row_notes]
+        lines += render_published(p, results, t)
     if results.get("warnings"):
         lines += ["", "Warnings of the metric code:", ""] + [f"- {w}" for w in results["warnings"]]
     return "\n".join(lines) + "\n"
@@ -1179,7 +1522,8 @@ def _entry_matches(entry: Dict, job: Job, ignore_size=False) -> bool:
             return False
     if "model" in m and m["model"] != job.model.name:
         return False
-    if "preset" in m and not fnmatch.fnmatch(Path(job.preset or "").name, m["preset"]):
+    if "preset" in m and not any(fnmatch.fnmatch(Path(job.preset or "").name, pat) for pat in
+                                 (m["preset"] if isinstance(m["preset"], list) else [m["preset"]])):
         return False
     if "rows" in m and not any(fnmatch.fnmatchcase(r, m["rows"]) for r in job.rows):
         return False
@@ -1191,47 +1535,109 @@ def _entry_matches(entry: Dict, job: Job, ignore_size=False) -> bool:
     return True
 
 
-def estimate(p: Plan) -> List[Dict]:
-    """Seconds per image of each job and where the figure comes from: measured in this output folder, the spec's
-    timing entry for it, or an entry for the same model and method (or direct sampling) at another size scaled by
-    (pixel ratio)^exponent."""
-    timing = p.spec.timing or {}
+BASIS_LABELS = {"here": "measured in OUT", "published": "a paper's own time", "measured": "measured (see source)",
+                "ratio": "ratio to direct sampling", "structural": "structural estimate",
+                "derived": "a paper's time x a measured ratio",
+                "extrapolated": "extrapolated by pixel count"}
+ENTRY_BASES = ("published", "derived", "measured", "structural")  # what a timing entry's seconds_per_image is
+
+
+def _row_table(spec: Spec, qid: str):
+    for t in spec.tables:
+        for r in t.rows:
+            if r.qid == qid:
+                return t, r
+    return None, None
+
+
+def published_time(spec: Spec, job) -> Optional[Dict]:
+    """The paper's own time per image for a job: the first row of the job with a published time."""
+    for qid in getattr(job, "rows", []):
+        t, r = _row_table(spec, qid)
+        if r is None or not r.published or r.published.get("seconds_per_image") in (None, NOT_AVAILABLE):
+            continue
+        src = spec.sources[r.published.get("source") or t.published["source"]]
+        return {"seconds_per_image": float(r.published["seconds_per_image"]), "basis": "published",
+                "device": src.get("device", "?"),
+                "source": f"{src['cite']}: {r.name}, {r.published['time_as_published']} per image"}
+    return None
+
+
+def _job_seconds(spec: Spec, job, depth: int = 0) -> Optional[Dict]:
+    """Seconds per image of ``job`` (a Job or anything with model, H, W, method, preset, role, rows) before any
+    run: the paper's own time of one of its rows, else the spec's timing entry for it (a time, or a ratio to
+    the direct-sampling estimate at the same model and size), else an entry for the same method (or direct
+    sampling) at another size scaled by (pixel ratio)^exponent. Each result says where it comes from."""
+    timing = spec.timing or {}
     entries = timing.get("entries") or []
     exponent = float(timing.get("exponent", 1.0))
+    hit = published_time(spec, job)
+    if hit is not None:
+        return hit
+    entry = next((e for e in entries if _entry_matches(e, job)), None)
+    if entry is not None:
+        if "ratio_to_direct" in entry:
+            if depth > 2:
+                return None
+            direct = _direct_seconds(spec, job, depth + 1)
+            if direct is None:
+                return None
+            r = float(entry["ratio_to_direct"])
+            return {"seconds_per_image": r * direct["seconds_per_image"], "basis": "ratio",
+                    "device": direct["device"],
+                    "source": f"{r:g} x direct sampling at {job.W}x{job.H} ({entry['source']}); direct: "
+                              f"{direct['seconds_per_image']:.3g} s/image [{BASIS_LABELS[direct['basis']]}: "
+                              f"{direct['source']}]"}
+        return {"seconds_per_image": float(entry["seconds_per_image"]), "device": str(entry.get("device", "?")),
+                "basis": str(entry["basis"]), "source": str(entry["source"])}
+    same = [e for e in entries if _entry_matches(e, job, ignore_size=True) and "size" in e.get("match", {})
+            and "seconds_per_image" in e]
+    direct = [e for e in entries if e.get("match", {}).get("method") == "direct" and "seconds_per_image" in e
+              and e.get("match", {}).get("model", job.model.name) == job.model.name and "size" in e.get("match", {})]
+    for near, what in ((same, "the same method"), (direct, "direct sampling")):
+        if near:
+            e = min(near, key=lambda e: abs(math.log(_pixels(e) / (job.H * job.W))))
+            ratio = (job.H * job.W) / _pixels(e)
+            eh, ew = _size(e["match"]["size"], "timing")
+            return {"seconds_per_image": float(e["seconds_per_image"]) * ratio ** exponent, "basis": "extrapolated",
+                    "device": str(e.get("device", "?")),
+                    "source": (f"{what} at {ew}x{eh} ({e['seconds_per_image']} s/image: {e.get('source', '?')}) x "
+                               f"(pixel ratio {ratio:.3g})^{exponent:g}"
+                               + (f" ({timing['exponent_source']})" if timing.get("exponent_source") else "")
+                               + ("" if what == "the same method" else f"; {job.method}'s own cost not included"))}
+    return None
+
+
+def _direct_seconds(spec: Spec, job, depth: int) -> Optional[Dict]:
+    """The direct-sampling estimate at ``job``'s model and size (a direct job of the plan when there is one)."""
+    from types import SimpleNamespace
+    proxy = SimpleNamespace(model=job.model, H=job.H, W=job.W, method="direct", preset=None, role="row", rows=[])
+    for t in spec.tables:
+        for r in t.rows:
+            if r.method == "direct" and r.model == job.model.name and (r.H, r.W) == (job.H, job.W):
+                proxy.rows.append(r.qid)
+    return _job_seconds(spec, proxy, depth)
+
+
+def estimate(p: Plan) -> List[Dict]:
+    """Seconds per image of each job and where the figure comes from: measured in this output folder, else
+    :func:`_job_seconds` (published, a measured ratio to direct sampling, or extrapolated); ``basis`` names which."""
     out = []
     for job in p.jobs:
         have = images_present(job)
         remaining = 0 if job_complete(job) else job.n_images - have
         stats = job_stats(job)
-        sec = source = device = None
         if stats["seconds_per_image"] is not None:
-            sec, source = stats["seconds_per_image"], f"measured here ({stats['images_timed']} images)"
-            device = "; ".join(stats["devices"]) or "?"
+            got = {"seconds_per_image": stats["seconds_per_image"], "basis": "here",
+                   "source": f"measured here ({stats['images_timed']} images)",
+                   "device": "; ".join(stats["devices"]) or "?"}
         else:
-            hit = next((e for e in entries if _entry_matches(e, job)), None)
-            if hit is not None:
-                sec, source, device = float(hit["seconds_per_image"]), str(hit.get("source", "spec timing")), \
-                    str(hit.get("device", "?"))
-            else:
-                same = [e for e in entries if _entry_matches(e, job, ignore_size=True) and "size" in e.get("match", {})]
-                direct = [e for e in entries if e.get("match", {}).get("method") == "direct"
-                          and e.get("match", {}).get("model", job.model.name) == job.model.name
-                          and "size" in e.get("match", {})]
-                for near, what in ((same, "the same method"), (direct, "direct sampling")):
-                    if near:
-                        e = min(near, key=lambda e: abs(math.log(_pixels(e) / (job.H * job.W))))
-                        ratio = (job.H * job.W) / _pixels(e)
-                        sec = float(e["seconds_per_image"]) * ratio ** exponent
-                        eh, ew = _size(e["match"]["size"], "timing")
-                        source = (f"extrapolated from {what} at {ew}x{eh} ({e['seconds_per_image']} s/image: "
-                                  f"{e.get('source', '?')}) x (pixel ratio)^{exponent:g}"
-                                  + (f" ({timing['exponent_source']})" if timing.get("exponent_source") else "")
-                                  + ("" if what == "the same method" else f"; {job.method}'s own cost not included"))
-                        device = str(e.get("device", "?"))
-                        break
+            got = _job_seconds(p.spec, job) or {}
+        sec = got.get("seconds_per_image")
         out.append({"job": job, "images": job.n_images, "present": have, "remaining": remaining,
-                    "seconds_per_image": sec, "source": source or "no estimate (add a timing entry to the spec)",
-                    "device": device or "?",
+                    "seconds_per_image": sec, "basis": got.get("basis"),
+                    "source": got.get("source") or "no estimate (add a timing entry to the spec)",
+                    "device": got.get("device") or "?",
                     "hours": None if sec is None else remaining * sec / 3600.0,
                     "hours_total": None if sec is None else job.n_images * sec / 3600.0})
     return out
@@ -1269,4 +1675,5 @@ __all__ = ["SpecError", "MetricDef", "METRICS", "METRIC_ALIASES", "resolve_metri
            "materialize_prompts", "render_dataset_references", "job_complete", "images_present", "expected_files",
            "job_stats", "read_runs", "FeatureStore", "ShapeExtractor", "InceptionExtractor", "EXTRACTORS",
            "compute_cell", "evaluate", "table_rows", "write_csv", "render_markdown", "replace_block", "estimate",
+           "published_comparison", "render_published", "kendall_tau_b", "rank_order", "published_time",
            "machine_description", "now_utc", "write_text_atomic", "COMPLETE_FILE", "RUNS_FILE", "BASE"]

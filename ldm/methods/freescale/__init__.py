@@ -87,6 +87,9 @@ class FreeScaleMethod(CascadeMethod):
             out.size_conditioning["target_size"] = list(cls.stages_of(settings)[k])
         return out
 
+    def scope(self):
+        return self.runner.vae_scope()  # the release's VAE tiling (preset key vae_tiling), else nothing
+
     def describe(self):
         v = self.settings.values
         return {"freescale": {"preset": v["preset"], **self.runner.settings.describe(),

@@ -11,7 +11,7 @@ Stage 1 samples at the model's base size. Each later stage
    stage input, z ← z·(1 − c₁) + q(z₀, t_i, ε)·c₁ with c₁ = (½(1 + cos(π(T − t_i)/T)))^cosine_scale
    (per pixel with a detail mask: cosine_scale inside the mask, cosine_scale_bg outside);
 4. runs every UNet call with two kinds of processors: **scale fusion** in each self-attention layer
-   (``ldm/freescale/scale_fusion.py``) and the **restrained dilation** of the down and mid blocks
+   (``ldm/methods/freescale/scale_fusion.py``) and the **restrained dilation** of the down and mid blocks
    (an ordinary re-dilation schedule, ``restrained_dilation``) for steps i < dilate_tau.
 
 Differences from the authors' release (``pipeline_freescale.py``), all deliberate:
@@ -23,11 +23,13 @@ Differences from the authors' release (``pipeline_freescale.py``), all deliberat
   Python's unseeded global ``random``), so a seed gives the same image.
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 from ldm.guidance import classifier_free_guidance
 from ldm.methods.cascade import RESIZES, Cascade, CascadeResult, cosine_factor, encode_image  # noqa: F401
+from ldm.methods.freescale import ablations, release_tiling
 from ldm.methods.freescale.scale_fusion import BLURS, WINDOWS, ScaleFusion
 from ldm.unet_hooks.processors import installed, self_attention_layers
 from ldm.unet_hooks.layers import LayerNames
@@ -123,6 +125,8 @@ class FreeScaleSettings:
     window: str = "release"
     resize: str = "pixel"
     save_stages: bool = False
+    dilate_up_blocks: bool = False        # Table 2's "Dilated Up-Blocks" (ldm/methods/freescale/ablations.py)
+    vae_tiling: str = "ours"              # "release": the release's blended VAE tiles (release_tiling.py)
 
     def __post_init__(self):
         self.stages = [tuple(int(v) for v in s) for s in self.stages]
@@ -137,6 +141,8 @@ class FreeScaleSettings:
             raise ValueError(f"blur must be one of {BLURS} and window one of {WINDOWS}")
         if self.dilation_from not in ("long_side", "width"):
             raise ValueError(f"dilation_from must be 'long_side' or 'width', got {self.dilation_from!r}")
+        if self.vae_tiling not in release_tiling.MODES:
+            raise ValueError(f"vae_tiling must be one of {release_tiling.MODES}, got {self.vae_tiling!r}")
 
     def scale_of(self, size):
         """Integer (s_h, s_w) of a stage over the base size (at least 1)."""
@@ -151,16 +157,31 @@ class FreeScaleSettings:
 
 
 class FreeScale(Cascade):
-    """FreeScale's cascade: each later stage with restrained dilation and scale fusion (``stage_guidance``)."""
+    """FreeScale's cascade: each later stage with restrained dilation and scale fusion (``stage_guidance``).
+    ``vae_tiling="release"``: every encode and decode of the run in the release's blended tiles (``vae_scope``)."""
 
     def __init__(self, model, settings: FreeScaleSettings, f=8, tiling=None, stage_callback=None):
         super().__init__(model, settings, f=f, tiling=tiling, stage_callback=stage_callback)
         self.attention_layers = self_attention_layers(self.unet)
 
+    @contextmanager
+    def vae_scope(self):
+        """The release's blended VAE tiling on the model's autoencoder for the duration of the run (with
+        ``vae_tiling="release"``; nothing otherwise), the autoencoder's own methods again afterwards."""
+        installed = self.settings.vae_tiling == "release" and release_tiling.install(self.model, self.settings.base,
+                                                                                        self.f)
+        try:
+            yield
+        finally:
+            if installed:
+                release_tiling.remove(self.model)
+
     def stage_guidance(self, size, steps, randint):
         st = self.settings
         factor = st.dilation_of(size)
-        dilation, names = (restrained_dilation(self.unet, factor, min(st.dilate_tau, steps))
+        layers = restrained_layer_names(self.unet) + (ablations.up_block_layer_names(self.unet)
+                                                      if st.dilate_up_blocks else [])
+        dilation, names = (restrained_dilation(self.unet, factor, min(st.dilate_tau, steps), layers)
                            if factor > 1 else (None, None))
         fusion = None
         if st.fusion and self.attention_layers and max(st.scale_of(size)) > 1:
