@@ -37,7 +37,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, LatentDiffusion  # noqa: E402
 from ldm.inference import UsageError  # noqa: E402
-from ldm.util import (check_config_target, check_config_targets, get_obj_from_str,  # noqa: E402
+from ldm.util import (check_config_target, checked_config, get_obj_from_str, read_yaml_mapping,  # noqa: E402
                       instantiate_from_config, trusted_configs)
 
 
@@ -322,9 +322,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    config = OmegaConf.merge(*[OmegaConf.load(b) for b in args.base])
     try:
-        check_config_targets(config, trust=args.trust_config)
+        # each file read strictly (one-line errors naming it), then merged, resolved and checked as a whole
+        config = OmegaConf.merge(*[read_yaml_mapping(b, "config") for b in args.base])
+    except UsageError as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
+        config = checked_config(config, trust=args.trust_config)
     except UsageError as err:
         raise SystemExit(f"{' + '.join(args.base)}: {err}") from None
     with trusted_configs(args.trust_config):

@@ -22,7 +22,6 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from ldm.checkpoint import CheckpointError, load_model_from_config  # noqa: E402
@@ -30,6 +29,7 @@ from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation.repetition import count_objects  # noqa: E402
 from ldm.inference import UsageError, pick_device, save_png  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.util import load_config_file, read_yaml_mapping  # noqa: E402
 
 DEFAULT_CONFIG = "configs/demo/shapes32.yaml"
 DEFAULT_CKPT = "checkpoints/demo/shapes32.ckpt"
@@ -73,7 +73,7 @@ def load_demo_model(config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device="cpu", trus
     config_path, ckpt_path = repo_path(config), repo_path(ckpt)
     if not config_path.is_file():
         raise UsageError(f"config not found: {config_path}")
-    cfg = OmegaConf.load(config_path)
+    cfg = load_config_file(config_path, trust=trust)
     return load_model_from_config(cfg, str(ckpt_path), device=device, config_name=str(config), trust=trust)
 
 
@@ -83,7 +83,7 @@ def freescale_runner(model, preset, side):
     if preset == "method:demofusion":
         from ldm.baselines.demofusion import DemoFusion
         return DemoFusion(model, side, side, base=model.image_size, f=1)
-    if preset is None or preset.startswith("method:") or OmegaConf.load(repo_path(preset)).get("method") != "freescale":
+    if preset is None or preset.startswith("method:") or read_yaml_mapping(repo_path(preset), "preset").get("method") != "freescale":
         return None
     from ldm.freescale.cascade import FreeScale
     from ldm.freescale.presets import load_preset, make_settings

@@ -38,9 +38,8 @@ def structured_latent(h, w, seed=0):
 
 
 def build_vae(ckpt=None):
-    from omegaconf import OmegaConf
-    from ldm.util import instantiate_from_config
-    cfg = OmegaConf.load(CONFIG).model.params.first_stage_config
+    from ldm.util import instantiate_from_config, load_config_file
+    cfg = load_config_file(CONFIG).model.params.first_stage_config
     torch.manual_seed(0)
     vae = instantiate_from_config(cfg).eval()
     if ckpt:

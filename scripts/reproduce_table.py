@@ -42,6 +42,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from ldm.evaluation import tables  # noqa: E402
 from ldm.evaluation.metrics import EvalError  # noqa: E402
+from ldm.inference import UsageError  # noqa: E402
 
 STOP_AFTER_ENV = "SCALECRAFTER_TABLE_STOP_AFTER"  # test hook: stop after N sampling jobs ran in this invocation
 RUN_ID_ENV = "SCALECRAFTER_TABLE_RUN_ID"           # shared by the processes of one launch (torchrun ranks)
@@ -631,7 +632,7 @@ def main(argv=None) -> int:
         log(f"wrote {out / 'table.md'}, table.csv, table.json ({len(executed)} sampling job(s) run now, "
             f"{len(p.jobs) - len(executed)} already complete; {wall / 60:.1f} min)")
         return 0
-    except (tables.SpecError, EvalError) as err:
+    except (tables.SpecError, EvalError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # a sampling job failed (its own message is above)

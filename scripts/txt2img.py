@@ -36,7 +36,7 @@ from ldm import baselines  # noqa: E402
 from ldm.freescale import presets as freescale_options  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules.diffusionmodules import upscaling  # noqa: E402
-from ldm.util import check_config_targets  # noqa: E402
+from ldm.util import check_config_targets, load_config_file  # noqa: E402
 from ldm import sweep as sweep_mode  # noqa: E402
 
 
@@ -248,7 +248,7 @@ def load_config(opt):
     config_path = Path(opt.config)
     if not config_path.is_file():
         raise UsageError(f"--config {opt.config}: no such file (the original configs are in configs/stable-diffusion/)")
-    config = OmegaConf.load(config_path)
+    config = load_config_file(config_path, trust=opt.trust_config, flag="--config")
     try:
         check_config_targets(config.model if "model" in config else config, trust=opt.trust_config)
     except UsageError as err:

@@ -128,7 +128,7 @@ def load_image(path):
 
 def run(opt):
     check_options(opt)
-    upscaling.load_upscaler_config(opt.config)  # an upscaler config? (before minutes of loading)
+    upscaling.load_upscaler_config(opt.config, trust=opt.trust_config)  # an upscaler config? (before minutes of loading)
     if opt.ckpt is None:
         raise UsageError("--ckpt is required: the x4 upscaler checkpoint (x4-upscaler-ema.ckpt, see "
                          "checkpoints/README.md)")

@@ -289,7 +289,7 @@ def load_upscaler(config_path, ckpt, device="cpu", allow_unsafe=False, use_ema=T
 
     from ldm.checkpoint import check_checkpoint_file, load_model_from_config
     from ldm.inference import UsageError
-    config = load_upscaler_config(config_path, flag)
+    config = load_upscaler_config(config_path, flag, trust=trust)
     if ckpt is None:
         raise UsageError(f"{ckpt_flag} is required: the x4 upscaler checkpoint (x4-upscaler-ema.ckpt, see "
                          "checkpoints/README.md)")
@@ -298,17 +298,17 @@ def load_upscaler(config_path, ckpt, device="cpu", allow_unsafe=False, use_ema=T
                                   config_name=str(Path(config_path)), trust=trust)
 
 
-def load_upscaler_config(config_path, flag="--config"):
-    """The config file, checked to be an upscaler's (UsageError otherwise)."""
+def load_upscaler_config(config_path, flag="--config", trust=False):
+    """The config file (read and target-checked by ``ldm.util.load_config_file``), checked to be an upscaler's
+    (UsageError otherwise)."""
     from pathlib import Path
 
-    from omegaconf import OmegaConf
-
     from ldm.inference import UsageError
+    from ldm.util import load_config_file
     path = Path(config_path)
     if not path.is_file():
         raise UsageError(f"{flag} {config_path}: no such file (the upscaler's config is {UPSCALER_CONFIG})")
-    config = OmegaConf.load(path)
+    config = load_config_file(path, trust=trust, flag=flag)
     if not is_upscaler_config(config):
         node = config.model if "model" in config else config
         raise UsageError(f"{flag} {config_path} is not an upscaler config (its target is "
@@ -377,7 +377,7 @@ def prepare_sdsr(opt, method, base_side, f, sdxl=False):
             raise UsageError(f"{', '.join(given)}: SD+SR options; add --method sdsr (got --method {method})")
         return None
     check_args(opt, prefix="sr_")
-    load_upscaler_config(opt.sr_config, "--sr_config")
+    load_upscaler_config(opt.sr_config, "--sr_config", trust=getattr(opt, "trust_config", False))
     if opt.sr_ckpt is None:
         raise UsageError("--method sdsr needs --sr_ckpt: the x4 upscaler checkpoint (x4-upscaler-ema.ckpt, see "
                          "checkpoints/README.md)")
