@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_model_from_config  # noqa: E402
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation.repetition import count_objects  # noqa: E402
-from ldm.inference import UsageError, pick_device, save_png  # noqa: E402
+from ldm.inference import UsageError, check_seed, pick_device, save_png, seed_arg  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.util import load_config_file, read_yaml_mapping  # noqa: E402
 
@@ -148,7 +148,7 @@ def sample_images(model, captions, seeds, side, preset=None, steps=STEPS, eta=ET
         uc = model.get_learned_conditioning([""] * len(caps)) if scale != 1.0 else None
         x_t = initial_noise(sds, model.channels, first_side, device)
         # per-step noise: a generator seeded by the batch's first seed and the size, shared by all methods
-        gen = torch.Generator().manual_seed(1_000_003 * int(sds[0]) + side)
+        gen = torch.Generator().manual_seed((1_000_003 * int(sds[0]) + side) % 2 ** 64)  # torch takes < 2**64
         if cascade is not None:
             z = cascade.sample(sampler, steps, c, uc, scale, eta, len(caps), generator=gen, x_T=x_t,
                                jitter_seed=int(sds[0])).latent
@@ -210,6 +210,7 @@ def comparison_grid(rows, cell=128, label_width=190, col_titles=None, counts=Non
 
 def run(opt):
     t_start = time.time()
+    check_seed(opt.seed, "--seed", count=opt.n)  # sample i uses seed + i: all of them in range, before loading
     torch.set_num_threads(opt.threads)
     device = pick_device(opt.device)
     model = load_demo_model(opt.config, opt.ckpt, device, trust=opt.trust_config)
@@ -255,7 +256,7 @@ def build_parser():
                    help="allow config targets outside this package (ldm.*); a config is code, like a pickle")
     p.add_argument("--outdir", default="outputs/demo")
     p.add_argument("--n", type=int, default=4, help="samples (columns) per setting")
-    p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
+    p.add_argument("--seed", type=seed_arg, default=0, help="first seed; sample i uses seed + i")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--ddim_eta", type=float, default=ETA)
     p.add_argument("--scale", type=float, default=SCALE)

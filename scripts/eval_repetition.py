@@ -38,7 +38,7 @@ from omegaconf import OmegaConf  # noqa: E402
 import demo  # noqa: E402  (scripts/demo.py: model loading, sampling, grid)
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation import repetition  # noqa: E402
-from ldm.inference import pick_device  # noqa: E402
+from ldm.inference import pick_device, seed_arg  # noqa: E402
 from ldm.util import read_yaml_mapping  # noqa: E402
 
 TARGETS = {"native_one": 0.90, "direct2x_multi": 0.50, "cure_factor": 0.5}
@@ -140,7 +140,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=64, help="seeds per setting")
     p.add_argument("--n_large", type=int, default=32,
                    help="seeds per setting above 64x64 (each 128x128 sample costs 16 native ones on a CPU)")
-    p.add_argument("--seed", type=int, default=1000, help="first seed (sample i uses seed + i)")
+    p.add_argument("--seed", type=seed_arg, default=1000, help="first seed (sample i uses seed + i)")
     p.add_argument("--settings", nargs="*", default=None,
                    help="subset of: " + ", ".join(k for k, *_ in demo.SETTINGS + demo.COMPARISON_SETTINGS)
                         + " (default: the demo's settings, " + ", ".join(k for k, *_ in demo.SETTINGS) + ")")

@@ -14,7 +14,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-from ldm.inference import UsageError  # noqa: E402
+from ldm.inference import UsageError, seed_arg  # noqa: E402
 from ldm.util import checked_config, instantiate_from_config, load_config_file  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help=".ckpt (a dict with state_dict) or .safetensors")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--trust_config", action="store_true",
                    help="allow config targets outside this package (ldm.*); a config is code, like a pickle")
     opt = p.parse_args(argv)

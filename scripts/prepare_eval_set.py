@@ -32,6 +32,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from ldm.inference import seed_arg  # noqa: E402
+
 CAPTION_COLUMNS = ("caption", "text", "prompt", "TEXT", "captions")
 PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "local_path", "file", "filename", "image")
 WIDTH_COLUMNS = ("width", "WIDTH", "original_width", "w")
@@ -214,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--H", type=int, default=None, help="target height")
     p.add_argument("--W", type=int, default=None, help="target width")
     p.add_argument("--n", type=int, default=10000, help="number of images/prompts to select")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--seed", type=seed_arg, default=0, help="shuffle seed")
     p.add_argument("--outdir", required=True, help="output folder")
     p.add_argument("--prompts", default=None, help="prompt file (default: <outdir>/prompts.txt)")
     p.add_argument("--ref_dir", default=None, help="reference image folder (default: <outdir>/reference)")

@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from ldm.evaluation import tables  # noqa: E402
 from ldm.evaluation.metrics import EvalError  # noqa: E402
-from ldm.inference import UsageError  # noqa: E402
+from ldm.inference import UsageError, seed_arg  # noqa: E402
 
 STOP_AFTER_ENV = "SCALECRAFTER_TABLE_STOP_AFTER"  # test hook: stop after N sampling jobs ran in this invocation
 RUN_ID_ENV = "SCALECRAFTER_TABLE_RUN_ID"           # shared by the processes of one launch (torchrun ranks)
@@ -511,7 +511,7 @@ def build_parser():
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
     p.add_argument("--kid_subsets", type=int, default=100, help="KID subsets")
     p.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size (reduced to the set size)")
-    p.add_argument("--metric_seed", type=int, default=0, help="seed of the KID subsets")
+    p.add_argument("--metric_seed", type=seed_arg, default=0, help="seed of the KID subsets")
     p.add_argument("--write-docs", dest="write_docs", default=None, metavar="MD",
                    help="also write the table into MD between <!-- table:NAME --> markers (e.g. docs/tables.md)")
     p.add_argument("--run-job", dest="run_job", default=None, help=argparse.SUPPRESS)

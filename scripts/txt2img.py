@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_model_from_config  # noqa: E402
 from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, chunk,  # noqa: E402
                            make_grid, next_free_index, pick_device, read_prompt_file, remove_stale_temp_files,
-                           save_png, seed_everything, to_pil)
+                           save_png, seed_arg, seed_everything, to_pil)
 from ldm import baselines  # noqa: E402
 from ldm.freescale import presets as freescale_options  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
@@ -74,7 +74,7 @@ def build_parser():
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v2-inference.yaml",
                    help="the model's YAML config")
     p.add_argument("--ckpt", type=str, required=False, help="the checkpoint (.ckpt or .safetensors)")
-    p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    p.add_argument("--seed", type=seed_arg, default=42, help="the seed (for reproducible sampling)")
     p.add_argument("--precision", type=str, choices=["full", "autocast", "half"], default="autocast",
                    help="autocast: fp16/bf16 autocast on CUDA; half: also store the UNet and text encoder weights "
                         "in that dtype (VAE stays float32; what 4096x4096 SDXL needs on 24 GB). "

@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_from_config  # noqa: E402
 from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, next_free_index,  # noqa: E402
-                           pick_device, remove_stale_temp_files, save_png, seed_everything, to_pil)
+                           numpy_seed_arg, pick_device, remove_stale_temp_files, save_png, seed_everything, to_pil)
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules.diffusionmodules import upscaling  # noqa: E402
 import txt2img  # noqa: E402
@@ -60,7 +60,7 @@ def build_parser():
     p.add_argument("--config", type=str, default=upscaling.UPSCALER_CONFIG, help="the upscaler's YAML config")
     p.add_argument("--ckpt", type=str, default=None, help="the upscaler checkpoint (x4-upscaler-ema.ckpt)")
     p.add_argument("--outdir", type=str, default="outputs/upscale-samples", help="where to write results")
-    p.add_argument("--seed", type=int, default=42, help="the seed (the same for every input image)")
+    p.add_argument("--seed", type=numpy_seed_arg, default=42, help="the seed (the same for every input image)")
     p.add_argument("--n_samples", type=int, default=1, help="upscaled versions per input image (one batch)")
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
                    help="autocast: fp16/bf16 autocast of the UNet on CUDA (the VAE always decodes in float32); "

@@ -369,6 +369,11 @@ def load_spec(path) -> Spec:
     seed = raw.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise SpecError(f"{where}: seed: an integer is required (every row samples the same seeds), got {seed!r}")
+    from ldm.inference import UsageError, check_seed
+    try:
+        check_seed(seed, "seed:")
+    except UsageError as err:
+        raise SpecError(f"{where}: {err}") from None
     sampler = _sampler(raw.get("sampler"), f"{where}: sampler")
     models = {}
     for mname, m in (raw.get("models") or {}).items():
