@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from ldm.image_io import ImageReadError, image_size, list_files, read_rgb  # noqa: E402
 from ldm.inference import seed_arg  # noqa: E402
 
 CAPTION_COLUMNS = ("caption", "text", "prompt", "TEXT", "captions")
@@ -171,11 +172,10 @@ def _process(job) -> Tuple[int, str, Optional[Tuple[int, int]]]:
     """Worker: open, check, resize/crop and save one candidate to a temporary file."""
     cand, src, dst, width, height, fmt = job
     try:
-        with Image.open(src) as im:
-            size = im.size
-            if size[0] < width or size[1] < height:
-                return cand, f"too small ({size[0]}x{size[1]})", size
-            rgb = im.convert("RGB")
+        size = image_size(src)  # as read_rgb returns the image (EXIF orientation applied)
+        if size[0] < width or size[1] < height:
+            return cand, f"too small ({size[0]}x{size[1]})", size
+        rgb = read_rgb(src)  # 16-bit, transparency (over white), CMYK, EXIF orientation: ldm/image_io.py
         out = resize_center_crop(rgb, width, height)
         if fmt == "png":
             out.save(dst, format="PNG")
@@ -184,15 +184,16 @@ def _process(job) -> Tuple[int, str, Optional[Tuple[int, int]]]:
         return cand, "", size
     except FileNotFoundError:
         return cand, "missing file", None
+    except ImageReadError as e:
+        return cand, "missing file" if not os.path.exists(src) else f"unreadable ({e})", None
     except Exception as e:
         return cand, f"unreadable ({type(e).__name__}: {e})", None
 
 
 def _index_by_name(root: Path) -> Dict[str, str]:
     index: Dict[str, str] = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            index.setdefault(name, os.path.join(dirpath, name))
+    for rel in list_files(root):  # the package's one folder walker (links followed, no loops, no duplicates)
+        index.setdefault(rel.rsplit("/", 1)[-1], os.path.join(root, rel))
     return index
 
 
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    Image.MAX_IMAGE_PIXELS = None  # local LAION originals can be very large; they are trusted files
+    # local LAION originals can be very large (trusted files): PIL's own limit off, ldm.image_io.MAX_PIXELS applies
+    Image.MAX_IMAGE_PIXELS = None
     H = args.H or args.resolution
     W = args.W or args.resolution
     if not H or not W:

@@ -36,6 +36,7 @@ from ldm import baselines  # noqa: E402
 from ldm.freescale import presets as freescale_options  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules.diffusionmodules import upscaling  # noqa: E402
+from ldm.image_io import read_rgb  # noqa: E402
 from ldm.util import check_config_targets, load_config_file  # noqa: E402
 from ldm import sweep as sweep_mode  # noqa: E402
 
@@ -500,7 +501,7 @@ def load_init_image(path, size, device):
     """An image file as (1, 3, h, w) in [-1, 1] at ``size`` = (h, w) pixels (PIL bicubic resize)."""
     from PIL import Image
     h, w = size
-    img = Image.open(path).convert("RGB").resize((w, h), Image.BICUBIC)
+    img = read_rgb(path).resize((w, h), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     return x.to(device)
 
@@ -509,11 +510,10 @@ class FreeScaleRun:
     """--method freescale inside the sampling loops: the cascade plus its optional init image and detail mask."""
 
     def __init__(self, runner, opt, device):
-        from PIL import Image
         self.runner, self.opt = runner, opt
         self.mask = self.init_pixels = None
         if opt.detail_mask:
-            m = torch.from_numpy(np.asarray(Image.open(opt.detail_mask).convert("L"), dtype=np.float32) / 255.0)
+            m = torch.from_numpy(np.asarray(read_rgb(opt.detail_mask).convert("L"), dtype=np.float32) / 255.0)
             self.mask = m[None, None].to(device)
         if opt.init_image:
             self.init_pixels = load_init_image(opt.init_image, runner.settings.stages[0], device)

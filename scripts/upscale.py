@@ -117,12 +117,8 @@ def output_size(opt, h, w, factor):
 
 def load_image(path):
     """An RGB image file as a (1, 3, h, w) tensor in [-1, 1] (as the original demo scripts prepare it)."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise UsageError(f"--image {path}: not an image PIL can read ({err})") from None
+    from ldm.image_io import read_rgb_array
+    arr = read_rgb_array(path, "--image")  # ImageReadError (a UsageError) naming the file
     return torch.from_numpy(arr).to(torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
 
 
@@ -278,14 +274,9 @@ def check_img2img_options(opt, parser):
 
 def read_image_info(path):
     """(height, width, sha256 hex) of an image file."""
-    from PIL import Image, UnidentifiedImageError
+    from ldm.image_io import read_rgb_array
+    h, w = read_rgb_array(path, "--image").shape[:2]  # every pixel decoded: a broken file fails here, by name
     data = Path(path).read_bytes()
-    try:
-        with Image.open(path) as im:
-            im.load()
-            w, h = im.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise UsageError(f"--image {path}: not an image PIL can read ({err})") from None
     return h, w, hashlib.sha256(data).hexdigest()
 
 
