@@ -36,8 +36,8 @@ import pytorch_lightning as pl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, LatentDiffusion  # noqa: E402
-from ldm.inference import UsageError  # noqa: E402
-from ldm.util import (check_config_target, check_config_targets, get_obj_from_str,  # noqa: E402
+from ldm.inference import UsageError, numpy_seed_arg  # noqa: E402
+from ldm.util import (check_config_target, checked_config, get_obj_from_str, read_yaml_mapping,  # noqa: E402
                       instantiate_from_config, trusted_configs)
 
 
@@ -311,7 +311,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1; more threads are slower on a busy 2-core machine)")
     p.add_argument("--accelerator", default="auto", help="pytorch-lightning accelerator (auto, cpu, gpu)")
-    p.add_argument("--seed", type=int, default=23, help="global seed (initialisation, noise, caption dropout)")
+    p.add_argument("--seed", type=numpy_seed_arg, default=23,
+                   help="global seed (initialisation, noise, caption dropout; 0 ... 2**32 - 1, as lightning seeds numpy)")
     p.add_argument("--export", default=None, metavar="CKPT", help="write a release file from a training checkpoint")
     p.add_argument("--out", default=None, help="output path for --export")
     p.add_argument("--trust_config", action="store_true",
@@ -322,9 +323,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    config = OmegaConf.merge(*[OmegaConf.load(b) for b in args.base])
     try:
-        check_config_targets(config, trust=args.trust_config)
+        # each file read strictly (one-line errors naming it), then merged, resolved and checked as a whole
+        config = OmegaConf.merge(*[read_yaml_mapping(b, "config") for b in args.base])
+    except UsageError as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
+        config = checked_config(config, trust=args.trust_config)
     except UsageError as err:
         raise SystemExit(f"{' + '.join(args.base)}: {err}") from None
     with trusted_configs(args.trust_config):

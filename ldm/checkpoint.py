@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import InputWarning
-from ldm.util import check_config_targets, instantiate_from_config, no_weight_init, trusted_configs
+from ldm.util import checked_config, instantiate_from_config, no_weight_init, trusted_configs
 
 # where users get the original files (the file name is what shellscripts/ and the README expect)
 KNOWN_CHECKPOINTS = {
@@ -272,11 +272,12 @@ def load_model_from_config(config, ckpt=None, device="cpu", strict=True, use_ema
     """Build ``config.model`` and load ``ckpt`` into it; the model is returned in eval mode on ``device``.
 
     ``trust=True`` allows config targets outside this package (a config is code; see
-    ``ldm.util.instantiate_from_config``)."""
+    ``ldm.util.instantiate_from_config``). The whole config is checked with its interpolations resolved, and the
+    model is built from that resolved copy (``ldm.util.checked_config``)."""
     if ckpt is not None:
         check_checkpoint_file(ckpt)  # before spending time on construction
+    config = checked_config(config, trust=trust, where=config_name if config_name != "config" else None)
     model_config = config.model if "model" in config else config
-    check_config_targets(model_config, trust=trust)
     with trusted_configs(trust):
         if ckpt is not None and strict:
             with no_weight_init():  # every weight comes from the file (the strict check guarantees it)

@@ -25,8 +25,56 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+# Seeds are 0 ... 2**63 - 1: torch takes seeds as 64-bit integers (it accepts -2**63 ... 2**64 - 1, but maps a
+# negative seed s to 2**64 + s, so -1 and 2**64 - 1 would give the same images), the scripts add small offsets
+# (seed + i for image i) that must not leave torch's range, and the sweep manifests and table specs store seeds
+# as JSON integers that other tools read as signed 64-bit. A flag whose seed also goes to numpy's legacy
+# RandomState (upscale.py --method sr) is limited to its 0 ... 2**32 - 1.
+SEED_MAX = 2 ** 63 - 1
+NUMPY_SEED_MAX = 2 ** 32 - 1
+
+
+def check_seed(seed, flag="--seed", count=1, high=SEED_MAX):
+    """Raise :class:`UsageError` (naming ``flag`` and the allowed range) unless ``seed`` and the ``count - 1``
+    seeds after it (``seed + i``) are integers in 0 ... ``high``; returns ``seed``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise UsageError(f"{flag} {seed!r}: a seed is an integer in 0 ... {_power_text(high)}")
+    last = int(seed) + max(int(count), 1) - 1
+    if not 0 <= seed <= high or last > high:
+        extra = f" (with the {count - 1} seeds after it: up to {last})" if count > 1 and 0 <= seed <= high else ""
+        raise UsageError(f"{flag} {seed}{extra} is outside the allowed range 0 ... {_power_text(high)} "
+                         f"({high}); choose a seed in that range")
+    return int(seed)
+
+
+def _power_text(high):
+    return {SEED_MAX: "2**63 - 1", NUMPY_SEED_MAX: "2**32 - 1"}.get(high, str(high))
+
+
+def seed_arg(text, high=SEED_MAX):
+    """``type=`` of an argparse ``--seed`` flag: an integer in 0 ... 2**63 - 1 (argparse names the flag, prints
+    the message and exits with status 2 before anything is loaded)."""
+    import argparse
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (a seed is an integer in 0 ... "
+                                         f"{_power_text(high)})") from None
+    try:
+        return check_seed(value, "", high=high)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err).strip()) from None
+
+
+def numpy_seed_arg(text):
+    """:func:`seed_arg` for a seed that also seeds numpy's legacy ``RandomState`` (0 ... 2**32 - 1)."""
+    return seed_arg(text, NUMPY_SEED_MAX)
+
+
 def seed_everything(seed):
-    """Seed python, numpy and torch (all devices), like pytorch-lightning's seed_everything."""
+    """Seed python, numpy and torch (all devices), like pytorch-lightning's seed_everything.
+    ``seed`` must be in 0 ... 2**63 - 1 (:func:`check_seed`; UsageError otherwise)."""
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)

@@ -164,7 +164,7 @@ def load_upscaler(config_path, ckpt, device="cpu", allow_unsafe=False, use_ema=T
 
     from ldm.checkpoint import check_checkpoint_file, load_model_from_config
     from ldm.errors import UsageError
-    config = load_upscaler_config(config_path, flag)
+    config = load_upscaler_config(config_path, flag, trust=trust)
     if ckpt is None:
         raise UsageError(f"{ckpt_flag} is required: the x4 upscaler checkpoint (x4-upscaler-ema.ckpt, see "
                          "checkpoints/README.md)")
@@ -173,17 +173,17 @@ def load_upscaler(config_path, ckpt, device="cpu", allow_unsafe=False, use_ema=T
                                               use_ema=use_ema, config_name=str(Path(config_path)), trust=trust)
 
 
-def load_upscaler_config(config_path, flag="--config"):
-    """The config file, checked to be an upscaler's (UsageError otherwise)."""
+def load_upscaler_config(config_path, flag="--config", trust=False):
+    """The config file (read and target-checked by ``ldm.util.load_config_file``), checked to be an upscaler's
+    (UsageError otherwise)."""
     from pathlib import Path
 
-    from omegaconf import OmegaConf
-
     from ldm.errors import UsageError
+    from ldm.util import load_config_file
     path = Path(config_path)
     if not path.is_file():
         raise UsageError(f"{flag} {config_path}: no such file (the upscaler's config is {UPSCALER_CONFIG})")
-    config = OmegaConf.load(path)
+    config = load_config_file(path, trust=trust, flag=flag)
     if not is_upscaler_config(config):
         node = config.model if "model" in config else config
         raise UsageError(f"{flag} {config_path} is not an upscaler config (its target is "

@@ -1,23 +1,41 @@
-"""Small helpers shared by the whole package (config-driven construction, misc)."""
+"""Small helpers shared by the whole package: reading YAML files (configs, presets, specs) with one-line errors,
+config-driven construction and the check that decides what a config may build, misc."""
 import contextlib
 import contextvars
 import importlib
+import math
+import re
 from collections.abc import Mapping
 from inspect import isfunction
+from pathlib import Path
+
+import yaml
 
 import torch
 
 from ldm.errors import UsageError
 
 # A config is code: instantiating it calls every ``target`` it names. Unless the caller says it trusts
-# the config, only this package's classes and the few library classes the shipped configs use are allowed.
+# the config, only this package's model classes (see ``check_config_target``) and the few library classes the
+# shipped configs use are allowed.
 ALLOWED_TARGET_PREFIXES = ("ldm.",)
 ALLOWED_TARGETS = frozenset({"torch.nn.Identity"})
+# keys that name something to build: ``target`` is what ``instantiate_from_config`` reads; the others are read by
+# other libraries' instantiate helpers (Hydra, Lightning's CLI) and are held to the same rule
+TARGET_KEYS = ("target", "_target_", "class_path")
 _TRUSTED = contextvars.ContextVar("ldm_trusted_configs", default=False)
+# the most nodes a YAML file may hold once its aliases are expanded (a "billion laughs" file stops here)
+MAX_YAML_NODES = 200_000
 
 
-class UntrustedConfigError(UsageError):
-    """A config names a ``target`` outside the allowed set and the config was not marked as trusted."""
+class ConfigError(UsageError):
+    """A YAML file (model config, method preset, table spec) cannot be used: the one-line message names the file
+    (and the line, for syntax errors and duplicate keys)."""
+
+
+class UntrustedConfigError(ConfigError):
+    """A config names a ``target`` outside the allowed set (or tries to switch trust on) and the config was not
+    marked as trusted."""
 
 
 @contextlib.contextmanager
@@ -32,49 +50,296 @@ def trusted_configs(enabled=True):
             _TRUSTED.reset(token)
 
 
+# --------------------------------------------------------------------------------------------------
+# reading YAML: plain data only, duplicate keys refused, one-line errors naming the file and line
+# --------------------------------------------------------------------------------------------------
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data: no ``!!python`` tags) that refuses duplicate keys, reads ``1e-4`` as a
+    float (as OmegaConf does; YAML 1.1 wants a dot) and leaves dates as strings (as OmegaConf does)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: explicit keys override merged ones
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"a key must be a string or a number, not a {type(key).__name__}", key_node.start_mark) from None
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first at line {first[key].line + 1}); a key may appear once in a "
+                        "mapping", key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+_StrictYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _StrictYamlLoader.yaml_implicit_resolvers.items()}
+
+
+def _expanded_nodes(root, where):
+    """Nodes of a composed YAML document with every alias expanded; refuses recursive aliases and documents
+    over :data:`MAX_YAML_NODES`."""
+    memo, active = {}, set()
+
+    def count(node):
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise ConfigError(f"{where}: line {node.start_mark.line + 1}: a recursive alias (a node that contains "
+                              "itself) cannot be read")
+        active.add(key)
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total += count(child)
+            if total > MAX_YAML_NODES:
+                break
+        active.discard(key)
+        memo[key] = total
+        return total
+
+    n = count(root)
+    if n > MAX_YAML_NODES:
+        raise ConfigError(f"{where}: more than {MAX_YAML_NODES} values once its aliases (*name) are expanded; "
+                          "that is no config")
+    return n
+
+
+def _yaml_error_line(err, what):
+    """One line for a PyYAML error: 'line L, column C: problem'."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    tag = re.search(r"constructor for the tag '([^']*)'", problem)
+    if tag:
+        name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        problem = (f"the tag {name} is not allowed: a {what} holds plain data (mappings, lists, strings, numbers), "
+                   "never Python objects")
+    elif getattr(err, "context", None) and "duplicate key" not in problem:
+        problem = f"{problem} ({err.context})"
+    problem = " ".join(problem.split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_yaml(path, what="YAML file", flag=None):
+    """The plain data (dicts, lists, strings, numbers, None) of a YAML file.
+
+    Every problem is a :class:`ConfigError` whose one-line message starts with the file (``flag`` first if
+    given, e.g. ``--config x.yaml: ...``) and names the line where it has one: a missing or unreadable file, bytes
+    that are not UTF-8 text, a syntax error, a duplicate key (never last-one-wins), a ``!!python`` (or other
+    non-data) tag, a recursive alias or an alias bomb."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where} is a folder, not a {what}") from None
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:start].count(b"\n") + 1
+        raise ConfigError(f"{where}: line {line}: byte 0x{data[start]:02x} at offset "
+                          f"{start} is not UTF-8 text; a {what} is a YAML text file (binary data, or saved in "
+                          "another encoding?)") from None
+    loader = None
+    try:
+        loader = _StrictYamlLoader(text)  # checks the characters first
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, where)
+        return loader.construct_document(node)
+    except yaml.reader.ReaderError as err:  # a control character: no mark, a position in the text
+        line = text[:err.position].count("\n") + 1
+        raise ConfigError(f"{where}: line {line}: character #x{err.character:04x} is not allowed in YAML text "
+                          f"({err.reason}); binary data?") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: {_yaml_error_line(err, what)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a {what}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _kind(value):
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value),
+                                                                                            type(value).__name__)
+
+
+def read_yaml_mapping(path, what="YAML file", flag=None):
+    """:func:`read_yaml` of a file whose top level must be a mapping (``key: value`` lines); an empty file is ``{}``."""
+    data = read_yaml(path, what, flag)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        where = f"{flag} {path}" if flag else str(path)
+        raise ConfigError(f"{where}: the top level is a {_kind(data)} ({_short(data)}); a {what} is a mapping of "
+                          "keys to values (key: value lines)")
+    return data
+
+
+def _short(value, n=40):
+    text = repr(value)
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def resolve_yaml(data, where):
+    """``data`` (plain or OmegaConf) with OmegaConf's interpolations (``${key}``, ``${oc.env:NAME}``, ...)
+    resolved, as plain dicts and lists; a broken interpolation is a :class:`ConfigError` naming ``where``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        node = data if type(data).__module__.startswith("omegaconf") else OmegaConf.create(data)
+        return OmegaConf.to_container(node, resolve=True)
+    except (OmegaConfBaseException, ValueError, TypeError, KeyError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{where}: {first}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# what a config may build
+# --------------------------------------------------------------------------------------------------
+
 def _untrusted(target, why=""):
     allowed = ", ".join(sorted(ALLOWED_TARGETS))
     return UntrustedConfigError(
-        f"the config names target '{target}'{why}, which is neither part of this package (ldm.*) nor one of "
-        f"the allowed library classes ({allowed}). A config is code: building it calls every target it "
+        f"the config names target '{target}'{why}, which is neither a model class of this package (ldm.*) nor one "
+        f"of the allowed library classes ({allowed}). A config is code: building it calls every target it "
         "names. If you trust this config, pass --trust_config (Python API: trust=True)")
+
+
+def _is_buildable_class(obj):
+    """A class this package defines for configs to build: a torch module, a dataset or a learning-rate schedule
+    (never a function: ``instantiate_from_config`` or ``get_obj_from_str`` would build anything)."""
+    if not isinstance(obj, type):
+        return False
+    import torch
+    return (issubclass(obj, (torch.nn.Module, torch.utils.data.Dataset))
+            or getattr(obj, "__module__", "") == "ldm.lr_scheduler")
 
 
 def check_config_target(target, obj=None):
     """Raise :class:`UntrustedConfigError` unless ``target`` (a dotted path) may be built without trust.
 
-    ``obj``, the resolved object, must then also be defined inside the package (so that a name such as
-    ``ldm.some_module.os`` cannot reach a library object imported there)."""
+    Allowed: the classes of :data:`ALLOWED_TARGETS`, and the torch modules, datasets and learning-rate schedules
+    defined inside this package. The object is looked up (``obj``, or imported here: only modules of this package
+    are imported) and must be such a class defined inside the package, so that neither a function
+    (``ldm.util.instantiate_from_config``) nor a library object imported into a module (``ldm.inference.Path``)
+    passes for one."""
     if _TRUSTED.get():
         return
-    target = str(target)
-    if target in ALLOWED_TARGETS:
+    if not isinstance(target, str):
+        raise _untrusted(_short(target), f" (a {_kind(target)}, not a dotted name)")
+    if target in ALLOWED_TARGETS:  # exact names of fixed library classes
         return
-    if not target.startswith(ALLOWED_TARGET_PREFIXES):
+    if not target.startswith(ALLOWED_TARGET_PREFIXES) or not re.fullmatch(r"[A-Za-z_][\w.]*", target) \
+            or ".." in target or target.endswith("."):
         raise _untrusted(target)
-    if obj is not None:
-        module = getattr(obj, "__module__", None) or ""
-        if not module.startswith(ALLOWED_TARGET_PREFIXES):
-            raise _untrusted(target, f" (an object from {module or 'outside the package'})")
+    if obj is None:
+        try:
+            obj = get_obj_from_str(target)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise UntrustedConfigError(f"the config names target '{target}', which cannot be found ({err})") from None
+    module = getattr(obj, "__module__", None) or ""
+    if not module.startswith(ALLOWED_TARGET_PREFIXES):
+        raise _untrusted(target, f" (an object from {module or 'outside the package'})")
+    if not _is_buildable_class(obj):
+        what = "a function" if callable(obj) and not isinstance(obj, type) else (
+            "a class that is no model, dataset or schedule" if isinstance(obj, type) else f"a {type(obj).__name__}")
+        raise _untrusted(target, f" ({what})")
+
+
+def _check_plain_config(node, where="", path="config"):
+    """Walk plain (resolved) config data: every target key, any ``trust`` key, leftover interpolations."""
+    stack = [(node, path)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, Mapping):
+            for key in TARGET_KEYS:
+                if key in node:
+                    try:
+                        check_config_target(node[key])
+                    except UntrustedConfigError as err:
+                        raise type(err)(f"{where}{err} (at {at}.{key})") from None
+            if "trust" in node:
+                raise UntrustedConfigError(
+                    f"{where}{at}.trust: a config cannot switch trust on; only the caller can (--trust_config, "
+                    "Python API trust=True)")
+            stack.extend(reversed([(v, f"{at}.{k}") for k, v in node.items()]))  # in file order
+        elif isinstance(node, (list, tuple)):
+            stack.extend(reversed([(v, f"{at}[{i}]") for i, v in enumerate(node)]))
+        elif isinstance(node, str) and "${" in node:
+            raise UntrustedConfigError(
+                f"{where}{at}: the value {_short(node)} still holds an interpolation after the config's "
+                "interpolations were resolved (an escaped \\${...}?); it would be resolved again when the model is "
+                "built. If you trust this config, pass --trust_config (Python API: trust=True)")
 
 
 def check_config_targets(config, trust=False):
-    """Check every ``target`` in a (nested) config before anything is built; ``trust=True`` skips it."""
-    if trust or _TRUSTED.get():
-        return
-    if type(config).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-        config = OmegaConf.to_container(config, resolve=False)
-    stack = [config]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Mapping):
-            target = node.get("target")
-            if isinstance(target, str):
-                check_config_target(target)
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
+    """Check every target in a (nested) config before anything is built; ``trust=True`` skips it.
+
+    The config is checked as it will be built: with its interpolations resolved (``${key}``, ``${oc.env:X}``), so
+    a target cannot hide in a reference to another part of the file. Prefer :func:`checked_config`, which also
+    returns that resolved config to build from."""
+    checked_config(config, trust=trust)
+
+
+def checked_config(config, trust=False, where=None):
+    """``config`` (a dict or an OmegaConf node, whole file or a part) resolved and checked: a new ``DictConfig``
+    without interpolations, so that what was checked is exactly what gets built.
+
+    Unless ``trust`` (or inside :func:`trusted_configs`) every target key anywhere in it must pass
+    :func:`check_config_target`, no mapping may hold a ``trust`` key and no value may still hold ``${``."""
+    from omegaconf import OmegaConf
+    prefix = f"{where}: " if where else ""
+    plain = resolve_yaml(config, where or "config")
+    if not (trust or _TRUSTED.get()):
+        _check_plain_config(plain, prefix)
+    return OmegaConf.create(plain)
+
+
+def load_config_file(path, trust=False, flag=None, what="config", require_model=True):
+    """The one way to read a model config file: read strictly (:func:`read_yaml_mapping`), interpolations resolved,
+    every target checked (:func:`checked_config`); returns a ``DictConfig``. With ``require_model`` the file must
+    have a ``model:`` mapping with a ``target`` (and ``params``, if given, a mapping), as every model config does.
+    Errors are :class:`ConfigError` (a :class:`~ldm.inference.UsageError`) naming the file (after ``flag``, e.g.
+    ``--config``, if given)."""
+    where = f"{flag} {path}" if flag else str(path)
+    config = checked_config(read_yaml_mapping(path, what, flag), trust=trust, where=where)
+    if require_model:
+        model = config.get("model")
+        shape = "model: {target: ..., params: {...}} (as configs/stable-diffusion/*.yaml)"
+        if model is None:
+            raise ConfigError(f"{where}: no model: section (top-level keys: {sorted(map(str, config))}); a model "
+                              f"{what} has {shape}")
+        if not isinstance(model, Mapping):
+            raise ConfigError(f"{where}: model: is a {_kind(model)} ({_short(model)}); it must be {shape}")
+        if not isinstance(model.get("target"), str):
+            raise ConfigError(f"{where}: model: has no target (the class to build); it must be {shape}")
+        if model.get("params") is not None and not isinstance(model.get("params"), Mapping):
+            raise ConfigError(f"{where}: model.params is a {_kind(model.get('params'))}; it must be a mapping")
+    return config
 
 
 def get_obj_from_str(string, reload=False):
@@ -89,9 +354,10 @@ def get_obj_from_str(string, reload=False):
 def instantiate_from_config(config, *, trust=False, **extra_kwargs):
     """Build ``config.target(**config.params)``, the CompVis way every YAML names its classes.
 
-    Targets outside ``ldm.*`` and :data:`ALLOWED_TARGETS` raise :class:`UntrustedConfigError` unless
-    ``trust=True`` (which also covers the nested configs the constructors build) or the call happens
-    inside :func:`trusted_configs`."""
+    Targets other than this package's model classes and :data:`ALLOWED_TARGETS` raise
+    :class:`UntrustedConfigError` unless ``trust=True`` (which also covers the nested configs the constructors
+    build) or the call happens inside :func:`trusted_configs`; so does a ``trust`` key among the params (only the
+    caller's code can switch trust on)."""
     if trust:
         with trusted_configs():
             return instantiate_from_config(config, **extra_kwargs)
@@ -103,6 +369,9 @@ def instantiate_from_config(config, *, trust=False, **extra_kwargs):
     target = config["target"]
     check_config_target(target)
     params = dict(config.get("params", dict()) or {})
+    if "trust" in params and not _TRUSTED.get():
+        raise UntrustedConfigError(f"the config of target '{target}' has a params.trust key: a config cannot switch "
+                                   "trust on; only the caller can (--trust_config, Python API trust=True)")
     params.update(extra_kwargs)
     obj = get_obj_from_str(target)
     check_config_target(target, obj)
@@ -152,19 +421,58 @@ class no_weight_init:
         return False
 
 
-def load_yaml_preset(path, known_keys, what, folder, error=ValueError):
-    """A method preset (plain YAML data, no targets) as a dict with ``_path``; a missing file or an unknown key
-    raises ``error`` naming the file, the key and the keys that are known."""
-    from pathlib import Path
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-    from omegaconf import OmegaConf
+
+def _non_negative_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _stage_list(v):
+    return (isinstance(v, list) and len(v) >= 1
+            and all(isinstance(s, list) and len(s) == 2 and all(_positive_int(x) for x in s) for s in v))
+
+
+# value rules for the keys the method presets share (ScaleCrafter, FreeScale, FouriScale): key -> (test, wanted);
+# None (a key written without a value, or ``null``) always passes: the loaders take it as "the default"
+PRESET_VALUE_RULES = {
+    **{k: (_positive_int, "a positive integer") for k in ("height", "width", "base", "steps")},
+    **{k: (_non_negative_int, "an integer >= 0") for k in (
+        "dilate_tau", "ndcfg_tau", "disperse_tau", "inflate_tau", "restart_step", "start_step", "stop_step")},
+    **{k: (_number, "a number") for k in ("scale", "cosine_scale", "cosine_scale_bg", "stopband", "weak_dilation_div")},
+    "eta": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "stages": (_stage_list, "a list of [height, width] pairs of positive integers"),
+    **{k: (lambda v: isinstance(v, bool), "true or false") for k in ("progressive", "fast_mode")},
+    **{k: (lambda v: isinstance(v, str), "a string") for k in (
+        "method", "base_model", "dilate_settings", "ndcfg_dilate_settings", "disperse_settings", "notes")},
+}
+
+
+def load_yaml_preset(path, known_keys, what, folder, error=ValueError):
+    """A method preset (plain YAML data, no targets) as a dict with ``_path``.
+
+    A missing or unreadable file, a YAML error (syntax, duplicate key, ``!!python`` tag), a top level that is not a
+    mapping, an unknown key or a value of the wrong type or range (:data:`PRESET_VALUE_RULES`, e.g. ``base: 0``)
+    raises ``error`` with a one-line message naming the file (and the key, or the line)."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} preset not found: {path} (presets are in {folder})")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
-    unknown = set(cfg) - set(known_keys)
+    try:
+        cfg = resolve_yaml(read_yaml_mapping(path, f"{what} preset"), str(path))
+    except ConfigError as err:
+        raise error(str(err)) from None
+    unknown = {str(k) for k in cfg} - set(known_keys)
     if unknown:
         raise error(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known_keys)}")
+    for key, value in cfg.items():
+        rule = PRESET_VALUE_RULES.get(key)
+        if rule is not None and value is not None and not rule[0](value):
+            raise error(f"{path}: {key}: {_short(value)} is not {rule[1]}")
     cfg["_path"] = path
     return cfg
 

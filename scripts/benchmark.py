@@ -45,9 +45,9 @@ def machine_description(device):
 
 
 def build_unet(device, dtype, config=None):
-    from omegaconf import OmegaConf
+    from ldm.util import load_config_file
     from ldm.util import instantiate_from_config
-    cfg = OmegaConf.load(config or CONFIGS["sd2"]).model.params.unet_config
+    cfg = load_config_file(config or CONFIGS["sd2"]).model.params.unet_config
     cfg.params.use_checkpoint = False
     import torch
     from ldm.util import no_weight_init
@@ -215,8 +215,8 @@ def pipeline_size(args):
     """The preset named by ``args.preset`` (or None) and the image size (H, W): ``--size``, else the preset's."""
     preset = None
     if args.preset:
-        from omegaconf import OmegaConf
-        if OmegaConf.load(args.preset).get("method") == "freescale":
+        from ldm.util import read_yaml_mapping
+        if read_yaml_mapping(args.preset, "preset", "--preset").get("method") == "freescale":
             from ldm.methods.freescale.presets import load_preset
         else:
             from ldm.methods.scalecrafter.presets import load_preset
@@ -291,7 +291,7 @@ def tiling_options(args, **extra):
 
 def run_pipeline(args):
     import torch
-    from omegaconf import OmegaConf
+    from ldm.util import load_config_file
     from ldm.inference import cast_for_half_precision
     from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.util import instantiate_from_config, no_weight_init
@@ -301,7 +301,7 @@ def run_pipeline(args):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2 ** 30 / total),
                                                 torch.cuda.current_device())
-    config = OmegaConf.load(args.config)
+    config = load_config_file(args.config, flag="--config")
     preset, H, W = pipeline_size(args)
     t0 = time.perf_counter()
     with no_weight_init():
@@ -390,14 +390,14 @@ def simulate_pipeline(args):
     """The run of ``run_pipeline`` on fake CUDA tensors: estimated peak GPU memory per phase, no GPU needed."""
     import numpy as np
     import torch
-    from omegaconf import OmegaConf
+    from ldm.util import load_config_file
     from tools.fake_cuda import FakeCuda, cast_parameters_, fused_attention, unset_fake_temporarily
     from ldm.inference import cast_for_half_precision
     from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.modules.diffusionmodules.util import make_beta_schedule
     from ldm.modules.tiled_vae import default_device_budget
     from ldm.util import get_obj_from_str, instantiate_from_config, no_weight_init
-    config = OmegaConf.load(args.config)
+    config = load_config_file(args.config, flag="--config")
     preset, H, W = pipeline_size(args)
     cap = (args.cap_gib or 24.0) * 2 ** 30  # the card the decode's device budget is computed for
     built_betas = []
@@ -638,15 +638,16 @@ def methods_table(args):
     import tempfile
     import torch
     from omegaconf import OmegaConf
+
+    from ldm.util import load_config_file
     if args.threads:
         torch.set_num_threads(args.threads)
     from ldm import methods as registry
     from ldm.checkpoint import load_model_from_config
     from ldm.pipelines import txt2img
     cuda = args.device == "cuda"
-    device = torch.device(args.device)
     H, W = (args.size[0], args.size[0]) if len(args.size) == 1 else args.size[:2]
-    config = OmegaConf.load(args.config)
+    config = load_config_file(args.config, flag="--config")
     family = txt2img.model_family(config)
     prefix = {"sdxl": "sdxl", "sd2": "sd2.1", "sd1": "sd1.5"}.get(family, family)
     counter = {"evals": 0, "area": 0, "sampling_s": 0.0}
@@ -820,6 +821,15 @@ def main(argv=None):
     if argv[:1] == ["_child"]:  # internal: one measurement in its own process (not listed in --help)
         return measure_once(child_parser().parse_args(argv[1:]))
     args = p.parse_args(argv)
+    from ldm.inference import UsageError
+    try:
+        return run_command(args)
+    except UsageError as err:  # a config or preset that cannot be read or is refused: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_command(args):
     if args.cmd == "dispersion-layers":
         return dispersion_layers(args)
     if args.cmd == "methods":
@@ -852,4 +862,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rc = main()  # the commands return their results (dicts) to Python callers; errors return 2
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -56,9 +56,8 @@ def structured_latent(h, w, seed=0):
 
 def build_vae(device, dtype):
     import torch
-    from omegaconf import OmegaConf
-    from ldm.util import instantiate_from_config
-    cfg = OmegaConf.load(CONFIG).model.params.first_stage_config
+    from ldm.util import instantiate_from_config, load_config_file
+    cfg = load_config_file(CONFIG).model.params.first_stage_config
     torch.manual_seed(0)
     vae = instantiate_from_config(cfg).eval()
     return vae.to(device=device, dtype=dtype)
@@ -210,10 +209,9 @@ def simulate(args):
     card = args.card_gib * 2 ** 30
     rows = []
     with FakeCuda() as fc, torch.no_grad():
-        from omegaconf import OmegaConf
-        from ldm.util import instantiate_from_config
+        from ldm.util import instantiate_from_config, load_config_file
         with torch.device("cuda"):  # Module.to cannot move fake tensors: build in place
-            vae = instantiate_from_config(OmegaConf.load(CONFIG).model.params.first_stage_config).eval()
+            vae = instantiate_from_config(load_config_file(CONFIG).model.params.first_stage_config).eval()
         cast_parameters_(vae, torch.float16)
         fc.count_existing(vae)
         weights = fc.current_bytes

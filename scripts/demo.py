@@ -26,13 +26,14 @@ from PIL import Image  # noqa: E402
 
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.evaluation.repetition import count_objects  # noqa: E402
-from ldm.inference import UsageError, pick_device, save_png  # noqa: E402
+from ldm.inference import UsageError, check_seed, pick_device, save_png, seed_arg  # noqa: E402
 from ldm.pipelines.demo import (DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_CAPTIONS, ETA, SCALE, SETTINGS, STEPS,  # noqa: E402
                                 comparison_grid, load_demo_model, sample_images)
 
 
 def run(opt):
     t_start = time.time()
+    check_seed(opt.seed, "--seed", count=opt.n)  # sample i uses seed + i: all of them in range, before loading
     torch.set_num_threads(opt.threads)
     device = pick_device(opt.device)
     model = load_demo_model(opt.config, opt.ckpt, device, trust=opt.trust_config)
@@ -78,7 +79,7 @@ def build_parser():
                    help="allow config targets outside this package (ldm.*); a config is code, like a pickle")
     p.add_argument("--outdir", default="outputs/demo")
     p.add_argument("--n", type=int, default=4, help="samples (columns) per setting")
-    p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed + i")
+    p.add_argument("--seed", type=seed_arg, default=0, help="first seed; sample i uses seed + i")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--ddim_eta", type=float, default=ETA)
     p.add_argument("--scale", type=float, default=SCALE)

@@ -16,14 +16,16 @@ import os
 import sys
 import warnings
 
-try:
-    import ldm.evaluation  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# this checkout's package first (as the other scripts do): scripts/ and ldm/ of one checkout belong together, even
+# where another checkout is installed with `pip install -e .`
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
 
 from ldm.evaluation.evaluate import ALL_METRICS, evaluate_folders, format_table, parse_metrics  # noqa: E402
 from ldm.evaluation.inception import WEIGHTS_ENV, InceptionWeightsError  # noqa: E402
 from ldm.evaluation.metrics import EvalError  # noqa: E402
+from ldm.inference import UsageError, seed_arg  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(ALL_METRICS)} (or 'all')")
     p.add_argument("--crop", type=int, default=299, help="pFID/pKID crop size in pixels, taken at native resolution")
     p.add_argument("--crops_per_image", type=int, default=1, help="random crops per image for pFID/pKID")
-    p.add_argument("--seed", type=int, default=0, help="seed of the crop positions and of the KID subsets")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the crop positions and of the KID subsets")
     p.add_argument("--kid_subsets", type=int, default=100, help="number of KID subsets")
     p.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size")
     p.add_argument("--inception_weights", default=None,
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
                 kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                 cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet,
                 strict=args.strict)
-    except (EvalError, InceptionWeightsError) as e:
+    except (EvalError, InceptionWeightsError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

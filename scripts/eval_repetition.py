@@ -37,7 +37,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.pipelines import demo  # noqa: E402  (model loading, sampling, grid)
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation import repetition  # noqa: E402
-from ldm.inference import pick_device  # noqa: E402
+from ldm.inference import pick_device, seed_arg  # noqa: E402
+from ldm.util import read_yaml_mapping  # noqa: E402
 
 TARGETS = {"native_one": 0.90, "direct2x_multi": 0.50, "cure_factor": 0.5}
 DEFAULT_OUT, DEFAULT_GRID = "outputs/demo_results/demo_results.md", "outputs/demo_results/demo_grid.png"
@@ -83,7 +84,7 @@ def describe_preset(path):
                 "40 %/70 % of the steps) on low-pass filtered inputs, progressive, guided by the weakly filtered branch")
     if path == "method:attn_scale":
         return "attention scaling (no self-attention in this model: direct sampling)"
-    cfg = OmegaConf.load(demo.repo_path(path))
+    cfg = OmegaConf.create(read_yaml_mapping(demo.repo_path(path), "preset"))
     if cfg.get("method") == "freescale":
         stages = " -> ".join(f"{h}x{w}" for h, w in cfg.stages)
         return (f"`{path}`: FreeScale self-cascade {stages}, restart at 30 % of the steps, skip residual "
@@ -138,7 +139,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=64, help="seeds per setting")
     p.add_argument("--n_large", type=int, default=32,
                    help="seeds per setting above 64x64 (each 128x128 sample costs 16 native ones on a CPU)")
-    p.add_argument("--seed", type=int, default=1000, help="first seed (sample i uses seed + i)")
+    p.add_argument("--seed", type=seed_arg, default=1000, help="first seed (sample i uses seed + i)")
     p.add_argument("--settings", nargs="*", default=None,
                    help="subset of: " + ", ".join(k for k, *_ in demo.SETTINGS + demo.COMPARISON_SETTINGS)
                         + " (default: the demo's settings, " + ", ".join(k for k, *_ in demo.SETTINGS) + ")")

@@ -38,9 +38,8 @@ def structured_latent(h, w, seed=0):
 
 
 def build_vae(ckpt=None):
-    from omegaconf import OmegaConf
-    from ldm.util import instantiate_from_config
-    cfg = OmegaConf.load(CONFIG).model.params.first_stage_config
+    from ldm.util import instantiate_from_config, load_config_file
+    cfg = load_config_file(CONFIG).model.params.first_stage_config
     torch.manual_seed(0)
     vae = instantiate_from_config(cfg).eval()
     if ckpt:
@@ -79,7 +78,8 @@ def main(argv=None):
     vae = build_vae(args.ckpt)
     with torch.no_grad():
         if args.image:
-            img = Image.open(args.image).convert("RGB")
+            from ldm.image_io import read_rgb
+            img = read_rgb(args.image, "--image")
             img = img.resize((img.width // 8 * 8, img.height // 8 * 8))
             x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
             z = vae.encode_tiled(x, tile_size=64).mode()

@@ -32,6 +32,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from ldm.image_io import ImageReadError, image_size, list_files, read_rgb  # noqa: E402
+from ldm.inference import seed_arg  # noqa: E402
+
 CAPTION_COLUMNS = ("caption", "text", "prompt", "TEXT", "captions")
 PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "local_path", "file", "filename", "image")
 WIDTH_COLUMNS = ("width", "WIDTH", "original_width", "w")
@@ -165,11 +172,10 @@ def _process(job) -> Tuple[int, str, Optional[Tuple[int, int]]]:
     """Worker: open, check, resize/crop and save one candidate to a temporary file."""
     cand, src, dst, width, height, fmt = job
     try:
-        with Image.open(src) as im:
-            size = im.size
-            if size[0] < width or size[1] < height:
-                return cand, f"too small ({size[0]}x{size[1]})", size
-            rgb = im.convert("RGB")
+        size = image_size(src)  # as read_rgb returns the image (EXIF orientation applied)
+        if size[0] < width or size[1] < height:
+            return cand, f"too small ({size[0]}x{size[1]})", size
+        rgb = read_rgb(src)  # 16-bit, transparency (over white), CMYK, EXIF orientation: ldm/image_io.py
         out = resize_center_crop(rgb, width, height)
         if fmt == "png":
             out.save(dst, format="PNG")
@@ -178,15 +184,16 @@ def _process(job) -> Tuple[int, str, Optional[Tuple[int, int]]]:
         return cand, "", size
     except FileNotFoundError:
         return cand, "missing file", None
+    except ImageReadError as e:
+        return cand, "missing file" if not os.path.exists(src) else f"unreadable ({e})", None
     except Exception as e:
         return cand, f"unreadable ({type(e).__name__}: {e})", None
 
 
 def _index_by_name(root: Path) -> Dict[str, str]:
     index: Dict[str, str] = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            index.setdefault(name, os.path.join(dirpath, name))
+    for rel in list_files(root):  # the package's one folder walker (links followed, no loops, no duplicates)
+        index.setdefault(rel.rsplit("/", 1)[-1], os.path.join(root, rel))
     return index
 
 
@@ -214,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--H", type=int, default=None, help="target height")
     p.add_argument("--W", type=int, default=None, help="target width")
     p.add_argument("--n", type=int, default=10000, help="number of images/prompts to select")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--seed", type=seed_arg, default=0, help="shuffle seed")
     p.add_argument("--outdir", required=True, help="output folder")
     p.add_argument("--prompts", default=None, help="prompt file (default: <outdir>/prompts.txt)")
     p.add_argument("--ref_dir", default=None, help="reference image folder (default: <outdir>/reference)")
@@ -236,7 +243,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    Image.MAX_IMAGE_PIXELS = None  # local LAION originals can be very large; they are trusted files
+    # local LAION originals can be very large (trusted files): PIL's own limit off, ldm.image_io.MAX_PIXELS applies
+    Image.MAX_IMAGE_PIXELS = None
     H = args.H or args.resolution
     W = args.W or args.resolution
     if not H or not W:

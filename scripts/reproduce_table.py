@@ -48,6 +48,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from ldm.evaluation import tables  # noqa: E402
 from ldm.evaluation.metrics import EvalError  # noqa: E402
+from ldm.inference import UsageError, seed_arg  # noqa: E402
 
 STOP_AFTER_ENV = "SCALECRAFTER_TABLE_STOP_AFTER"  # test hook: stop after N sampling jobs ran in this invocation
 RUN_ID_ENV = "SCALECRAFTER_TABLE_RUN_ID"           # shared by the processes of one launch (torchrun ranks)
@@ -528,7 +529,7 @@ def build_parser():
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
     p.add_argument("--kid_subsets", type=int, default=100, help="KID subsets")
     p.add_argument("--kid_subset_size", type=int, default=1000, help="KID subset size (reduced to the set size)")
-    p.add_argument("--metric_seed", type=int, default=0, help="seed of the KID subsets")
+    p.add_argument("--metric_seed", type=seed_arg, default=0, help="seed of the KID subsets")
     p.add_argument("--write-docs", dest="write_docs", default=None, metavar="MD",
                    help="also write the table into MD between <!-- table:NAME --> markers (e.g. docs/tables.md)")
     p.add_argument("--run-job", dest="run_job", default=None, help=argparse.SUPPRESS)
@@ -651,7 +652,7 @@ def main(argv=None) -> int:
         log(f"wrote {out / 'table.md'}, table.csv, table.json ({len(executed)} sampling job(s) run now, "
             f"{len(p.jobs) - len(executed)} already complete; {wall / 60:.1f} min)")
         return 0
-    except (tables.SpecError, EvalError) as err:
+    except (tables.SpecError, EvalError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # a sampling job failed (its own message is above)

@@ -40,6 +40,25 @@ def packed_4bit_state_dict(w):
     return sd
 
 
+def ulps_apart(actual, expected):
+    """|actual - expected| elementwise in units in the last place (ulp) of ``expected`` in its own dtype (float32
+    or float64), computed in float64: the unit in which the error of floating-point arithmetic is bounded."""
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    mag = expected.abs()
+    ulp = (torch.nextafter(mag, torch.tensor(float("inf"), dtype=mag.dtype)) - mag).double()
+    return (actual.double() - expected.double()).abs() / ulp
+
+
+def assert_within_ulps(actual, expected, max_ulps, what=""):
+    """Every element of ``actual`` within ``max_ulps`` ulp of ``expected`` (see :func:`ulps_apart`)."""
+    d = ulps_apart(actual, expected)
+    bad = d > max_ulps
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {d.numel()} values more than {max_ulps} ulp apart "
+                           f"(worst {float(d.max()):.1f} ulp)")
+
+
 def tiny_sd1_oracle_unet(weights, image_size=None):
     """The tiny SD 1.5-structured UNet of the oracles recorded from diffusers-based releases
     (tests/reference/hidiffusion/tiny_sd1_unet.yaml) with their 4-bit weights; ``image_size`` overrides the

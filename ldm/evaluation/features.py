@@ -33,13 +33,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.image_io import image_size, list_files, read_rgb_array
+
 from .inception import INPUT_SIZE
 from .metrics import EvalError, EvalWarning
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 FEATURE_KINDS = ("pool3", "spatial", "patch_pool3")
 RESIZE_ID = "clean: PIL bicubic per channel in float32 (mode F), clip [0,255], no quantization"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images decoded by ldm.image_io (16-bit, alpha, CMYK, EXIF orientation)
 CACHE_ENV = "SCALECRAFTER_EVAL_CACHE"
 
 
@@ -47,17 +49,13 @@ CACHE_ENV = "SCALECRAFTER_EVAL_CACHE"
 # files
 # --------------------------------------------------------------------------------------------
 def list_image_files(folder) -> List[str]:
-    """Sorted POSIX paths, relative to ``folder``, of all images below it (hidden entries skipped)."""
+    """Sorted POSIX paths, relative to ``folder``, of all images below it (hidden entries skipped), from the one
+    folder walker :func:`ldm.image_io.list_files`: links are followed, each real folder walked once and each real
+    file counted once; a link to a folder containing ``folder`` is not followed (a warning names it)."""
     root = Path(folder)
     if not root.is_dir():
         raise EvalError(f"not a folder: {folder}")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                out.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(out)
+    return list_files(root, IMAGE_EXTENSIONS)
 
 
 def folder_fingerprint(folder, relpaths: Sequence[str]) -> str:
@@ -71,9 +69,9 @@ def folder_fingerprint(folder, relpaths: Sequence[str]) -> str:
 
 
 def load_rgb(path) -> np.ndarray:
-    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array (alpha dropped, palette expanded)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array with the package's one reader
+    (:func:`ldm.image_io.read_rgb_array`: 16-bit scaled, transparency over white, CMYK, EXIF orientation)."""
+    return read_rgb_array(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,8 +230,7 @@ def _scan(root: str, relpaths: Sequence[str]):
     infos, bad = [], []
     for rel in relpaths:
         try:
-            with Image.open(os.path.join(root, rel)) as im:
-                w, h = im.size
+            w, h = image_size(os.path.join(root, rel))  # as load_rgb returns it (EXIF orientation)
             infos.append((rel, w, h))
         except Exception as e:
             bad.append((rel, f"{type(e).__name__}: {e}"))

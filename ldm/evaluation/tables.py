@@ -379,14 +379,14 @@ def _columns(value, where, references) -> List[Column]:
 
 def load_spec(path) -> Spec:
     """Read and check a table spec (everything that does not need ``txt2img.py``; see :func:`check_spec`)."""
-    import yaml
+    from ldm.util import ConfigError, read_yaml_mapping
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"table spec not found: {path} (the specs are in configs/tables/)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    try:  # one line naming the file (and line): syntax errors, duplicate keys, tags, a top level that is no mapping
+        raw = read_yaml_mapping(path, "table spec")
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
     where = str(path)
     _check_keys(raw, TOP_KEYS, where)
     if ("rows" in raw) == ("tables" in raw):
@@ -395,6 +395,11 @@ def load_spec(path) -> Spec:
     seed = raw.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise SpecError(f"{where}: seed: an integer is required (every row samples the same seeds), got {seed!r}")
+    from ldm.inference import UsageError, check_seed
+    try:
+        check_seed(seed, "seed:")
+    except UsageError as err:
+        raise SpecError(f"{where}: {err}") from None
     sampler = _sampler(raw.get("sampler"), f"{where}: sampler")
     models = {}
     for mname, m in (raw.get("models") or {}).items():
@@ -775,8 +780,11 @@ def base_size(spec: Spec, model: Model) -> Tuple[int, int]:
     size times the first-stage factor (512 for SD 1.x/2.x-base, 1024 for SDXL, 32 for the demo model)."""
     if model.base_size:
         return model.base_size
-    from omegaconf import OmegaConf
-    cfg = OmegaConf.load(_rel(model.config))
+    from ldm.util import ConfigError, load_config_file
+    try:  # read and checked as txt2img.py will (a config it would refuse stops the plan, before any sampling)
+        cfg = load_config_file(_rel(model.config))
+    except ConfigError as err:
+        raise SpecError(f"models.{model.name}: {err}") from None
     params = cfg.model.params
     fs = params.first_stage_config
     f = 2 ** (len(fs.params.ddconfig.ch_mult) - 1) if "ddconfig" in fs.get("params", {}) else 1

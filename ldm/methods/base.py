@@ -81,8 +81,8 @@ class Method:
     @classmethod
     def read_preset(cls, path):
         """The method's preset file as a dict (its own loader and checks where it has one)."""
-        from omegaconf import OmegaConf
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+        from ldm.util import read_yaml_mapping, resolve_yaml
+        return resolve_yaml(read_yaml_mapping(path, "preset"), str(path))
 
     @classmethod
     def check_img2img(cls, opt):

@@ -167,8 +167,10 @@ def read_image_tensor(path, size, device):
     """An image file as (1, 3, h, w) in [-1, 1] at ``size`` = (h, w) pixels (PIL bicubic resize)."""
     import numpy as np
     from PIL import Image
+
+    from ldm.image_io import read_rgb
     h, w = size
-    img = Image.open(path).convert("RGB").resize((w, h), Image.BICUBIC)
+    img = read_rgb(path).resize((w, h), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     return x.to(device)
 
@@ -176,8 +178,9 @@ def read_image_tensor(path, size, device):
 def read_mask_tensor(path, device):
     """A greyscale image as a (1, 1, h, w) mask in [0, 1]."""
     import numpy as np
-    from PIL import Image
-    m = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
+
+    from ldm.image_io import read_rgb
+    m = torch.from_numpy(np.asarray(read_rgb(path).convert("L"), dtype=np.float32) / 255.0)
     return m[None, None].to(device)
 
 

@@ -70,7 +70,7 @@ class SDSR(GuidanceMethod):
     def settings(cls, opt, info, size):
         """The --sr_* files and ranges are checked here, before anything is loaded."""
         check_args(opt, prefix="sr_")
-        load_upscaler_config(opt.sr_config, "--sr_config")
+        load_upscaler_config(opt.sr_config, "--sr_config", trust=opt.trust_config)
         if opt.sr_ckpt is None:
             raise UsageError("--method sdsr needs --sr_ckpt: the x4 upscaler checkpoint (x4-upscaler-ema.ckpt, see "
                              "checkpoints/README.md)")

@@ -10,13 +10,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from ldm.checkpoint import CheckpointError, load_model_from_config
-from ldm.data.shapes import CAPTIONS
-from ldm.evaluation.repetition import count_objects
-from ldm.inference import UsageError, pick_device, save_png
+from ldm.checkpoint import load_model_from_config
+from ldm.inference import UsageError
 from ldm import methods
 from ldm.pipelines import txt2img
 from ldm.samplers import make_sampler
+from ldm.util import load_config_file, read_yaml_mapping
 
 DEFAULT_CONFIG = "configs/demo/shapes32.yaml"
 DEFAULT_CKPT = "checkpoints/demo/shapes32.ckpt"
@@ -60,7 +59,7 @@ def load_demo_model(config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device="cpu", trus
     config_path, ckpt_path = repo_path(config), repo_path(ckpt)
     if not config_path.is_file():
         raise UsageError(f"config not found: {config_path}")
-    cfg = OmegaConf.load(config_path)
+    cfg = load_config_file(config_path, trust=trust)
     return load_model_from_config(cfg, str(ckpt_path), device=device, config_name=str(config), trust=trust)
 
 
@@ -81,7 +80,7 @@ def setting_argv(preset, side):
             path = repo_path(f"configs/fouriscale/demo_{side}x{side}.yaml")
             extra = ["--fouri_config", str(path)] if path.is_file() else []
         return ["--method", name, *extra]
-    kind = OmegaConf.load(repo_path(preset)).get("method", "scalecrafter")
+    kind = read_yaml_mapping(repo_path(preset), "preset").get("method", "scalecrafter")
     flag = methods.method_class(kind).preset_flag
     return ["--method", kind, flag, str(repo_path(preset))]
 
@@ -91,7 +90,8 @@ def demo_method(model, preset, side, steps, eta, scale):
     opt = txt2img.build_parser().parse_args(
         setting_argv(preset, side) + ["--H", str(side), "--W", str(side), "--steps", str(steps), "--ddim_eta",
                                       str(eta), "--scale", str(scale), "--seed", "0"])
-    info = txt2img.model_info(opt, OmegaConf.load(repo_path(DEFAULT_CONFIG)), DEFAULT_CONFIG)
+    info = txt2img.model_info(opt, OmegaConf.create(read_yaml_mapping(repo_path(DEFAULT_CONFIG), "config")),
+                              DEFAULT_CONFIG)
     info.channels, info.base_latent = model.channels, int(model.image_size)
     cls = methods.resolve(opt)
     method = cls(model, cls.settings(opt, info, (side, side)), info, {}, opt)
@@ -122,7 +122,7 @@ def sample_images(model, captions, seeds, side, preset=None, steps=STEPS, eta=ET
         uc = model.get_learned_conditioning([""] * len(caps)) if scale != 1.0 else None
         x_t = initial_noise(sds, model.channels, first_side, device)
         # per-step noise: a generator seeded by the batch's first seed and the size, shared by all methods
-        gen = torch.Generator().manual_seed(1_000_003 * int(sds[0]) + side)
+        gen = torch.Generator().manual_seed((1_000_003 * int(sds[0]) + side) % 2 ** 64)  # torch takes < 2**64
         z, _ = method.sample(sampler, steps, c, uc, scale, batch_size=len(caps), generator=gen, x_T=x_t,
                              jitter_seed=int(sds[0]))
         x = model.decode_first_stage(z)

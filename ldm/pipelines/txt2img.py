@@ -15,21 +15,19 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model_from_config
 from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, chunk,
                            make_grid, next_free_index, pick_device, read_prompt_file, remove_stale_temp_files,
-                           save_png, seed_everything, to_pil)
+                           save_png, seed_arg, seed_everything, to_pil)
 from ldm import methods
 from ldm.methods.base import ModelInfo
 from ldm.pipelines import sweep as sweep_mode
 from ldm.samplers import make_sampler
 from ldm.upscaler import is_upscaler_config
-from ldm.util import check_config_targets
+from ldm.util import check_config_targets, load_config_file
 
 
 class Interrupted(Exception):
@@ -66,7 +64,7 @@ def build_parser():
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v2-inference.yaml",
                    help="the model's YAML config")
     p.add_argument("--ckpt", type=str, required=False, help="the checkpoint (.ckpt or .safetensors)")
-    p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    p.add_argument("--seed", type=seed_arg, default=42, help="the seed (for reproducible sampling)")
     p.add_argument("--precision", type=str, choices=["full", "autocast", "half"], default="autocast",
                    help="autocast: fp16/bf16 autocast on CUDA; half: also store the UNet and text encoder weights "
                         "in that dtype (VAE stays float32; what 4096x4096 SDXL needs on 24 GB). "
@@ -202,7 +200,7 @@ def load_config(opt):
     config_path = Path(opt.config)
     if not config_path.is_file():
         raise UsageError(f"--config {opt.config}: no such file (the original configs are in configs/stable-diffusion/)")
-    config = OmegaConf.load(config_path)
+    config = load_config_file(config_path, trust=opt.trust_config, flag="--config")
     try:
         check_config_targets(config.model if "model" in config else config, trust=opt.trust_config)
     except UsageError as err:

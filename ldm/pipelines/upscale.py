@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_from_config
 from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, next_free_index,
-                           pick_device, remove_stale_temp_files, save_png, seed_everything, to_pil)
+                           numpy_seed_arg, pick_device, remove_stale_temp_files, save_png, seed_everything, to_pil)
 from ldm import methods, upscaler as upscaling
 from ldm.methods.cascade import CascadeMethod, encode_image, read_image_tensor
 from ldm.pipelines import txt2img
@@ -48,7 +48,7 @@ def build_parser():
     p.add_argument("--config", type=str, default=upscaling.UPSCALER_CONFIG, help="the upscaler's YAML config")
     p.add_argument("--ckpt", type=str, default=None, help="the upscaler checkpoint (x4-upscaler-ema.ckpt)")
     p.add_argument("--outdir", type=str, default="outputs/upscale-samples", help="where to write results")
-    p.add_argument("--seed", type=int, default=42, help="the seed (the same for every input image)")
+    p.add_argument("--seed", type=numpy_seed_arg, default=42, help="the seed (the same for every input image)")
     p.add_argument("--n_samples", type=int, default=1, help="upscaled versions per input image (one batch)")
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
                    help="autocast: fp16/bf16 autocast of the UNet on CUDA (the VAE always decodes in float32); "
@@ -105,18 +105,14 @@ def output_size(opt, h, w, factor):
 
 def load_image(path):
     """An RGB image file as a (1, 3, h, w) tensor in [-1, 1] (as the original demo scripts prepare it)."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise UsageError(f"--image {path}: not an image PIL can read ({err})") from None
+    from ldm.image_io import read_rgb_array
+    arr = read_rgb_array(path, "--image")  # ImageReadError (a UsageError) naming the file
     return torch.from_numpy(arr).to(torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
 
 
 def run(opt):
     check_options(opt)
-    upscaling.load_upscaler_config(opt.config)  # an upscaler config? (before minutes of loading)
+    upscaling.load_upscaler_config(opt.config, trust=opt.trust_config)  # an upscaler config? (before minutes of loading)
     if opt.ckpt is None:
         raise UsageError("--ckpt is required: the x4 upscaler checkpoint (x4-upscaler-ema.ckpt, see "
                          "checkpoints/README.md)")
@@ -266,14 +262,9 @@ def check_img2img_options(opt, parser):
 
 def read_image_info(path):
     """(height, width, sha256 hex) of an image file."""
-    from PIL import Image, UnidentifiedImageError
+    from ldm.image_io import read_rgb_array
+    h, w = read_rgb_array(path, "--image").shape[:2]  # every pixel decoded: a broken file fails here, by name
     data = Path(path).read_bytes()
-    try:
-        with Image.open(path) as im:
-            im.load()
-            w, h = im.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise UsageError(f"--image {path}: not an image PIL can read ({err})") from None
     return h, w, hashlib.sha256(data).hexdigest()
 
 
