@@ -460,7 +460,8 @@ def upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", choices=method_names(), default="sr", help=method_help())
-    x4 = pre.parse_known_args(argv)[0].method == "sr"  # the x4 upscaler, else image-to-image with a method
+    chosen = pre.parse_known_args(argv)[0].method
+    x4 = chosen == "sr"  # the x4 upscaler (not a registered method), else image-to-image with a method
     parser = build_parser() if x4 else build_img2img_parser()
     opt = parser.parse_args(argv)
     with warnings.catch_warnings():
