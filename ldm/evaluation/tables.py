@@ -1622,7 +1622,7 @@ def _direct_seconds(spec: Spec, job, depth: int) -> Optional[Dict]:
     proxy = SimpleNamespace(model=job.model, H=job.H, W=job.W, method="direct", preset=None, role="row", rows=[])
     for t in spec.tables:
         for r in t.rows:
-            if r.method == "direct" and r.model == job.model.name and (r.H, r.W) == (job.H, job.W):
+            if (r.method, r.model, r.H, r.W) == ("direct", job.model.name, job.H, job.W):
                 proxy.rows.append(r.qid)
     return _job_seconds(spec, proxy, depth)
 
