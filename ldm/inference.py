@@ -241,3 +241,47 @@ def make_grid(images, n_rows):
         r, c = divmod(i, cols)
         grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+# ----------------------------------------------------------------------------------------------------------
+# memory (--lowvram, --sequential_offload; ldm/memory.py)
+
+
+def add_memory_args(parser):
+    """The low-memory options shared by scripts/txt2img.py and scripts/upscale.py."""
+    g = parser.add_argument_group("memory (the VAE decodes in one piece or in tiles, whichever fits the free memory)")
+    g.add_argument("--lowvram", action="store_true",
+                   help="keep the text encoders in host memory except while prompts are encoded (by default they "
+                        "leave the GPU only when the sampling would not fit beside them)")
+    g.add_argument("--sequential_offload", action="store_true",
+                   help="keep the UNet's weights in host memory and copy each top-level block to the GPU for its "
+                        "own forward only (slow: every step copies the whole UNet; for cards smaller than the "
+                        "weights)")
+    return g
+
+
+def memory_scope(opt, model, device, latent_hw, batch, log=print):
+    """A context for the sampling loop: the text encoders in host memory (``--lowvram``, or on CUDA when the
+    UNet's activation estimate for ``batch`` latents of ``latent_hw`` (``ldm/modules/unet_memory.py``) does not fit
+    the free memory beside them), the UNet's blocks offloaded (``--sequential_offload``). On the CPU the host
+    is the device: the flags change nothing there but are applied (tests count the moves)."""
+    from contextlib import ExitStack
+    from ldm import memory
+    stack = ExitStack()
+    lowvram = getattr(opt, "lowvram", False)
+    encoders = memory.text_encoders(model)
+    if not lowvram and encoders and torch.device(device).type == "cuda":
+        from ldm.modules.unet_memory import unet_peak_bytes
+        unet = model.model.diffusion_model
+        e = 4 if next(unet.parameters()).dtype == torch.float32 and opt.precision == "full" else 2
+        need = unet_peak_bytes(unet, latent_hw, 2 * batch, e) * 1.1 + 768 * 2 ** 20
+        avail = memory.available_bytes(device)
+        if avail is not None and need > avail:
+            lowvram = True
+            log(f"the sampling needs about {need / 2 ** 30:.1f} GiB and {avail / 2 ** 30:.1f} GiB are free: the text "
+                "encoders wait in host memory except while prompts are encoded (as with --lowvram)")
+    if lowvram and encoders:
+        stack.enter_context(memory.offload_text_encoders(model, device))
+    if getattr(opt, "sequential_offload", False):
+        stack.enter_context(memory.SequentialOffload(model.model.diffusion_model, device))
+    return stack

@@ -6,6 +6,27 @@ import torch
 from ldm.guidance import classifier_free_guidance
 
 
+def fitting_window_batch(model, requested, window_hw, batch, device):
+    """Windows per UNet call: ``requested``, or as many as the free memory takes when fewer
+    (``ldm.memory.fitting_batch``; one window's share is the UNet's activation estimate for a guided pair of
+    ``batch`` latents of ``window_hw``, ``ldm/modules/unet_memory.py``)."""
+    requested = max(1, int(requested))
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if requested == 1 or unet is None or not hasattr(unet, "input_blocks"):
+        return requested
+    from ldm import memory
+    from ldm.modules.unet_memory import unet_peak_bytes
+    device = torch.device(device)
+    weights = next(unet.parameters(), None)
+    half = (weights is not None and weights.dtype in (torch.float16, torch.bfloat16)) or (
+        device.type == "cuda" and torch.is_autocast_enabled("cuda"))
+    try:
+        per = unet_peak_bytes(unet, window_hw, 2 * batch, 2 if half else 4)
+    except NotImplementedError:
+        return requested
+    return memory.fitting_batch(requested, per, device)
+
+
 def window_starts(size, window, stride):
     """Window starts along one axis: every ``stride``, plus one flush with the end if needed."""
     if size <= window:
@@ -161,8 +182,10 @@ class MultiDiffusionGuidance:
         value = torch.zeros_like(x)
         count = torch.zeros(1, 1, height, width, dtype=x.dtype, device=x.device)
         all_views = views(height, width, self.window, self.stride)
-        for k in range(0, len(all_views), self.window_batch):
-            chunk = all_views[k:k + self.window_batch]
+        wh, ww = all_views[0][1] - all_views[0][0], all_views[0][3] - all_views[0][2]
+        per_call = fitting_window_batch(model, self.window_batch, (wh, ww), b, x.device)
+        for k in range(0, len(all_views), per_call):
+            chunk = all_views[k:k + per_call]
             xs = torch.cat([x[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in chunk])
             out = classifier_free_guidance(model, xs, t.repeat(len(chunk)),
                                            window_conditions(cond, chunk, self.window_conditioning),

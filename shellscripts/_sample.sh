@@ -2,7 +2,10 @@
 #   MODEL     sd2.1 (default), sd1.5 or sdxl (SDXL base 1.0)
 #   CKPT      the checkpoint (default: the original file name in checkpoints/)
 #   CONFIG    the model config (default: the original config of MODEL)
-#   PROMPT, SEED, OUTDIR, FREEU=1 (turn FreeU on), TILED=1 (tiled VAE decoding with synchronized GroupNorm)
+#   PROMPT, SEED, OUTDIR, FREEU=1 (turn FreeU on), TILED=1 (tiled VAE decoding with synchronized GroupNorm;
+#             without it the decoder tiles only when one piece would not fit the free memory)
+#   LOWVRAM=1 --lowvram (text encoders in host memory except while encoding); SEQUENTIAL_OFFLOAD=1 also
+#             --sequential_offload (the UNet's blocks copied to the GPU one at a time: for cards below the weights)
 #   SCALE     guidance scale (default 7.5 for SD, 5.0 for SDXL: the authors' settings)
 #   CORRECTED=1  SDXL only: our corrected presets (*_corrected.yaml) instead of the released ones (default),
 #             see the comments in configs/scalecrafter/sdxl_*.yaml
@@ -27,6 +30,8 @@ PROMPT=${PROMPT:-"A corgi sits on a beach chair on a beautiful beach, with palm 
 EXTRA=()
 [ "${FREEU:-0}" = 1 ] && EXTRA+=(--freeu)
 [ "${TILED:-0}" = 1 ] && EXTRA+=(--tiled_decoding --sync_gn)
+[ "${LOWVRAM:-0}" = 1 ] && EXTRA+=(--lowvram)
+[ "${SEQUENTIAL_OFFLOAD:-0}" = 1 ] && EXTRA+=(--sequential_offload)
 run_preset() {  # $1 = preset name without model prefix, e.g. 1024x1024
   local preset="configs/scalecrafter/${MODEL}_$1${SUFFIX}.yaml"
   if [ ! -f "$preset" ]; then

@@ -38,16 +38,18 @@ def _rounded(nbytes: int) -> int:
 
 
 class LiveCudaBytes(TorchDispatchMode):
-    """Counts the bytes of live CUDA storages created while active (and those registered with ``add``)."""
+    """Counts the bytes of live CUDA storages created while active (and those registered with ``add``).
+    ``device_type="cpu"`` counts real host tensors instead (the tensor memory of a CPU run, measured)."""
 
-    def __init__(self):
+    def __init__(self, device_type="cuda"):
         super().__init__()
+        self.device_type = device_type
         self.current = 0
         self.peak = 0
         self._live = {}  # id(storage) -> bytes; a weakref finalizer removes the entry when it is freed
 
     def add(self, t: torch.Tensor):
-        if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
             return
         st = t.untyped_storage()
         key = id(st)
@@ -85,13 +87,20 @@ def cast_parameters_(module: torch.nn.Module, dtype: torch.dtype):
     return module
 
 
+_MATH_SDPA = torch.nn.functional.scaled_dot_product_attention  # on fake tensors: the math kernel
+
+
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
     """scaled_dot_product_attention through the kernel a Hopper/Ampere GPU would pick, so that the fake run
     allocates what that kernel allocates: flash attention for fp16/bf16 without a mask (head dim a multiple
     of 8, at most 256), memory-efficient attention otherwise. Without this, fake tensors take the math path,
-    which materializes the whole attention matrix (hundreds of GiB at 4096²)."""
+    which materializes the whole attention matrix (hundreds of GiB at 4096²). Like the real dispatcher, inputs
+    whose last dimension is not contiguous (stride ≠ 1) rule out both fused kernels: they take the math path."""
     if kw.get("enable_gqa"):
         raise NotImplementedError("enable_gqa is not simulated")
+    if any(t.stride(-1) != 1 for t in (query, key, value)):
+        return _MATH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale)
     d = query.shape[-1]
     if query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and d % 8 == 0 and d <= 256:
         return torch.ops.aten._scaled_dot_product_flash_attention(

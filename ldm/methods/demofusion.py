@@ -43,7 +43,7 @@ from ldm.guidance import classifier_free_guidance
 from ldm.errors import UsageError
 from ldm.methods.base import Settings
 from ldm.methods.cascade import Cascade, CascadeMethod, check_files, cosine_factor
-from ldm.windows import SDXLWindowConditioning, gaussian_1d, window_conditions, window_views
+from ldm.windows import SDXLWindowConditioning, fitting_window_batch, gaussian_1d, window_conditions, window_views
 
 
 def demofusion_stages(height, width, base):
@@ -93,8 +93,9 @@ class DemoFusionGuidance:
         xp = F.pad(x, (j, j, j, j)) if j else x
         value = torch.zeros_like(xp)
         count = torch.zeros(1, 1, xp.shape[2], xp.shape[3], dtype=x.dtype, device=x.device)
-        for k in range(0, len(views), self.view_batch):
-            chunk = views[k:k + self.view_batch]
+        per_call = fitting_window_batch(model, self.view_batch, (self.window, self.window), b, x.device)
+        for k in range(0, len(views), per_call):
+            chunk = views[k:k + per_call]
             xs = torch.cat([xp[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in chunk])
             out = classifier_free_guidance(model, xs, t.repeat(len(chunk)),
                                            window_conditions(cond, chunk, self.window_conditioning),
@@ -118,8 +119,10 @@ class DemoFusionGuidance:
         blurred = (blurred - blurred.mean(dim=dims, keepdim=True)) / blurred.std(dim=dims, keepdim=True) * std + mean
         out = torch.zeros_like(xg)
         lattices = [(a, c) for a in range(s) for c in range(s)]
-        for k in range(0, len(lattices), self.view_batch):
-            chunk = lattices[k:k + self.view_batch]
+        per_call = fitting_window_batch(model, self.view_batch, (-(-xg.shape[2] // s), -(-xg.shape[3] // s)), b,
+                                        x.device)
+        for k in range(0, len(lattices), per_call):
+            chunk = lattices[k:k + per_call]
             xs = torch.cat([blurred[:, :, a::s, c::s] for a, c in chunk])
             # the global paths keep the image's own conditioning (crop 0)
             o = classifier_free_guidance(model, xs, t.repeat(len(chunk)), window_conditions(cond, chunk),

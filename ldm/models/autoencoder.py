@@ -40,6 +40,104 @@ class AutoencoderKL(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
+    # Decoding by memory plan (``decode_auto``). ``overflow_prone``: the VAE's activations leave float16's range
+    # (SDXL's VAE does): float16 decoding then runs stage by stage and redoes every tile that overflows in
+    # float32. ``compute_dtype``: None = float16 on CUDA, the weights' dtype elsewhere.
+    overflow_prone = False
+    compute_dtype = None
+
+    def _decoder_in(self, dtype):
+        """(decoder, post_quant_conv) with weights in ``dtype``: the modules themselves, or a cached copy (not a
+        submodule: the state dict is unchanged), remade when the weights moved or changed dtype."""
+        weight = self.post_quant_conv.weight
+        if weight.dtype == dtype:
+            return self.decoder, self.post_quant_conv
+        key = (dtype, weight.device, weight.data_ptr() if weight.device.type != "meta" else id(weight))
+        cache = self.__dict__.get("_cast_copies")
+        if cache is None or cache[0] != key:
+            import copy
+            dec = copy.deepcopy(self.decoder).to(dtype)
+            pq = copy.deepcopy(self.post_quant_conv).to(dtype)
+            self.__dict__["_cast_copies"] = cache = (key, dec, pq)
+        return cache[1], cache[2]
+
+    def decode_dtype(self, device):
+        """The dtype ``decode_auto`` computes in on ``device``."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if torch.device(device).type == "cuda":
+            return torch.float16
+        return self.post_quant_conv.weight.dtype
+
+    @torch.no_grad()
+    def decode_auto(self, z, available=None, **tiling):
+        """``decode(z)`` in one piece or in tiles, whichever fits the free memory (``ldm.modules.vae_memory``);
+        returns float32 images.
+
+        ``tiling`` (the --tiled_decoding options: tile_size, overlap, sync_gn, offload, ...) asks for tiles; a
+        missing tile_size is chosen from the memory. ``available``: bytes the decode may use (default: what
+        ``ldm.memory.available_bytes`` finds on z's device). Float16 on CUDA (``compute_dtype``): a result
+        that is not finite is decoded again in float32; an ``overflow_prone`` VAE checks every tile of every
+        stage instead and redoes the ones that overflow in float32 (``tiled_decode``'s ``fallback``; a single
+        tile covering the latent when one piece fits). An out-of-memory error (the estimate leaves out cuDNN
+        workspaces and fragmentation) is retried once in the smallest tiles with host-memory stores.
+        ``self.last_plan`` holds the plan used (with ``report``: the tiles redone in float32).
+        """
+        import warnings
+        from ldm import memory
+        from ldm.modules import tiled_vae, vae_memory
+        device = z.device
+        if available is None:
+            available = memory.available_bytes(device)
+        explicit = {k: v for k, v in tiling.items() if k != "tile_size"}
+        exact = explicit.get("sync_gn", True) and explicit.get("exact", True)
+
+        def make_plan(dtype):
+            guarded = dtype == torch.float16 and self.overflow_prone and exact
+            return vae_memory.plan_decode(self, tuple(z.shape), dtype, available, device.type,
+                                          tiled=True if tiling else None, tile_size=tiling.get("tile_size"),
+                                          working_dtype=torch.float32 if guarded else None, staged=guarded,
+                                          explicit=explicit)
+
+        def run(p):
+            dec, pq = self._decoder_in(p.dtype)
+            if p.staged:  # float16 with a float32 redo of the stage-tiles that overflow (the latent stays float32:
+                dec32, pq32 = self._decoder_in(torch.float32)  # each tile is cast after a range check)
+                kw = {k: v for k, v in p.tiling_kwargs().items() if k not in ("sync_gn", "exact")}
+                return tiled_vae.tiled_decode(dec, z.float(), pq, fallback=(dec32, pq32), report=p.report, **kw)
+            zc = z.to(p.dtype)
+            if not p.tiled:
+                return dec(pq(zc))
+            return tiled_vae.tiled_decode(dec, zc, pq, **p.tiling_kwargs())
+
+        plan = make_plan(self.decode_dtype(device))
+        if not plan.fits:
+            warnings.warn(f"decoding a {z.shape[-2]}x{z.shape[-1]} latent may not fit the free memory: "
+                          f"{plan.describe()}", ResourceWarning, stacklevel=2)
+        self.last_plan = plan
+        with torch.autocast(device_type=device.type, enabled=False):
+            try:
+                x = run(plan)
+            except torch.OutOfMemoryError:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                retry = vae_memory.DecodePlan(True, plan.dtype, 0, available, vae_memory.TILE_SIZES[-1],
+                                              offload=True, staged=plan.staged, explicit=explicit,
+                                              reason="retry after running out of memory")
+                warnings.warn(f"out of memory decoding a {z.shape[-2]}x{z.shape[-1]} latent ({plan.describe()}); "
+                              "decoding it again in the smallest tiles with synchronized GroupNorm and the "
+                              "inter-stage tensors in host memory (the same image up to rounding)",
+                              ResourceWarning, stacklevel=2)
+                self.last_plan = plan = retry
+                x = run(plan)
+            if plan.dtype != torch.float32 and not plan.staged and not bool(torch.isfinite(x).all()):
+                warnings.warn(f"{str(plan.dtype).replace('torch.', '')} decoding of a {z.shape[-2]}x{z.shape[-1]} "
+                              "latent overflowed; decoding it again in float32", ResourceWarning, stacklevel=2)
+                del x
+                self.last_plan = plan = make_plan(torch.float32)
+                x = run(plan)
+        return x.float()
+
     def decode_tiled(self, z, tile_size=64, overlap=24, sync_gn=True, **kwargs):
         """``decode(z)`` tile by tile with bounded memory; see ``ldm.modules.tiled_vae.tiled_decode``.
 

@@ -284,7 +284,7 @@ class _Residual(_Op):
         return (s, e, max(vs, xs[2]), min(ve, xs[3]), n)
 
     def __call__(self, t, ry, rx, ctx):
-        x = ctx.fetch(self.src, ry, rx)
+        x = ctx.fetch(self.src, ry, rx).to(t.dtype)  # a float32 redo of a float16 tile, or the other way
         if self.block is not None:
             x = self.block.shortcut(x)
         return x + t
@@ -298,12 +298,14 @@ class _AttnQ(_Op):
 
     def __call__(self, t, ry, rx, ctx):
         k, v = ctx.kv
+        if k.dtype != t.dtype:
+            k, v = k.to(t.dtype), v.to(t.dtype)
         return _attend(self.block, t, k, v)
 
 
 def _attend(block: AttnBlock, h, k, v):
     b, c, hh, ww = h.shape
-    q = block.q(h).reshape(b, 1, c, hh * ww).transpose(2, 3)
+    q = block.q(h).reshape(b, 1, c, hh * ww).transpose(2, 3).contiguous()  # fused kernels need stride 1 (AttnBlock)
     chunk = max(1, _ATTN_CHUNK_ELEMS // (b * k.shape[2]))
     out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
                      for i in range(0, hh * ww, chunk)], dim=2)
@@ -617,8 +619,23 @@ def _last_uses(stages):
 
 
 @torch.no_grad()
+def _in_range(t, limit) -> bool:
+    """All of ``t`` finite and within ±limit (one reduction, no copy; NaN fails the comparison)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool((lo >= -limit) & (hi <= limit))
+
+
+def _run_ops(ops, t, ry, rx, ctx):
+    for op in ops:
+        t = op(t, ry, rx, ctx)
+        ry, rx = op.span(ry), op.span(rx)
+    return t, ry, rx
+
+
 def _run_staged(stages, x, lat_size, tile_size, exact: bool, halo_lat: int, offload, device_budget, blend,
-                record=None):
+                record=None, fallback_stages=None, report=None):
     device = x.device
     sizes = _sizes(stages, tuple(x.shape[-2:]))
     lat_b = [split_axis(lat_size[0], tile_size), split_axis(lat_size[1], tile_size)]
@@ -633,6 +650,12 @@ def _run_staged(stages, x, lat_size, tile_size, exact: bool, halo_lat: int, offl
 
     ctx = _Ctx(device, exact, record)
     place = _Placement(device, offload, device_budget)
+    guard = None
+    if fallback_stages is not None:
+        if not exact or len(fallback_stages) != len(stages):
+            raise ValueError("tiled VAE: a float32 fallback needs the exact runner and the same stages")
+        dtype = stages[0].ops[0].m.weight.dtype if isinstance(stages[0].ops[0], _Conv) else torch.float16
+        guard = {"dtype": dtype, "limit": torch.finfo(dtype).max}
     last_use = _last_uses(stages)
 
     if exact:
@@ -653,6 +676,10 @@ def _run_staged(stages, x, lat_size, tile_size, exact: bool, halo_lat: int, offl
         by_out, bx_out = bounds(st.dst)
         n_in = sizes[st.src]
         ctx.kv = _global_kv(ctx, st, tiles, by_in, bx_in) if st.kv is not None else None
+        if ctx.kv is not None and guard is not None and not all(_in_range(t, guard["limit"]) for t in ctx.kv):
+            if report is not None:
+                report.setdefault("redone", []).append((i, "keys/values"))
+            ctx.kv = _global_kv(ctx, fallback_stages[i], tiles, by_in, bx_in)
         acc = GroupStats(st.groups) if st.groups is not None else None
         out = None
         for ti, (iy, ix) in enumerate(tiles):
@@ -666,9 +693,24 @@ def _run_staged(stages, x, lat_size, tile_size, exact: bool, halo_lat: int, offl
             else:
                 t, ry, rx = ctx.stores[st.src][ti]
                 t = t.to(device)
-            for op in st.ops:
-                t = op(t, ry, rx, ctx)
-                ry, rx = op.span(ry), op.span(rx)
+            if guard is None:
+                for op in st.ops:  # inline: the tile's input is freed as soon as the first op has run
+                    t = op(t, ry, rx, ctx)
+                    ry, rx = op.span(ry), op.span(rx)
+            else:  # float16 with a float32 redo of the tile when its input or output leaves float16's range
+                t_in, ry_in, rx_in = t, ry, rx
+                out16 = None
+                if t_in.dtype == guard["dtype"] or _in_range(t_in, guard["limit"]):
+                    out16, ry, rx = _run_ops(st.ops, t_in.to(guard["dtype"]), ry_in, rx_in, ctx)
+                    if not _in_range(out16, guard["limit"]):
+                        out16 = None
+                if out16 is None:
+                    if report is not None:
+                        report.setdefault("redone", []).append((i, ti))
+                    t, ry, rx = _run_ops(fallback_stages[i].ops, t_in.float(), ry_in, rx_in, ctx)
+                else:
+                    t = out16
+                del t_in, out16
             if t.shape[-2:] != (ry[1] - ry[0], rx[1] - rx[0]):
                 raise RuntimeError(f"tiled VAE: tile shape {tuple(t.shape)} does not match its span {ry}, {rx}")
             core = t[:, :, cy[0] - ry[0]:cy[1] - ry[0], cx[0] - rx[0]:cx[1] - rx[0]]
@@ -682,9 +724,19 @@ def _run_staged(stages, x, lat_size, tile_size, exact: bool, halo_lat: int, offl
                         out = ctx.stores[st.inplace]
                     else:
                         shape = (t.shape[0], t.shape[1]) + sizes[st.dst]
-                        nbytes = math.prod(shape) * t.element_size()
+                        dtype = guard["dtype"] if guard is not None else t.dtype
+                        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
                         where = place.choose(nbytes, _device_bytes(ctx.stores, device))
-                        out = torch.empty(shape, dtype=t.dtype, device=where)
+                        out = torch.empty(shape, dtype=dtype, device=where)
+                if out.dtype != t.dtype and out.dtype == (guard or {}).get("dtype") \
+                        and not _in_range(core, guard["limit"]):
+                    # a float32 tile beyond float16's range: this store becomes float32 (the cores written so far
+                    # are exact in it)
+                    if report is not None:
+                        report.setdefault("promoted", []).append(i)
+                    nbytes = out.numel() * 4
+                    where = place.choose(nbytes, _device_bytes(ctx.stores, device))
+                    out = out.to(where, torch.float32)
                 out[:, :, cy[0]:cy[1], cx[0]:cx[1]] = core
             else:
                 if out is None:
@@ -725,7 +777,7 @@ def _global_kv(ctx: _Ctx, st: _Stage, tiles, by, bx):
         else:
             t, ry, rx = src[ti]
             t = t[:, :, cy[0] - ry[0]:cy[1] - ry[0], cx[0] - rx[0]:cx[1] - rx[0]].to(ctx.device)
-        k, v = _keys_values(block, ctx.normalize(t, block.norm, st.src))
+        k, v = _keys_values(block, ctx.normalize(t.to(block.q.weight.dtype), block.norm, st.src))
         if keys is None:
             n = (by[-1] - by[0]) * (bx[-1] - bx[0])
             keys = k.new_empty(k.shape[0], 1, n, k.shape[-1])
@@ -773,7 +825,8 @@ def _check(tile_size, overlap):
 def tiled_decode(decoder, z: torch.Tensor, post_quant_conv: Optional[nn.Module] = None, *,
                  tile_size: int = DEFAULT_TILE_SIZE, overlap: int = DEFAULT_OVERLAP, sync_gn: bool = True,
                  exact: bool = True, offload: Optional[bool] = None, device_budget: Optional[int] = None,
-                 blend: bool = True, force_tiled: bool = False, record_stats: Optional[dict] = None):
+                 blend: bool = True, force_tiled: bool = False, record_stats: Optional[dict] = None,
+                 fallback: Optional[Tuple[nn.Module, Optional[nn.Module]]] = None, report: Optional[dict] = None):
     """Decode latent ``z`` (B, z_ch, h, w) with ``decoder`` (and ``post_quant_conv`` first, if given), tile by tile.
 
     tile_size: side of the region each tile owns, in latent pixels; an axis of length n is cut into
@@ -789,10 +842,22 @@ def tiled_decode(decoder, z: torch.Tensor, post_quant_conv: Optional[nn.Module] 
     force_tiled: run the tiled machinery even when a single tile covers the latent (otherwise that case
         calls the plain decoder and is bitwise identical to it).
     record_stats: optional dict, filled with {GroupNorm module: (mean, var)} as used (tests).
+    fallback: (decoder, post_quant_conv) in float32 with the same weights, when ``decoder`` is a float16 copy:
+        every stage of every tile whose input or output leaves float16's range (an overflow: inf/NaN, or a
+        float32 value beyond ±65504) is redone with these modules in float32, and a store that must hold such
+        values becomes float32 (exact runner only; a single tile goes through the runner too).
+    report: optional dict, filled with "redone": [(stage, tile)] and "promoted": [stage] by the fallback.
     """
     _check(tile_size, overlap)
     ky, kx = (len(split_axis(n, tile_size)) - 1 for n in z.shape[-2:])
     plain = (lambda t: decoder(post_quant_conv(t))) if post_quant_conv is not None else decoder
+    if fallback is not None:
+        if not (sync_gn and exact):
+            raise ValueError("a float32 fallback needs sync_gn=True and exact=True")
+        stages = _compile(_decoder_layers(decoder, post_quant_conv), scale_in=1)
+        stages32 = _compile(_decoder_layers(fallback[0], fallback[1]), scale_in=1)
+        return _run_staged(stages, z, tuple(z.shape[-2:]), tile_size, exact, overlap // 2, offload, device_budget,
+                           blend, record_stats, fallback_stages=stages32, report=report)
     if ky * kx == 1 and not force_tiled:
         return plain(z)
     if not sync_gn:

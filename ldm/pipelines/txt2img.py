@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model_from_config
-from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, chunk,
-                           make_grid, next_free_index, pick_device, read_prompt_file, remove_stale_temp_files,
-                           save_png, seed_arg, seed_everything, to_pil)
+from ldm.inference import (InputWarning, UsageError, add_memory_args, check_output_dir, check_size, chunk,
+                           make_grid, memory_scope, next_free_index, pick_device, read_prompt_file,
+                           remove_stale_temp_files, save_png, seed_arg, seed_everything, to_pil)
 from ldm import methods
 from ldm.methods.base import ModelInfo
 from ldm.pipelines import sweep as sweep_mode
@@ -95,8 +95,10 @@ def build_parser():
                      help="start the cascade from this image (resized to the first stage) instead of sampling stage 1")
     cas.add_argument("--save_stages", action="store_true", help="also write every earlier stage's image")
     td = p.add_argument_group("tiled VAE decoding")
-    td.add_argument("--tiled_decoding", action="store_true", help="decode the latent in tiles (bounded memory)")
-    td.add_argument("--tile_size", type=int, default=None, help="tile side in latent pixels")
+    td.add_argument("--tiled_decoding", action="store_true",
+                    help="decode the latent in tiles (by default: only when one piece would not fit the free memory)")
+    td.add_argument("--tile_size", type=int, default=None,
+                    help="tile side in latent pixels (default: the largest that fits the free memory)")
     td.add_argument("--overlap", type=int, default=24, help="tile overlap in latent pixels")
     td.add_argument("--sync_gn", action="store_true",
                     help="normalise every decoder GroupNorm with whole-image statistics (no seams)")
@@ -107,6 +109,7 @@ def build_parser():
                     help="the crop offset SDXL conditions on (default: 0 0)")
     sx.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                     help="the target size SDXL conditions on (default: --H --W)")
+    add_memory_args(p)
     methods.add_args(p)
     sweep_mode.add_sweep_args(p)
     return p
@@ -167,6 +170,8 @@ def prepare_model(opt, model, device, settings):
     if opt.precision == "half" and device.type == "cuda":
         from ldm.util import cast_for_half_precision
         cast_for_half_precision(model, getattr(torch, opt.autocast_dtype))
+    if opt.precision == "full" and hasattr(getattr(model, "first_stage_model", None), "compute_dtype"):
+        model.first_stage_model.compute_dtype = torch.float32  # (float16 on CUDA otherwise)
     if not hasattr(model, "set_size_conditioning"):
         return None
     original, crop, target = size_conditioning(opt, settings)
@@ -322,12 +327,15 @@ def run(opt, loader=None, wrap_sampler=None):
     if freeu:
         from ldm.unet_hooks.freeu import freeu as freeu_hooks
         freeu_scope = freeu_hooks(model.model.diffusion_model, **freeu)
+    H, W = settings.size
+    low_memory = memory_scope(opt, model, device, (H // info.f, W // info.f), batch_size)
     if sweeping:
-        run_sweep(opt, model, sampler, method, settings_meta, tiling, device, precision_scope, freeu_scope)
+        run_sweep(opt, model, sampler, method, settings_meta, tiling, device, precision_scope, freeu_scope,
+                  low_memory)
         return []
     total = opt.n_iter * sum(len(b) for b in data)
     try:
-        with torch.no_grad(), precision_scope, freeu_scope, method.scope():
+        with torch.no_grad(), precision_scope, freeu_scope, method.scope(), low_memory:
             for n in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
                 for batch_idx, batch_prompts in enumerate(tqdm(data, desc="data", disable=len(data) == 1)):
                     uc = None
@@ -370,7 +378,7 @@ def run(opt, loader=None, wrap_sampler=None):
     return all_images
 
 
-def run_sweep(opt, model, sampler, method, settings, tiling, device, precision_scope, freeu_scope):
+def run_sweep(opt, model, sampler, method, settings, tiling, device, precision_scope, freeu_scope, low_memory=None):
     """--sweep / torchrun: the deterministic, resumable, sharded form of the loop above (ldm/pipelines/sweep.py).
 
     Each image gets its own CPU generator (seed from (seed, prompt index, sample index)) for its starting
@@ -399,7 +407,7 @@ def run_sweep(opt, model, sampler, method, settings, tiling, device, precision_s
 
     dist = sweep_mode.DistContext(device, opt.dist_backend, opt.dist_timeout)
     try:
-        with torch.no_grad(), precision_scope, freeu_scope, method.scope():
+        with torch.no_grad(), precision_scope, freeu_scope, method.scope(), low_memory or nullcontext():
             sweep_mode.run_sweep(render, prompts, per_prompt, opt.n_samples, opt.seed, opt.outdir, settings, dist,
                                  fixed_code=opt.fixed_code)
     except KeyboardInterrupt:

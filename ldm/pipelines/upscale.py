@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_from_config
-from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, next_free_index,
-                           numpy_seed_arg, pick_device, remove_stale_temp_files, save_png, seed_everything, to_pil)
+from ldm.inference import (InputWarning, UsageError, add_memory_args, check_output_dir, check_size, memory_scope,
+                           next_free_index, numpy_seed_arg, pick_device, remove_stale_temp_files, save_png,
+                           seed_everything, to_pil)
 from ldm import methods, upscaler as upscaling
 from ldm.methods.cascade import CascadeMethod, encode_image, read_image_tensor
 from ldm.pipelines import txt2img
@@ -66,6 +67,7 @@ def build_parser():
                    help="allow config targets outside this package (ldm.*); a config is code, like a pickle")
     p.add_argument("--no_ema", action="store_true", help="ignore model_ema.* weights in a training checkpoint")
     upscaling.add_args(p.add_argument_group("upscaler sampling"))
+    add_memory_args(p)
     return p
 
 
@@ -141,7 +143,9 @@ def run(opt):
     outdir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(outdir)
     written = []
-    with torch.no_grad(), precision_scope:
+    h0, w0 = images[0][1].shape[-2:]
+    low_memory = memory_scope(opt, model, device, up.latent_shape(h0, w0)[1:], opt.n_samples)
+    with torch.no_grad(), precision_scope, low_memory:
         for path, x in tqdm(images, desc="images", disable=len(images) == 1):
             h, w = x.shape[-2:]
             H, W = output_size(opt, h, w, up.factor)
@@ -184,8 +188,9 @@ COMMON_OPTIONS = {
     "help", "method", "image", "strength", "factor", "prompt", "negative_prompt", "outdir", "steps", "ddim_eta",
     "n_samples", "H", "W", "scale", "config", "ckpt", "seed", "precision", "autocast_dtype", "device",
     "unsafe_load", "trust_config", "no_ema", "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2",
-    # tiled VAE, SDXL size conditioning
+    # tiled VAE, SDXL size conditioning, memory
     "tiled_decoding", "tile_size", "overlap", "sync_gn", "original_size", "crop_coords_top_left", "target_size",
+    "lowvram", "sequential_offload",
 }
 SHARED_HINTS = {"init_image": "the image is --image", "save_stages": "not written by upscale.py"}
 
@@ -388,7 +393,10 @@ def run_img2img(opt, parser):
     outdir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(outdir)
     written = []
-    with torch.no_grad(), precision_scope, freeu_scope:
+    H, W = max((p["size"] for p in plans), key=lambda hw: hw[0] * hw[1])
+    txt2img.prepare_model(opt, model, device, plans[0]["settings"])  # weights cast before any offload
+    low_memory = memory_scope(opt, model, device, (H // info.f, W // info.f), opt.n_samples)
+    with torch.no_grad(), precision_scope, freeu_scope, low_memory:
         for plan in tqdm(plans, desc="images", disable=len(plans) == 1):
             written += upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast,
                                    config_path, outdir)

@@ -31,6 +31,7 @@ What the authors' release (``scale_attention.py``) does, and what this module do
 import torch
 import torch.nn.functional as F
 
+from ldm import memory
 from ldm.windows import _jitter, _starts, gaussian_1d, window_views  # noqa: F401
 
 BLURS = ("release", "spatial")
@@ -160,6 +161,9 @@ class ScaleFusion:
         count = torch.zeros(1, padded.shape[1], padded.shape[2], 1, dtype=grid.dtype, device=grid.device)
         wh, ww = views[0][1] - views[0][0], views[0][3] - views[0][2]
         per_batch = max(1, self.max_window_batch_tokens // max(b * wh * ww, 1))
+        # and what the free memory takes: a window's tokens, q, k, v, the attention output, its transposed copy
+        # and the projection (about 8 tensors of its size)
+        per_batch = memory.fitting_batch(per_batch, 8 * b * wh * ww * c * grid.element_size(), grid.device)
         for k in range(0, len(views), per_batch):
             chunk = views[k:k + per_batch]
             tokens = torch.cat([padded[:, h0:h1, w0:w1].reshape(b, wh * ww, c) for h0, h1, w0, w1 in chunk])

@@ -188,8 +188,13 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def decode_first_stage(self, z, **tiling):
-        """Latents -> images in [-1, 1]. ``tiling`` (tile_size, overlap, sync_gn) selects tiled decoding."""
+        """Latents -> images in [-1, 1]. ``tiling`` (tile_size, overlap, sync_gn) asks for tiled decoding; without
+        it the KL autoencoder decodes in one piece or in tiles, whichever fits the free memory
+        (``AutoencoderKL.decode_auto``, ``ldm/modules/vae_memory.py``)."""
         z = z / self.scale_factor
+        fs = self.first_stage_model
+        if hasattr(fs, "decode_auto") and not {"decode", "decode_tiled"} & set(vars(fs)):  # not patched (FreeScale
+            return fs.decode_auto(z, **tiling)  # --fs_release_tiling replaces them on the instance)
         if tiling and hasattr(self.first_stage_model, "decode_tiled"):
             return self.first_stage_model.decode_tiled(z, **tiling)
         if tiling:
@@ -211,7 +216,19 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x)
+        """Images -> the first stage's posterior; in tiles with synchronized GroupNorm (the same result up to
+        rounding) when the one-piece encoder would not fit the free memory."""
+        fs = self.first_stage_model
+        if hasattr(fs, "encode_tiled") and hasattr(fs, "encoder") and "encode" not in vars(fs):
+            from ldm import memory
+            from ldm.modules.vae_memory import plan_encode
+            # under CUDA autocast the activations mix float16 and float32: count them as float32
+            autocast = x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+            dtype = torch.float32 if autocast or not x.is_floating_point() else x.dtype
+            tile = plan_encode(fs, tuple(x.shape), dtype, memory.available_bytes(x.device), x.device.type)
+            if tile is not None:
+                return fs.encode_tiled(x, tile_size=tile)
+        return fs.encode(x)
 
     def get_first_stage_encoding(self, encoder_posterior, generator=None):
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):

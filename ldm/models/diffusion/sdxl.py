@@ -74,6 +74,8 @@ class SDXLDiffusion(LatentDiffusion):
         self.zero_empty_prompt = zero_empty_prompt
         self.text_key = text_key
         self.vae_fp32 = vae_fp32
+        # its activations leave float16's range: float16 decoding redoes the tiles that overflow in float32
+        self.first_stage_model.overflow_prone = bool(vae_fp32)
         self.size_conditioning = None
         if ckpt_path is not None:
             from ldm.checkpoint import load_checkpoint_into
@@ -143,8 +145,9 @@ class SDXLDiffusion(LatentDiffusion):
 
     @torch.no_grad()
     def decode_first_stage(self, z, **tiling):
-        """As for SD, but (``vae_fp32``) in the VAE's own precision with autocast off: SDXL's VAE overflows in
-        float16. Keep the VAE in float32 (scripts/txt2img.py --precision half does)."""
+        """As for SD, with autocast off: SDXL's VAE overflows in float16. Keep the VAE's weights in float32
+        (scripts/txt2img.py --precision half does); ``AutoencoderKL.decode_auto`` decodes in float16 on CUDA
+        and redoes every tile that overflows in float32 (``overflow_prone``)."""
         if not self.vae_fp32:
             return super().decode_first_stage(z, **tiling)
         dtype = next(self.first_stage_model.parameters()).dtype

@@ -88,9 +88,14 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
 
     def attend(self, h):
-        """Attention on already-normalised features; split out so tiled decoding can reuse it."""
+        """Attention on already-normalised features; split out so tiled decoding can reuse it.
+
+        q, k and v are made contiguous (tokens × channels): the fused kernels of ``scaled_dot_product_attention``
+        (flash, memory-efficient; CPU and CUDA) need the last dimension's stride to be 1 and otherwise fall back
+        to the math kernel, which holds two N×N matrices (2 × 16 GiB in float32 for the 256² latent of a 2048²
+        image)."""
         b, c, hh, ww = h.shape
-        q, k, v = (m(h).reshape(b, 1, c, hh * ww).transpose(2, 3) for m in (self.q, self.k, self.v))
+        q, k, v = (m(h).reshape(b, 1, c, hh * ww).transpose(2, 3).contiguous() for m in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj_out(out.transpose(2, 3).reshape(b, c, hh, ww))
 
