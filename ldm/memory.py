@@ -156,11 +156,20 @@ class HostWeights:
 
     @contextmanager
     def lent(self):
+        """On the device for the block, in host memory after it."""
         self.load()
         try:
             yield
         finally:
             self.drop()
+
+    @contextmanager
+    def lent_back(self):
+        """In host memory for the block (already dropped), back on the device after it."""
+        try:
+            yield
+        finally:
+            self.load()
 
 
 def text_encoders(model) -> List[nn.Module]:

@@ -170,7 +170,14 @@ def add_pipeline_parser(sub):
     q.add_argument("--precision", choices=["half", "autocast", "full"], default="half",
                    help="as scripts/txt2img.py --precision (CUDA only; CPU runs in float32)")
     q.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    q.add_argument("--no_tiled", action="store_true", help="decode in one piece instead of tiles with synced GroupNorm")
+    q.add_argument("--no_tiled", action="store_true",
+                   help="no tiling options: the decoder picks one piece or tiles from the free memory (as "
+                        "scripts/txt2img.py does by default); same as --decode auto")
+    q.add_argument("--decode", choices=["tiled", "auto"], default="tiled",
+                   help="tiled: tiles with synchronized GroupNorm (the tables above); auto: the decoder's own plan")
+    q.add_argument("--lowvram", action="store_true", help="as scripts/txt2img.py --lowvram (text encoders in host "
+                                                          "memory except while encoding)")
+    q.add_argument("--sequential_offload", action="store_true", help="as scripts/txt2img.py --sequential_offload")
     q.add_argument("--tile_size", type=int, default=None, help="tile side in latent pixels (default: the decoder's)")
     q.add_argument("--freeu", action="store_true", help="FreeU on, with the family's values")
     q.add_argument("--prompt", default="a professional photograph of an astronaut riding a horse",
@@ -272,8 +279,9 @@ def freescale_stages(model, sampler, preset, H, W, steps, c, uc, phase, tiling, 
 
 
 def tiling_options(args, **extra):
-    """Tiled decoding with synchronized GroupNorm, unless ``--no_tiled``."""
-    if args.no_tiled:
+    """Tiled decoding with synchronized GroupNorm, unless ``--no_tiled`` / ``--decode auto`` (no options: the
+    decoder's plan from the free memory)."""
+    if args.no_tiled or getattr(args, "decode", "tiled") == "auto":
         return {}
     return {"overlap": 24, "sync_gn": True, **({"tile_size": args.tile_size} if args.tile_size else {}), **extra}
 
@@ -310,6 +318,10 @@ def run_pipeline(args):
     guidance, freeu_scope = method_scopes(model, preset, args.freeu)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda and args.precision != "full" else nullcontext()
     phases = {}
+    from ldm.inference import memory_scope
+    low_memory = memory_scope(SimpleNamespace(lowvram=args.lowvram, sequential_offload=args.sequential_offload,
+                                              precision=args.precision), model, device,
+                              (H // latent_factor(model), W // latent_factor(model)), 1)
     weights_gib = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else None
 
     last = {"t": None}
@@ -345,19 +357,29 @@ def run_pipeline(args):
         print(f"  {name}: {rec}", flush=True)
         last["t"] = time.perf_counter()
 
-    with torch.no_grad(), autocast, freeu_scope:
+    t_run = time.perf_counter()
+    with torch.no_grad(), autocast, freeu_scope, low_memory:
         guided_run(model, DDIMSampler(model), guidance, H, W, args.steps, phase, lambda: tiling_options(args),
                    preset, mark, args.prompt)
+    run_s = time.perf_counter() - t_run
+    plan = getattr(getattr(model, "first_stage_model", None), "last_plan", None)
+    auto = not tiling_options(args)
     res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
            "H": H, "W": W, "steps": args.steps, "precision": args.precision if cuda else "full",
-           "tiled": not args.no_tiled, "freeu": args.freeu, "cap_gib": args.cap_gib, "build_seconds": build_s,
+           "tiled": not auto, "decode": "auto" if auto else "tiled", "lowvram": args.lowvram,
+           "sequential_offload": args.sequential_offload, "freeu": args.freeu, "cap_gib": args.cap_gib,
+           "build_seconds": build_s, "run_seconds": run_s, "decode_plan": plan.describe() if plan else None,
            "weights_gib": weights_gib, "phases": phases, "machine": machine_description(args.device)}
+    if cuda:
+        res["peak_gib"] = max(r["peak_gib"] for r in phases.values())
     if not cuda:
         res["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print("RESULT " + json.dumps(res))
     lines = [f"### Sampling run: {res['config']}, {res['preset'] or 'direct'}, {W}x{H}, {args.device}", "",
-             f"Machine: {res['machine']}. Precision {res['precision']}, tiled decoding "
-             f"{'with synchronized GroupNorm' if res['tiled'] else 'off'}, FreeU {'on' if args.freeu else 'off'}"
+             f"Machine: {res['machine']}. Precision {res['precision']}, "
+             f"{'tiled decoding with synchronized GroupNorm' if res['tiled'] else 'decoding as planned: ' + str(res['decode_plan'])}"
+             f"{', --lowvram' if args.lowvram else ''}{', --sequential_offload' if args.sequential_offload else ''}, "
+             f"FreeU {'on' if args.freeu else 'off'}"
              f"{f', memory capped at {args.cap_gib:g} GiB' if args.cap_gib else ''}; "
              f"{f'weights {args.ckpt}' if args.ckpt else 'random weights'}; {args.steps} DDIM steps"
              f"{' per stage' if preset and preset.get('method') == 'freescale' else ''}.", ""]
@@ -447,7 +469,20 @@ def simulate_pipeline(args):
             phases[name] = {"peak_gib": max([fc.peak_bytes / 2 ** 30] + inner), "start_gib": start / 2 ** 30}
             return out
 
-        with fc.tracking(), autocast, freeu_scope, fused_attention():
+        from ldm import memory as ldm_memory
+        from ldm.inference import memory_scope
+        real_available = ldm_memory.available_bytes
+
+        def simulated_available(device):  # the card of --cap_gib, less what the fake run holds
+            if torch.device(device).type == "cuda":
+                return max(0, int(cap - fc.current_bytes))
+            return real_available(device)
+        ldm_memory.available_bytes = simulated_available
+        low_memory = memory_scope(SimpleNamespace(lowvram=getattr(args, "lowvram", False),
+                                                  sequential_offload=getattr(args, "sequential_offload", False),
+                                                  precision=args.precision), model, torch.device("cuda"),
+                                  (H // latent_factor(model), W // latent_factor(model)), 1)
+        with fc.tracking(), autocast, freeu_scope, fused_attention(), low_memory:
             # offload=None on a real card: the budget computed from the memory free when decoding starts
             def mark(name):  # a FreeScale stage: the peak since the previous mark
                 phases[name] = {"peak_gib": fc.peak_bytes / 2 ** 30, "start_gib": stage_start[0] / 2 ** 30}
@@ -455,18 +490,26 @@ def simulate_pipeline(args):
                 stage_start[0] = fc.current_bytes
             stage_start = [fc.current_bytes]
 
-            guided_run(model, sampler, guidance, H, W, args.steps, phase,
-                       lambda: tiling_options(args, device_budget=default_device_budget(cap - fc.current_bytes)),
-                       preset, mark)
+            try:
+                guided_run(model, sampler, guidance, H, W, args.steps, phase,
+                           lambda: tiling_options(args, device_budget=default_device_budget(cap - fc.current_bytes)),
+                           preset, mark)
+            finally:
+                ldm_memory.available_bytes = real_available
+    plan = getattr(getattr(model, "first_stage_model", None), "last_plan", None)
+    auto = not tiling_options(args)
     res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
-           "H": H, "W": W, "steps": args.steps, "precision": args.precision, "tiled": not args.no_tiled,
+           "H": H, "W": W, "steps": args.steps, "precision": args.precision, "tiled": not auto,
+           "decode_plan": plan.describe() if plan is not None and auto else None,
+           "lowvram": getattr(args, "lowvram", False), "cap_gib": args.cap_gib,
            "freeu": args.freeu, "weights_gib": weights / 2 ** 30, "phases": phases, "simulated": True}
     print("RESULT " + json.dumps(res))
     lines = [f"### Estimated CUDA memory: {res['config']}, {res['preset'] or 'direct'}, {W}x{H}", "",
              f"Simulated with fake CUDA tensors on a CPU (`--simulate`, `tools/fake_cuda.py`): live tensor bytes, "
              f"a lower bound of `torch.cuda.max_memory_allocated` (no cuDNN workspaces, no allocator "
-             f"fragmentation). Precision {args.precision}, tiled decoding "
-             f"{'with synchronized GroupNorm' if res['tiled'] else 'off'}, FreeU {'on' if args.freeu else 'off'}; "
+             f"fragmentation). Precision {args.precision}, "
+             f"{'tiled decoding with synchronized GroupNorm' if res['tiled'] else 'decoding as planned: ' + str(res['decode_plan'])}"
+             f"{', --lowvram' if res['lowvram'] else ''}, FreeU {'on' if args.freeu else 'off'}; "
              f"{args.steps} DDIM steps.", "",
              f"Weights: {res['weights_gib']:.2f} GiB.", "",
              "| phase | allocated at start (GiB) | peak allocated (GiB) |", "|---|---|---|"]
@@ -484,21 +527,28 @@ def memory_table(args):
         h, _, w = size.partition("x")
         ns = argparse.Namespace(config=args.config, preset=preset or None, size=[int(h), int(w or h)],
                                 steps=args.steps, precision=args.precision, no_tiled=False, tile_size=None,
-                                freeu=args.freeu, cap_gib=args.cap_gib, write=None, key=None)
+                                freeu=args.freeu, cap_gib=args.cap_gib, write=None, key=None, decode=args.decode,
+                                lowvram=args.lowvram)
         rows.append(simulate_pipeline(ns))
     cap = args.cap_gib or 24.0
     lines = [f"### Estimated peak CUDA memory: {Path(args.config).name}, {args.precision} precision", "",
              "Simulated on a CPU with fake CUDA tensors (`scripts/benchmark.py memory`, `tools/fake_cuda.py`): live "
              "tensor bytes at the peak, weights included, attention as the fused kernels allocate it. A lower bound "
              "of `torch.cuda.max_memory_allocated()` (no cuDNN workspaces, no allocator fragmentation); "
-             f"tiled VAE decoding with synchronized GroupNorm and the default placement for a {cap:g} GiB card; "
-             f"FreeU {'on' if args.freeu else 'off'}; {args.steps} DDIM step(s), the preset's first "
+             + (f"tiled VAE decoding with synchronized GroupNorm and the default placement for a {cap:g} GiB card; "
+                if args.decode == "tiled" else
+                f"decoding as `AutoencoderKL.decode_auto` plans it for a {cap:g} GiB card (the free memory it sees "
+                "is the card's less the simulated allocations); ")
+             + ("`--lowvram` (text encoders in host memory except while encoding); " if args.lowvram else "")
+             + f"FreeU {'on' if args.freeu else 'off'}; {args.steps} DDIM step(s), the preset's first "
              "(dilated, noise-damped guidance where the preset has it).", "",
-             "| image | preset | weights (GiB) | sampling peak (GiB) | decoding peak (GiB) |",
-             "|---|---|---|---|---|"]
+             "| image | preset | weights (GiB) | sampling peak (GiB) | decoding peak (GiB) |"
+             + (" decoding plan |" if args.decode == "auto" else ""),
+             "|---|---|---|---|---|" + ("---|" if args.decode == "auto" else "")]
     for r in rows:
         lines.append(f"| {r['W']}×{r['H']} | {r['preset'] or 'direct'} | {r['weights_gib']:.2f} | "
-                     f"{r['phases']['sampling']['peak_gib']:.2f} | {r['phases']['decoding']['peak_gib']:.2f} |")
+                     f"{r['phases']['sampling']['peak_gib']:.2f} | {r['phases']['decoding']['peak_gib']:.2f} |"
+                     + (f" {r['decode_plan']} |" if args.decode == "auto" else ""))
     table = "\n".join(lines) + "\n"
     publish(table, args, f"memory-{Path(args.config).stem}")
     return rows
@@ -614,6 +664,9 @@ def add_methods_parser(sub):
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     m.add_argument("--threads", type=int, default=None)
     m.add_argument("--prompt", default="a professional photograph of an astronaut riding a horse")
+    m.add_argument("--flags", default="", help="more txt2img flags for every method, e.g. '--lowvram'")
+    m.add_argument("--cap_gib", type=float, default=None,
+                   help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction)")
     m.add_argument("--write", default=None)
     m.add_argument("--key", default=None)
 
@@ -635,6 +688,9 @@ def methods_table(args):
     from ldm.checkpoint import load_model_from_config
     from ldm.pipelines import txt2img
     cuda = args.device == "cuda"
+    if cuda and args.cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2 ** 30 / total))
     H, W = (args.size[0], args.size[0]) if len(args.size) == 1 else args.size[:2]
     config = load_config_file(args.config, flag="--config")
     family = txt2img.model_family(config)
@@ -711,7 +767,7 @@ def methods_table(args):
                 preset = REPO_ROOT / "configs" / cls.preset_dir / f"{name}_{W}x{H}.yaml"
                 if preset.is_file():
                     argv += [cls.preset_flag, str(preset)]
-            return argv + extra.get(method, [])
+            return argv + extra.get(method, []) + shlex.split(args.flags)
 
         def one(method):
             opt = txt2img.build_parser().parse_args(argv_for(method))
@@ -749,7 +805,9 @@ def methods_table(args):
     lines = [f"### Methods at {W}x{H}: {Path(args.config).name}, {args.device}", "",
              f"Machine: {machine}. {'Weights ' + args.ckpt if args.ckpt else 'Random weights'}; {args.steps} DDIM "
              f"steps, batch 1, scripts/txt2img.py defaults otherwise (precision "
-             f"{'half' if cuda else 'float32'}); the preset made for this size where the method has one. "
+             f"{'half' if cuda else 'float32'}){'; flags ' + args.flags if args.flags else ''}"
+             f"{f'; CUDA memory capped at {args.cap_gib:g} GiB' if args.cap_gib else ''}; the preset made for "
+             "this size where the method has one. "
              "UNet evaluations: batch elements through the UNet per image (a guided step of direct sampling is 2); "
              "latent area: their summed latent pixels relative to direct. Total time includes text encoding, "
              "decoding and writing the PNG.", "",
@@ -772,6 +830,252 @@ def methods_table(args):
     return rows
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# host memory of whole runs at small sizes (max RSS per process), and what --lowvram costs there
+
+
+def add_rss_parser(sub):
+    r = sub.add_parser("rss", help="peak host memory (max RSS) and time of whole scripts/txt2img.py runs, one process "
+                                   "per method (the preset made for the size where the method has one)")
+    r.add_argument("--config", default=str(REPO_ROOT / "configs/demo/shapes32.yaml"))
+    r.add_argument("--ckpt", default=None,
+                   help="weights (default: random ones, written by scripts/make_random_checkpoint.py)")
+    r.add_argument("--size", type=int, default=128, help="image side in pixels")
+    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--methods", nargs="+", default=None,
+                   help="default: every --method (sdsr needs --sr_config/--sr_ckpt: give it with --flags)")
+    r.add_argument("--flags", default="", help="more scripts/txt2img.py flags for every run")
+    r.add_argument("--prompt", default="a red circle")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--repeats", type=int, default=3, help="runs per case (the fastest is reported)")
+    r.add_argument("--lowvram", action="store_true",
+                   help="each case also with --lowvram --sequential_offload: on a CPU nothing is copied, so the time "
+                        "ratio is the cost of the offload's bookkeeping (hooks, parameter swaps) alone")
+    r.add_argument("--write", default=None)
+    r.add_argument("--key", default=None)
+
+
+def rss_child(argv):
+    """One txt2img run in this process: sampling and total time, max RSS, the decoding plan; prints RESULT."""
+    import torch
+    opts = json.loads(argv[0])
+    torch.set_num_threads(int(opts["threads"]))
+    from ldm.checkpoint import load_model_from_config
+    from ldm.pipelines import txt2img
+    seen = {}
+
+    def loader(*a, **k):
+        seen["model"] = load_model_from_config(*a, **k)
+        return seen["model"]
+
+    timing = {"sampling": 0.0}
+
+    class Timed:
+        def __init__(self, sampler):
+            self.sampler = sampler
+
+        def __getattr__(self, name):
+            return getattr(self.sampler, name)
+
+        def run(self, *a, **k):
+            t = time.perf_counter()
+            out = self.sampler.run(*a, **k)
+            timing["sampling"] += time.perf_counter() - t
+            return out
+
+    opt = txt2img.build_parser().parse_args(opts["argv"])
+    t0 = time.perf_counter()
+    txt2img.run(opt, loader=loader, wrap_sampler=Timed)
+    total = time.perf_counter() - t0
+    plan = getattr(getattr(seen.get("model"), "first_stage_model", None), "last_plan", None)
+    print("RESULT " + json.dumps({"sampling_s": timing["sampling"], "total_s": total,
+                                  "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                                  "decode_plan": plan.describe() if plan is not None else "identity first stage"}))
+
+
+def rss_table(args):
+    import shlex
+    import tempfile
+    from ldm import methods as registry
+    from ldm.pipelines import txt2img
+    from ldm.util import load_config_file
+    config = load_config_file(args.config, flag="--config")
+    family = txt2img.model_family(config)
+    demo = "configs/demo/" in Path(args.config).resolve().as_posix()
+    prefix = "demo" if demo else {"sdxl": "sdxl", "sd2": "sd2.1", "sd1": "sd1.5"}.get(family, family)
+    methods = args.methods or list(registry.names())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.ckpt
+        if ckpt is None:
+            from omegaconf import OmegaConf
+            sys.path.insert(0, str(REPO_ROOT / "scripts"))
+            import make_random_checkpoint as make
+            ckpt = make.save_checkpoint(make.make_random_state_dict(OmegaConf.load(args.config), seed=0),
+                                        Path(tmp) / "random.ckpt")
+        for method in methods:
+            cls = registry.method_class(method)
+            argv = ["--config", args.config, "--ckpt", str(ckpt), "--prompt", args.prompt, "--H", str(args.size),
+                    "--W", str(args.size), "--steps", str(args.steps), "--method", method, "--n_samples", "1",
+                    "--seed", "42", "--skip_grid", "--device", "cpu", "--outdir", str(Path(tmp) / method)]
+            preset = None
+            if cls.preset_flag:
+                candidate = REPO_ROOT / "configs" / cls.preset_dir / f"{prefix}_{args.size}x{args.size}.yaml"
+                if candidate.is_file():
+                    preset = candidate
+                    argv += [cls.preset_flag, str(candidate)]
+            variants = [("plain", [])] + ([("lowvram", ["--lowvram", "--sequential_offload"])] if args.lowvram else [])
+            rec = {"method": method, "preset": preset.name if preset else None}
+            for _ in range(args.repeats):  # variants interleaved; the fastest run of each (a shared machine)
+                for name, extra in variants:
+                    cmd = [sys.executable, __file__, "_rss_child",
+                           json.dumps({"threads": args.threads, "argv": argv + shlex.split(args.flags) + extra})]
+                    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+                    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+                    res = next((json.loads(line[7:]) for line in out.stdout.splitlines()
+                                if line.startswith("RESULT ")), None)
+                    if res is None:
+                        err = (out.stderr.strip().splitlines() or ["failed"])[-1]
+                        rec[name] = {"error": err[:200]}
+                    elif name not in rec or "error" in rec[name]:
+                        rec[name] = res
+                    else:
+                        old = rec[name]
+                        rec[name] = {"sampling_s": min(old["sampling_s"], res["sampling_s"]),
+                                     "total_s": min(old["total_s"], res["total_s"]),
+                                     "max_rss_gib": max(old["max_rss_gib"], res["max_rss_gib"]),
+                                     "decode_plan": res["decode_plan"]}
+                    print(f"{method:>15} {name:>8}: {res}", flush=True)
+            rows.append(rec)
+    machine = machine_description("cpu") + "; load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(
+        *os.getloadavg())
+    head = ["| method | preset | sampling s | total s | max RSS (GiB) | decoding |"]
+    if args.lowvram:
+        head = ["| method | preset | sampling s | total s | max RSS (GiB) | decoding | with --lowvram "
+                "--sequential_offload: sampling s | time ratio | max RSS (GiB) |"]
+    lines = [f"### Host memory of whole runs: {Path(args.config).name}, {args.size}x{args.size}, cpu", "",
+             f"Machine: {machine}. `scripts/benchmark.py rss`: one `scripts/txt2img.py` run per method in its own "
+             f"process, {args.steps} DDIM steps, one image, the fastest of {args.repeats} runs (interleaved), "
+             f"{'weights ' + str(args.ckpt) if args.ckpt else 'random weights'}; max RSS = the process's peak "
+             "resident memory (Python, torch, the weights and the run). Total time includes loading and writing.", "",
+             *head, "|---|---|---|---|---|---|" + ("---|---|---|" if args.lowvram else "")]
+    for r in rows:
+        p = r["plain"]
+        if "error" in p:
+            lines.append(f"| {r['method']} | {r['preset'] or '–'} | failed: {p['error']} | | | |"
+                         + (" | | |" if args.lowvram else ""))
+            continue
+        line = (f"| {r['method']} | {r['preset'] or '–'} | {p['sampling_s']:.2f} | {p['total_s']:.2f} | "
+                f"{p['max_rss_gib']:.2f} | {p['decode_plan'].split(':')[0]} |")
+        if args.lowvram:
+            q = r["lowvram"]
+            if "error" in q:
+                line += f" failed: {q['error']} | | |"
+            else:
+                line += (f" {q['sampling_s']:.2f} | {q['sampling_s'] / p['sampling_s']:.2f}× | "
+                         f"{q['max_rss_gib']:.2f} |")
+        lines.append(line)
+    table = "\n".join(lines) + "\n"
+    publish(table, args, f"rss-{Path(args.config).stem}-{args.size}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile with per-call processors: does a processor that changes per step recompile the UNet?
+
+
+def add_compile_parser(sub):
+    c = sub.add_parser("compile", help="torch.compile of a (tiny) UNet with ScaleCrafter's per-step processors: "
+                                       "compilations per step (torch._dynamo counters) and step time vs eager")
+    c.add_argument("--config", default=str(REPO_ROOT / "configs/tiny/tiny-sd2.yaml"))
+    c.add_argument("--size", type=int, default=32, help="latent side")
+    c.add_argument("--steps", type=int, default=6)
+    c.add_argument("--backend", default="inductor", help="torch.compile backend (eager: count graphs only)")
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: float16 weights under autocast")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--write", default=None)
+    c.add_argument("--key", default=None)
+
+
+def compile_check(args):
+    """Compile the UNet once, then run steps whose processors change (ScaleCrafter re-dilation factors per step,
+    as a preset schedules them; a step with none installed), counting frames compiled by dynamo per step."""
+    import torch
+    from omegaconf import OmegaConf
+    from ldm.unet_hooks.processors import installed
+    from ldm.unet_hooks.redilation import ReDilation
+    from ldm.util import instantiate_from_config
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    cfg = OmegaConf.load(args.config).model.params.unet_config
+    cfg.params.use_checkpoint = False
+    if cuda:
+        from ldm.util import no_weight_init
+        with no_weight_init():
+            unet = instantiate_from_config(cfg).eval().requires_grad_(False)
+        unet.to(device)
+        random_weights_(unet)
+        unet.half()
+    else:
+        unet = instantiate_from_config(cfg).eval().requires_grad_(False)
+    convs = [m for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+             and n.startswith(("input_blocks.4", "input_blocks.5", "middle_block", "output_blocks.3"))]
+    ctx_dim = cfg.params.context_dim if isinstance(cfg.params.context_dim, int) else list(cfg.params.context_dim)[0]
+    x = torch.randn(2, unet.in_channels, args.size, args.size, device=device)
+    c = torch.randn(2, 77, int(ctx_dim), device=device)
+    y = torch.randn(2, cfg.params.adm_in_channels, device=device) if cfg.params.get("adm_in_channels") else None
+    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # the schedule of a preset: dilation 2 on the early steps, 1.5 (fractional) in the middle, none at the end
+    schedule = [2.0] * (args.steps // 3) + [1.5] * (args.steps // 3)
+    schedule += [None] * (args.steps - len(schedule))
+    from torch._dynamo.utils import counters
+    import torch._dynamo
+
+    def run(fn):
+        times, compiles = [], []
+        for i, factor in enumerate(schedule):
+            before = counters["stats"]["unique_graphs"]
+            procs = [(m, ReDilation(factor)) for m in convs] if factor else []
+            sync()
+            t = time.perf_counter()
+            with torch.no_grad(), autocast, installed(procs):
+                fn(x, torch.full((2,), 999 - 100 * i, device=device), context=c, y=y)
+            sync()
+            times.append(time.perf_counter() - t)
+            compiles.append(counters["stats"]["unique_graphs"] - before)
+        return times, compiles
+
+    run(unet)  # warm-up (kernel selection, allocator)
+    eager_t, _ = run(unet)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet, backend=args.backend)
+    comp_t, comp_n = run(compiled)
+    rows = [{"step": i, "factor": f, "eager_s": e, "compiled_s": t, "new_graphs": n}
+            for i, (f, e, t, n) in enumerate(zip(schedule, eager_t, comp_t, comp_n))]
+    for r in rows:
+        print(r, flush=True)
+    machine = machine_description(args.device)
+    if not cuda:
+        machine += ", {} threads; load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(
+            args.threads, *os.getloadavg())
+    lines = [f"### torch.compile with per-step processors: {Path(args.config).name}, latent {args.size}², "
+             f"{args.device}", "",
+             f"Machine: {machine}. `scripts/benchmark.py compile --backend {args.backend}`: "
+             f"the UNet compiled once, then {args.steps} guided steps (batch 2) whose re-dilation processors follow a "
+             f"preset-like schedule ({len(convs)} convolutions re-dilated); *new graphs* = graphs dynamo compiled "
+             "during the step (torch._dynamo counters).", "",
+             "| step | re-dilation | eager s | compiled s | new graphs |", "|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['factor'] or 'none'} | {r['eager_s']:.3f} | {r['compiled_s']:.3f} | "
+              f"{r['new_graphs']} |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    publish(table, args, f"compile-{Path(args.config).stem}-{args.backend}-{args.device}")
+    return rows
 
 
 def main(argv=None):
@@ -804,11 +1108,19 @@ def main(argv=None):
     m.add_argument("--precision", choices=["half", "autocast", "full"], default="half")
     m.add_argument("--freeu", action="store_true")
     m.add_argument("--cap_gib", type=float, default=None, help="the card's memory (default 24)")
+    m.add_argument("--decode", choices=["tiled", "auto"], default="tiled",
+                   help="tiled: tiles with synchronized GroupNorm, default placement; auto: the decoder's own plan "
+                        "for the card (scripts/txt2img.py's default)")
+    m.add_argument("--lowvram", action="store_true", help="as scripts/txt2img.py --lowvram")
     m.add_argument("--write", type=str, default=None)
     m.add_argument("--key", type=str, default=None)
+    add_rss_parser(sub)
+    add_compile_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["_child"]:  # internal: one measurement in its own process (not listed in --help)
         return measure_once(child_parser().parse_args(argv[1:]))
+    if argv[:1] == ["_rss_child"]:  # internal: one txt2img run in its own process
+        return rss_child(argv[1:])
     args = p.parse_args(argv)
     from ldm.inference import UsageError
     try:
@@ -825,6 +1137,10 @@ def run_command(args):
         return methods_table(args)
     if args.cmd == "memory":
         return memory_table(args)
+    if args.cmd == "rss":
+        return rss_table(args)
+    if args.cmd == "compile":
+        return compile_check(args)
     if args.cmd == "pipeline":
         return simulate_pipeline(args) if args.simulate else run_pipeline(args)
     from tools.benchmark_modes import mode_available

@@ -10,6 +10,7 @@ Every measurement runs in its own subprocess, so that CPU peak memory belongs to
     python scripts/benchmark_vae.py --device cuda --sizes 1024 2048 4096      # fp16
     python scripts/benchmark_vae.py ... --write docs/benchmarks_vae.md        # update the table there
     python scripts/benchmark_vae.py simulate --sizes 1024 2048 4096           # CUDA fp16 memory, no GPU needed
+    python scripts/benchmark_vae.py model                                     # the memory model vs the simulation
 
 Methods: ``full`` = ``decode(z)``; ``sync`` = ``decode_tiled(z)`` (synchronized GroupNorm, exact halos,
 inter-stage tensors placed by ``offload=None``: on the device up to the budget, then host);
@@ -242,6 +243,79 @@ def simulate(args):
     return rows
 
 
+def model_check(args):
+    """The decoder's memory model (ldm/modules/vae_memory.py) against the fake-CUDA simulation of the same decode
+    (float16, the full-size VAE), and the plan the model makes for cards of several sizes. No GPU needed."""
+    import gc
+    import math
+    import torch
+    from tools.fake_cuda import FakeCuda, cast_parameters_, fused_attention
+    from ldm.modules import vae_memory as vm
+    from ldm.util import instantiate_from_config, load_config_file
+    gib = 2 ** 30
+    rows = []
+    with FakeCuda() as fc, torch.no_grad():
+        with torch.device("cuda"):
+            vae = instantiate_from_config(load_config_file(CONFIG).model.params.first_stage_config).eval()
+        cast_parameters_(vae, torch.float16)
+        fc.count_existing(vae)
+        with fc.tracking(), fused_attention():
+            for size in args.sizes:
+                z = torch.randn(1, 4, size // 8, size // 8, dtype=torch.float16, device="cuda")
+                shape = tuple(z.shape)
+                cases = [("one piece", lambda: vae.decode(z / 0.5), vm.decoder_peak_bytes(vae, shape, torch.float16)),
+                         (f"tiles of {args.tile_size}, stores on the device",
+                          lambda: vae.decode_tiled(z / 0.5, tile_size=args.tile_size, offload=False),
+                          vm.tiled_peak_bytes(vae, shape, torch.float16, args.tile_size)["device"]),
+                         (f"tiles of {args.tile_size}, stores beyond 2 GiB on the host",
+                          lambda: vae.decode_tiled(z / 0.5, tile_size=args.tile_size, device_budget=2 * gib),
+                          vm.tiled_peak_bytes(vae, shape, torch.float16, args.tile_size, 2 * gib)["device"]),
+                         (f"tiles of {args.tile_size}, stores on the host",
+                          lambda: vae.decode_tiled(z / 0.5, tile_size=args.tile_size, offload=True),
+                          vm.tiled_peak_bytes(vae, shape, torch.float16, args.tile_size, 0)["device"])]
+                for name, fn, model in cases:
+                    base = fc.current_bytes
+                    fc.counter.reset_peak()
+                    out = fn()
+                    del out
+                    gc.collect()
+                    sim = fc.peak_bytes - base
+                    rows.append((size, name, model / gib, sim / gib))
+                    print(f"{size:>5}² {name:>42}: model {model / gib:.3f} GiB, simulated {sim / gib:.3f} GiB",
+                          flush=True)
+                del z
+        plans = []
+        for card in args.cards:
+            for size in args.sizes:
+                for dtype in (torch.float16, torch.float32):
+                    avail = int(card * gib)
+                    p = vm.plan_decode(vae, (1, 4, size // 8, size // 8), dtype, avail, "cuda")
+                    plans.append((card, size, dtype, p))
+    lines = ["### Decoder memory model against the simulation", "",
+             "`python scripts/benchmark_vae.py model`: the full-size SD/SDXL VAE decoder in float16, peak bytes "
+             "beyond the weights; *model* = `ldm/modules/vae_memory.py` (worked out from the layers), *simulated* = "
+             "live CUDA tensor bytes of the same decode on fake tensors (`tools/fake_cuda.py`). Neither counts cuDNN "
+             "workspaces nor fragmentation (the plan's margin is for those).", "",
+             "| image | decode | model (GiB) | simulated (GiB) | model / simulated |", "|---|---|---|---|---|"]
+    lines += [f"| {s}² | {n} | {m:.3f} | {x:.3f} | {m / x:.3f} |" for s, n, m, x in rows]
+    lines += ["", "### The plan for a given free memory", "",
+              "What `AutoencoderKL.decode_auto` chooses (`ldm/modules/vae_memory.py plan_decode`) when the given "
+              "memory is free on a CUDA device when decoding starts (margin: 10 % + 768 MiB).", "",
+              "| free memory | image | dtype | decode | estimate (GiB) |", "|---|---|---|---|---|"]
+    for card, size, dtype, p in plans:
+        what = "one piece" if not p.tiled else f"tiles of {p.tile_size}" + (
+            ", stores on the device" if p.offload is False else f", stores beyond {p.device_budget / gib:.1f} GiB "
+                                                                  "in host memory")
+        if not p.fits:
+            what += " (does not fit)"
+        lines.append(f"| {card:g} GiB | {size}² | {str(dtype)[6:]} | {what} | {p.estimate / gib:.2f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.write:
+        write_section(args.write, args.key or "vae-model", table)
+    return rows, plans
+
+
 def write_section(path, key, text):
     """Replace the block between `<!-- bench:key -->` markers (append it if absent)."""
     from ldm.reports import replace_block
@@ -250,8 +324,11 @@ def write_section(path, key, text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("cmd", nargs="?", default="run", choices=["run", "simulate", "_child"],
-                   help="run: measure on --device; simulate: estimate CUDA fp16 memory without a GPU")
+    p.add_argument("cmd", nargs="?", default="run", choices=["run", "simulate", "model", "_child"],
+                   help="run: measure on --device; simulate: estimate CUDA fp16 memory without a GPU; model: the "
+                        "memory model of ldm/modules/vae_memory.py against the simulation, and its plans per card")
+    p.add_argument("--cards", type=float, nargs="+", default=[8, 12, 24, 80],
+                   help="model: free memory in GiB for the plan table")
     p.add_argument("--card_gib", type=float, default=24.0, help="simulate: the GPU's memory (sets the device budget)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in pixels (multiples of 8)")
@@ -275,6 +352,9 @@ def main(argv=None):
         args.repeats = 3 if cuda else 1
     if args.cmd == "_child":
         return measure_once(args)
+    if args.cmd == "model":
+        args.sizes = args.sizes or [1024, 2048, 4096]
+        return model_check(args)
     if args.cmd == "simulate":
         args.sizes = args.sizes or [1024, 2048, 4096]
         args.methods = args.methods or ["full", "sync", "sync-offload"]

@@ -541,3 +541,28 @@ def test_every_attention_path_goes_through_scaled_dot_product_attention(monkeypa
                 "--W", "128", "--method", method, "--skip_grid", *extra]
         assert txt2img.main([str(a) for a in argv]) == 0, method
         assert calls["sdpa"] > 0, method
+
+
+def test_the_unet_waits_in_host_memory_while_a_tight_decode_runs(monkeypatch):
+    """When the decoder would have to keep inter-stage tensors in host memory, the UNet's weights leave the device
+    for the decode (fake CUDA tensors: where the weights are is checked during and after)."""
+    from types import SimpleNamespace
+    from ldm.models.diffusion.ddpm import room_for_decoding
+    with FakeCuda():
+        with torch.device("cuda"):
+            vae = vae_of(SD)
+            unet = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 4, 3))
+            z = torch.randn(1, 4, 64, 64)
+        host = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), first_stage_model=vae)
+        shape = tuple(z.shape)
+        one = vae_memory.decoder_peak_bytes(vae, shape, torch.float16)
+        monkeypatch.setattr(memory, "available_bytes", lambda device: int(one * 4))  # plenty: nothing moves
+        with room_for_decoding(host, z, {}):
+            assert all(p.device.type == "cuda" for p in unet.parameters())
+        tiny = vae_memory.tiled_peak_bytes(vae, shape, torch.float16, vae_memory.TILE_SIZES[-1])["device"] / 3
+        monkeypatch.setattr(memory, "available_bytes", lambda device: int(tiny))  # stores would go to the host
+        for _ in range(2):  # the host copy is made once and reused
+            with room_for_decoding(host, z, {}):
+                assert all(p.device.type == "cpu" for p in unet.parameters())
+            assert all(p.device.type == "cuda" for p in unet.parameters())
+        assert host.__dict__["_parked_unet"][1].moves == 2

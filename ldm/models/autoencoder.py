@@ -7,6 +7,22 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 
+def _cast_copy(module, dtype):
+    """A copy of ``module`` with its floating-point parameters and buffers in ``dtype``, frozen (new tensors are
+    put in place rather than converted in place, which also works on fake tensors)."""
+    import copy
+    memo = {}  # deepcopy takes the converted tensors from here instead of copying the originals
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.detach().to(dtype) if p.is_floating_point() else p.detach().clone(),
+                                           requires_grad=False)
+        for b in m._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = b.to(dtype) if b.is_floating_point() else b.clone()
+    return copy.deepcopy(module, memo)
+
+
 class AutoencoderKL(nn.Module):
     """Inference part of the original ``AutoencoderKL`` (training losses are not part of this project).
 
@@ -52,13 +68,12 @@ class AutoencoderKL(nn.Module):
         weight = self.post_quant_conv.weight
         if weight.dtype == dtype:
             return self.decoder, self.post_quant_conv
-        key = (dtype, weight.device, weight.data_ptr() if weight.device.type != "meta" else id(weight))
+        # remade when the weights move, change dtype or are written in place (their version counter)
+        key = (dtype, weight.device, id(weight), weight._version, self.decoder.conv_out.weight._version)
         cache = self.__dict__.get("_cast_copies")
         if cache is None or cache[0] != key:
-            import copy
-            dec = copy.deepcopy(self.decoder).to(dtype)
-            pq = copy.deepcopy(self.post_quant_conv).to(dtype)
-            self.__dict__["_cast_copies"] = cache = (key, dec, pq)
+            self.__dict__["_cast_copies"] = cache = (key, _cast_copy(self.decoder, dtype),
+                                                     _cast_copy(self.post_quant_conv, dtype))
         return cache[1], cache[2]
 
     def decode_dtype(self, device):
@@ -68,6 +83,20 @@ class AutoencoderKL(nn.Module):
         if torch.device(device).type == "cuda":
             return torch.float16
         return self.post_quant_conv.weight.dtype
+
+    def plan_decoding(self, z_shape, device, available, dtype=None, **tiling):
+        """The ``ldm.modules.vae_memory.DecodePlan`` of ``decode_auto`` for a latent of ``z_shape`` on ``device``
+        with ``available`` bytes free (``tiling``: the explicit options)."""
+        from ldm.modules import vae_memory
+        device = torch.device(device)
+        dtype = dtype or self.decode_dtype(device)
+        explicit = {k: v for k, v in tiling.items() if k != "tile_size"}
+        exact = explicit.get("sync_gn", True) and explicit.get("exact", True)
+        guarded = dtype == torch.float16 and self.overflow_prone and exact
+        return vae_memory.plan_decode(self, tuple(z_shape), dtype, available, device.type,
+                                      tiled=True if tiling else None, tile_size=tiling.get("tile_size"),
+                                      working_dtype=torch.float32 if guarded else None, staged=guarded,
+                                      explicit=explicit)
 
     @torch.no_grad()
     def decode_auto(self, z, available=None, **tiling):
@@ -90,14 +119,9 @@ class AutoencoderKL(nn.Module):
         if available is None:
             available = memory.available_bytes(device)
         explicit = {k: v for k, v in tiling.items() if k != "tile_size"}
-        exact = explicit.get("sync_gn", True) and explicit.get("exact", True)
 
         def make_plan(dtype):
-            guarded = dtype == torch.float16 and self.overflow_prone and exact
-            return vae_memory.plan_decode(self, tuple(z.shape), dtype, available, device.type,
-                                          tiled=True if tiling else None, tile_size=tiling.get("tile_size"),
-                                          working_dtype=torch.float32 if guarded else None, staged=guarded,
-                                          explicit=explicit)
+            return self.plan_decoding(tuple(z.shape), device, available, dtype, **tiling)
 
         def run(p):
             dec, pq = self._decoder_in(p.dtype)
@@ -130,7 +154,8 @@ class AutoencoderKL(nn.Module):
                               ResourceWarning, stacklevel=2)
                 self.last_plan = plan = retry
                 x = run(plan)
-            if plan.dtype != torch.float32 and not plan.staged and not bool(torch.isfinite(x).all()):
+            if plan.dtype != torch.float32 and not plan.staged and not tiled_vae._is_fake(x) \
+                    and not bool(torch.isfinite(x).all()):
                 warnings.warn(f"{str(plan.dtype).replace('torch.', '')} decoding of a {z.shape[-2]}x{z.shape[-1]} "
                               "latent overflowed; decoding it again in float32", ResourceWarning, stacklevel=2)
                 del x

@@ -619,9 +619,16 @@ def _last_uses(stages):
 
 
 @torch.no_grad()
+def _is_fake(t) -> bool:
+    """A shape-only tensor (``tools/fake_cuda.py``'s memory estimates): its values cannot be read."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
 def _in_range(t, limit) -> bool:
-    """All of ``t`` finite and within ±limit (one reduction, no copy; NaN fails the comparison)."""
-    if t.numel() == 0:
+    """All of ``t`` finite and within ±limit (one reduction, no copy; NaN fails the comparison). Fake tensors
+    pass (the estimate follows the float16 path; the plan counts a float32 redo's working set)."""
+    if t.numel() == 0 or _is_fake(t):
         return True
     lo, hi = torch.aminmax(t)
     return bool((lo >= -limit) & (hi <= limit))
