@@ -13,8 +13,6 @@
   top-level block on the device only for its own forward).
 * :func:`fitting_batch`: how many items of a batch (windows) fit the memory, from an estimate of one item.
 """
-import math
-import os
 from contextlib import contextmanager
 from typing import Dict, Iterable, List, Optional
 

@@ -286,44 +286,25 @@ def tiling_options(args, **extra):
     return {"overlap": 24, "sync_gn": True, **({"tile_size": args.tile_size} if args.tile_size else {}), **extra}
 
 
-def run_pipeline(args):
+def measure_pipeline(model, args, preset, H, W):
+    """One guided sampling run of ``model`` (text encoders, ``args.steps`` DDIM steps with the preset, decoding),
+    time and CUDA peaks per phase. Returns (phases, the decoding plan or None, seconds, weights GiB)."""
     import torch
-    from ldm.util import load_config_file
-    from ldm.inference import cast_for_half_precision
     from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.util import instantiate_from_config, no_weight_init
+    from ldm.inference import memory_scope
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda and args.cap_gib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2 ** 30 / total),
-                                                torch.cuda.current_device())
-    config = load_config_file(args.config, flag="--config")
-    preset, H, W = pipeline_size(args)
-    t0 = time.perf_counter()
-    with no_weight_init():
-        model = instantiate_from_config(config.model).eval().requires_grad_(False)  # as load_model_from_config
-    half = args.precision == "half" and cuda
-    if half:
-        cast_for_half_precision(model, torch.float16)
-    model.to(device)
-    if args.ckpt:
-        from ldm.checkpoint import load_checkpoint_into
-        load_checkpoint_into(model, args.ckpt)
-    else:
-        random_weights_(model)
-    build_s = time.perf_counter() - t0
     if hasattr(model, "set_size_conditioning"):
         model.set_size_conditioning((H, W))
     guidance, freeu_scope = method_scopes(model, preset, args.freeu)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda and args.precision != "full" else nullcontext()
     phases = {}
-    from ldm.inference import memory_scope
+    if cuda:
+        torch.cuda.synchronize(device)
+    weights_gib = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else None
     low_memory = memory_scope(SimpleNamespace(lowvram=args.lowvram, sequential_offload=args.sequential_offload,
                                               precision=args.precision), model, device,
                               (H // latent_factor(model), W // latent_factor(model)), 1)
-    weights_gib = torch.cuda.memory_allocated(device) / 2 ** 30 if cuda else None
-
     last = {"t": None}
 
     def phase(name, fn):
@@ -346,7 +327,6 @@ def run_pipeline(args):
         return out
 
     def mark(name):  # a FreeScale stage: peak and time since the previous mark
-        torch.cuda.synchronize(device) if cuda else None
         rec = {"seconds": time.perf_counter() - last["t"]}
         if cuda:
             torch.cuda.synchronize(device)
@@ -363,6 +343,50 @@ def run_pipeline(args):
                    preset, mark, args.prompt)
     run_s = time.perf_counter() - t_run
     plan = getattr(getattr(model, "first_stage_model", None), "last_plan", None)
+    return phases, plan, run_s, weights_gib
+
+
+def build_pipeline_model(args):
+    """The model of ``args.config`` on ``args.device`` with random weights (or ``args.ckpt``), frozen, its UNet and
+    text encoders in float16 with ``--precision half`` (as scripts/txt2img.py). Returns (model, seconds)."""
+    import torch
+    from ldm.util import load_config_file
+    from ldm.inference import cast_for_half_precision
+    from ldm.util import instantiate_from_config, no_weight_init
+    device = torch.device(args.device)
+    config = load_config_file(args.config, flag="--config")
+    t0 = time.perf_counter()
+    with no_weight_init():
+        model = instantiate_from_config(config.model).eval().requires_grad_(False)  # as load_model_from_config
+    if args.precision == "half" and device.type == "cuda":
+        cast_for_half_precision(model, torch.float16)
+    model.to(device)
+    if getattr(args, "ckpt", None):
+        from ldm.checkpoint import load_checkpoint_into
+        load_checkpoint_into(model, args.ckpt)
+    else:
+        random_weights_(model)
+    return model, time.perf_counter() - t0
+
+
+def set_cap(device, cap_gib):
+    """Cap this process's CUDA memory at ``cap_gib`` (None: the whole card), cached blocks released."""
+    import torch
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2 ** 30 / total) if cap_gib else 1.0,
+                                               torch.cuda.current_device())
+
+
+def run_pipeline(args):
+    import torch
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and args.cap_gib:
+        set_cap(device, args.cap_gib)
+    preset, H, W = pipeline_size(args)
+    model, build_s = build_pipeline_model(args)
+    phases, plan, run_s, weights_gib = measure_pipeline(model, args, preset, H, W)
     auto = not tiling_options(args)
     res = {"config": Path(args.config).name, "preset": Path(args.preset).name if args.preset else None,
            "H": H, "W": W, "steps": args.steps, "precision": args.precision if cuda else "full",
@@ -833,6 +857,91 @@ def methods_table(args):
 
 
 # ------------------------------------------------------------------------------------------------
+# memory targets (issue #27): each preset with the whole card and under a cap, the decoding as planned
+
+
+def add_targets_parser(sub):
+    t = sub.add_parser("targets", help="each preset's whole run (random weights) twice in one process: with the "
+                                       "whole GPU and with its memory capped; peak memory, time and the ratio")
+    t.add_argument("--config", default=str(CONFIGS["sdxl"]))
+    t.add_argument("--presets", nargs="+", required=True, help="ScaleCrafter / FreeScale preset YAMLs")
+    t.add_argument("--cap_gib", type=float, required=True)
+    t.add_argument("--steps", type=int, default=2)
+    t.add_argument("--precision", choices=["half", "autocast", "full"], default="half")
+    t.add_argument("--lowvram", action="store_true")
+    t.add_argument("--sequential_offload", action="store_true")
+    t.add_argument("--freeu", action="store_true")
+    t.add_argument("--project_steps", type=int, default=50, help="steps of the projected ratio (a full run)")
+    t.add_argument("--device", default="cuda", choices=["cuda"])
+    t.add_argument("--prompt", default="a professional photograph of an astronaut riding a horse")
+    t.add_argument("--write", default=None)
+    t.add_argument("--key", default=None)
+
+
+def targets_table(args):
+    """The default run (decoding planned from the free memory) of every preset, first with the whole card, then
+    with the process capped at ``--cap_gib``: does it fit, and what does the cap cost in time (measured with
+    ``--steps`` steps, and projected to ``--project_steps``: text encoders + steps × the step time + decoding)."""
+    import torch
+    device = torch.device(args.device)
+    model, _ = build_pipeline_model(argparse.Namespace(config=args.config, precision=args.precision,
+                                                       device=args.device, ckpt=None))
+    run_args = argparse.Namespace(device=args.device, steps=args.steps, precision=args.precision, freeu=args.freeu,
+                                  lowvram=args.lowvram, sequential_offload=args.sequential_offload, no_tiled=True,
+                                  decode="auto", prompt=args.prompt, tile_size=None)
+    rows = []
+    first = True
+    for preset_path in args.presets:
+        preset, H, W = pipeline_size(argparse.Namespace(preset=preset_path, size=None))
+        if first:  # warm-up: kernel selection, the allocator
+            measure_pipeline(model, argparse.Namespace(**{**vars(run_args), "steps": 1}), preset, H, W)
+            first = False
+        rec = {"preset": Path(preset_path).name, "H": H, "W": W}
+        for name, cap in (("whole", None), ("capped", args.cap_gib)):
+            set_cap(device, cap)
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                phases, plan, run_s, weights = measure_pipeline(model, run_args, preset, H, W)
+                sampling = phases.get("sampling", {"seconds": 0.0})["seconds"]
+                rec[name] = {"seconds": run_s, "peak_gib": max(r["peak_gib"] for r in phases.values()),
+                             "reserved_gib": max(r["peak_reserved_gib"] for r in phases.values()),
+                             "step_s": sampling / args.steps,
+                             "fixed_s": run_s - sampling,  # text encoders and decoding
+                             "plan": plan.describe() if plan is not None else None}
+            except torch.OutOfMemoryError as err:
+                rec[name] = {"error": f"out of memory: {str(err).splitlines()[0][:120]}"}
+            print(f"{rec['preset']} {name}: {rec[name]}", flush=True)
+        rows.append(rec)
+    set_cap(device, None)
+    machine = machine_description(args.device)
+    lines = [f"### Memory target: {Path(args.config).name}, {args.cap_gib:g} GiB", "",
+             f"Machine: {machine}. `scripts/benchmark.py targets`: random weights, precision {args.precision}"
+             f"{', --lowvram' if args.lowvram else ''}{', --sequential_offload' if args.sequential_offload else ''}"
+             f"{', FreeU' if args.freeu else ''}, decoding as `AutoencoderKL.decode_auto` plans it; each preset run "
+             f"with the whole card, then with the process capped at {args.cap_gib:g} GiB "
+             "(`torch.cuda.set_per_process_memory_fraction`), one process, one model. Time: "
+             f"{args.steps} DDIM steps measured; *projected*: text encoders and decoding + {args.project_steps} × "
+             "the step time, capped over whole.", "",
+             "| preset | image | whole card: s, peak GiB | capped: s, peak GiB (reserved) | fits | time ratio "
+             f"({args.steps} steps) | projected ({args.project_steps} steps) | decoding when capped |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w, c = r["whole"], r["capped"]
+        if "error" in w or "error" in c:
+            lines.append(f"| {r['preset']} | {r['W']}×{r['H']} | {w.get('error') or round(w['seconds'], 2)} | "
+                         f"{c.get('error') or round(c['seconds'], 2)} | {'no' if 'error' in c else '–'} | – | – | – |")
+            continue
+        proj = lambda x: x["fixed_s"] + args.project_steps * x["step_s"]  # noqa: E731
+        lines.append(f"| {r['preset']} | {r['W']}×{r['H']} | {w['seconds']:.2f}, {w['peak_gib']:.2f} | "
+                     f"{c['seconds']:.2f}, {c['peak_gib']:.2f} ({c['reserved_gib']:.2f}) | "
+                     f"{'yes' if c['reserved_gib'] <= args.cap_gib else 'no'} | {c['seconds'] / w['seconds']:.2f}× | "
+                     f"{proj(c) / proj(w):.2f}× | {c['plan']} |")
+    table = "\n".join(lines) + "\n"
+    publish(table, args, f"targets-{Path(args.config).stem}-{args.cap_gib:g}gib")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
 # host memory of whole runs at small sizes (max RSS per process), and what --lowvram costs there
 
 
@@ -1116,6 +1225,7 @@ def main(argv=None):
     m.add_argument("--key", type=str, default=None)
     add_rss_parser(sub)
     add_compile_parser(sub)
+    add_targets_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["_child"]:  # internal: one measurement in its own process (not listed in --help)
         return measure_once(child_parser().parse_args(argv[1:]))
@@ -1139,6 +1249,8 @@ def run_command(args):
         return memory_table(args)
     if args.cmd == "rss":
         return rss_table(args)
+    if args.cmd == "targets":
+        return targets_table(args)
     if args.cmd == "compile":
         return compile_check(args)
     if args.cmd == "pipeline":

@@ -247,7 +247,6 @@ def model_check(args):
     """The decoder's memory model (ldm/modules/vae_memory.py) against the fake-CUDA simulation of the same decode
     (float16, the full-size VAE), and the plan the model makes for cards of several sizes. No GPU needed."""
     import gc
-    import math
     import torch
     from tools.fake_cuda import FakeCuda, cast_parameters_, fused_attention
     from ldm.modules import vae_memory as vm
@@ -283,7 +282,6 @@ def model_check(args):
                     rows.append((size, name, model / gib, sim / gib))
                     print(f"{size:>5}² {name:>42}: model {model / gib:.3f} GiB, simulated {sim / gib:.3f} GiB",
                           flush=True)
-                del z
         plans = []
         for card in args.cards:
             for size in args.sizes:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from conftest import REPO_ROOT, load_script
 from ldm import memory
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.modules import tiled_vae, vae_memory
+from ldm.modules import vae_memory
 from ldm.modules.unet_memory import unet_peak_bytes
 from tools.fake_cuda import ALLOCATOR_GRANULARITY, FakeCuda, LiveCudaBytes, cast_parameters_, fused_attention
 
@@ -424,7 +424,7 @@ def test_sequential_offload_keeps_one_block_on_the_device():
             gc.collect()
             fc.counter.reset_peak()
             start = fc.current_bytes
-            out = unet(x, t, context=c)
+            unet(x, t, context=c)
             offload_peak = fc.peak_bytes - start  # activations and the weights of the blocks on the device
             offload_total = fc.peak_bytes
             assert start <= plain_total - plain_peak - weights + weights * 0.01  # no weights left on the device
@@ -566,3 +566,36 @@ def test_the_unet_waits_in_host_memory_while_a_tight_decode_runs(monkeypatch):
                 assert all(p.device.type == "cpu" for p in unet.parameters())
             assert all(p.device.type == "cuda" for p in unet.parameters())
         assert host.__dict__["_parked_unet"][1].moves == 2
+
+
+def test_lowvram_flags_give_the_same_image(tmp_path):
+    """scripts/txt2img.py --lowvram --sequential_offload (applied on the CPU too, where nothing is copied): the text
+    encoders and every UNet block are swapped in and out around their calls, and the image is the same."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+    txt2img = load_script("txt2img")
+    make = load_script("make_random_checkpoint")
+    config = REPO_ROOT / "configs/tiny/tiny-sd2.yaml"
+    ckpt = make.save_checkpoint(make.make_random_state_dict(OmegaConf.load(config), seed=5), tmp_path / "m.ckpt")
+    loads = []
+    original = memory.HostWeights.load
+
+    def counted(self):
+        loads.append(type(self.module).__name__)
+        return original(self)
+
+    common = ["--config", config, "--ckpt", ckpt, "--steps", "2", "--H", "64", "--W", "64", "--skip_grid",
+              "--scalecrafter_config", REPO_ROOT / "configs/scalecrafter/sd2.1_1024x1024.yaml"]
+    assert txt2img.main([str(a) for a in common + ["--outdir", tmp_path / "a"]]) == 0
+    memory.HostWeights.load = counted
+    try:
+        assert txt2img.main([str(a) for a in common + ["--outdir", tmp_path / "b", "--lowvram",
+                                                         "--sequential_offload"]]) == 0
+    finally:
+        memory.HostWeights.load = original
+    a = np.asarray(Image.open(tmp_path / "a/samples/00000.png"))
+    b = np.asarray(Image.open(tmp_path / "b/samples/00000.png"))
+    assert np.array_equal(a, b)
+    assert "FrozenOpenCLIPEmbedder" in loads  # the text encoder, brought in to encode
+    assert loads.count("TimestepEmbedSequential") >= 2 * 2 * 12  # every input/output block, each guided step

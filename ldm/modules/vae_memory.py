@@ -42,9 +42,8 @@ against ``tools/fake_cuda.py`` simulations at 1024²–4096² (``tests/test_vae_
 ``scripts/benchmark_vae.py model``).
 """
 import math
-import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
