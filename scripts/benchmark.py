@@ -275,7 +275,7 @@ def freescale_stages(model, sampler, preset, H, W, steps, c, uc, phase, tiling, 
     settings = make_settings(H, W, int(preset["base"]), preset)
     callback = (lambda k, size, latent: mark(f"stage {k + 1} ({size[1]}x{size[0]})")) if mark else None
     runner = FreeScale(model, settings, f=latent_factor(model), tiling=tiling, stage_callback=callback)
-    return phase("sampling", lambda: runner.sample(sampler, steps, c, uc, 5.0, 0.0, 1)).latent
+    return phase("sampling", lambda: runner.sample(sampler, steps, c, uc, 5.0, batch_size=1)).latent
 
 
 def tiling_options(args, **extra):

@@ -2,13 +2,16 @@
 # The CUDA figures of docs/benchmarks.md in one short run (random weights: time and memory do not depend on
 # their values). Each measurement has its own time limit, so one slow case cannot eat the others' time.
 #
-#   shellscripts/benchmark_gpu.sh OUTDIR [all|scalecrafter|dispersion|sdxl|freescale-8192|methods|methods-sd21|methods-sdxl]
+#   shellscripts/benchmark_gpu.sh OUTDIR [all|scalecrafter|dispersion|sdxl|freescale-8192|methods|methods-sd21|methods-sdxl
+#                                         |memory|memory-sd|memory-sdxl|memory-lowvram|memory-freescale|ndcfg|compile]
 #
-# (scalecrafter = dispersion + sdxl + freescale-8192; methods = methods-sd21 + methods-sdxl)
+# (scalecrafter = dispersion + sdxl + freescale-8192; methods = methods-sd21 + methods-sdxl; memory = the targets of
+# issue #27: memory-sd + memory-sdxl + memory-lowvram + memory-freescale + ndcfg, about 10 minutes in all on an
+# H100/H200 (each part has its own limit below; run the parts in separate calls when a call is limited to less))
 #
 # Writes OUTDIR/benchmarks.md (docs/benchmarks.md with the CUDA sections filled in) and OUTDIR/log.txt.
 set -u
-OUT=${1:?usage: shellscripts/benchmark_gpu.sh OUTDIR [all|scalecrafter|dispersion|sdxl|freescale-8192|methods|methods-sd21|methods-sdxl]}
+OUT=${1:?usage: shellscripts/benchmark_gpu.sh OUTDIR [all|scalecrafter|dispersion|sdxl|freescale-8192|methods|methods-sd21|methods-sdxl|memory|memory-sd|memory-sdxl|memory-lowvram|memory-freescale|ndcfg|compile]}
 PART=${2:-all}
 mkdir -p "$OUT"
 DOC="$OUT/benchmarks.md"
@@ -59,5 +62,53 @@ if [ "$PART" = methods ] || [ "$PART" = methods-sdxl ] || [ "$PART" = all ]; the
     bench 300 methods --device cuda --size 2048 --steps 10 \
         --methods direct attn_scale scalecrafter hidiffusion fouriscale freescale demofusion multidiffusion \
         --extra "multidiffusion=--md_stride 32" --key methods-sdxl-2048-cuda
+fi
+# ---- issue #27: memory and speed at the sizes users run (docs/benchmarks.md "Memory targets"). The runs use the
+# default decoding (one piece or tiles, planned from the free memory) and compare each capped run with the same run
+# given the whole card, in one process (scripts/benchmark.py targets).
+part() { [ "$PART" = "$1" ] || [ "$PART" = memory ] || [ "$PART" = all ]; }
+
+if part memory-sd; then
+    # every SD 1.5 / 2.1 ScaleCrafter preset up to 2048² within 12 GiB with scripts/txt2img.py's defaults
+    # (precision autocast: float32 weights, float16 compute), at <= 1.1x the time of the unconstrained run
+    for m in sd2.1:v2 sd1.5:v1; do
+        name=${m%%:*}; cfg=configs/stable-diffusion/${m##*:}-inference.yaml
+        bench 120 targets --config "$cfg" --precision autocast --cap_gib 12 --steps 2 \
+            --presets configs/scalecrafter/${name}_{1024x1024,1280x1280,2048x1024,2048x2048,2048x2048_disperse}.yaml \
+            --key "targets-${name}-12gib"
+    done
+fi
+
+if part memory-sdxl; then
+    # every SDXL ScaleCrafter preset up to 4096² within 12 GiB with the SDXL shell scripts' defaults (PRECISION=half)
+    bench 300 targets --precision half --cap_gib 12 --steps 2 \
+        --presets configs/scalecrafter/sdxl_{2048x2048,2560x2560,4096x2048,4096x4096,4096x4096_disperse}.yaml \
+        --key targets-sdxl-12gib
+fi
+
+if part memory-lowvram; then
+    # SDXL at 2048² with each method within 8 GiB with --lowvram (MultiDiffusion at window stride 32, as above)
+    bench 240 methods --device cuda --size 2048 --steps 4 --cap_gib 8 --flags "--lowvram --precision half" \
+        --methods direct attn_scale scalecrafter hidiffusion fouriscale freescale demofusion multidiffusion \
+        --extra "multidiffusion=--md_stride 32" --key methods-sdxl-2048-8gib-lowvram
+fi
+
+if part memory-freescale; then
+    # FreeScale SDXL 8192² below 40 GiB (FreeU on as in shellscripts/freescale_8192x8192.sh, one step per stage)
+    bench 240 pipeline --device cuda --preset configs/freescale/sdxl_8192x8192.yaml --steps 1 --freeu --decode auto \
+        --cap_gib 40 --key pipeline-sdxl-freescale-8192-40gib
+fi
+
+if part ndcfg; then
+    # noise-damped guidance <= 1.5x the plain step (its extra unconditional evaluation), SDXL and SD 2.1
+    bench 90 unet --family sdxl --device cuda --sizes 256 512 --modes plain redilate redilate_ndcfg \
+        --key unet-sdxl-cuda-ndcfg
+    bench 60 unet --device cuda --sizes 128 256 --modes plain redilate_ndcfg --key unet-sd2-cuda-ndcfg
+fi
+
+if [ "$PART" = compile ]; then
+    # optional: torch.compile of the SDXL UNet with per-step re-dilation processors (recompilations, step time)
+    bench 420 compile --device cuda --config configs/stable-diffusion/sdxl-base-inference.yaml --size 128 --steps 6 \
+        --key compile-sdxl-cuda
 fi
 echo "== [$(date +%T)] done"

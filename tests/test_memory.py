@@ -365,15 +365,18 @@ def test_float16_overflow_without_the_guard_is_decoded_again_in_float32(overflow
     assert vae.last_plan.dtype == torch.float32 and torch.equal(out, ref)
 
 
-def test_sdxl_marks_its_vae_as_overflowing():
+def test_decoding_dtype_per_model():
     from omegaconf import OmegaConf
     from ldm.util import instantiate_from_config
     with torch.device("meta"):
         model = instantiate_from_config(OmegaConf.load(REPO_ROOT / "configs/tiny/tiny-sdxl.yaml").model)
         sd = instantiate_from_config(OmegaConf.load(REPO_ROOT / "configs/tiny/tiny-sd2.yaml").model)
+        x4 = instantiate_from_config(OmegaConf.load(REPO_ROOT / "configs/tiny/tiny-x4-upscaler.yaml").model)
     assert model.first_stage_model.overflow_prone and not sd.first_stage_model.overflow_prone
     assert model.first_stage_model.decode_dtype("cuda") == torch.float16
     assert model.first_stage_model.decode_dtype("cpu") == torch.float32
+    assert sd.first_stage_model.decode_dtype("cuda") == torch.float16
+    assert x4.first_stage_model.decode_dtype("cuda") == torch.float32  # its decoder breaks in half precision
 
 
 # ---------------------------------------------------------------------------------------------- low memory

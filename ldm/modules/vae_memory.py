@@ -338,11 +338,12 @@ class DecodePlan:
     def describe(self):
         gib = 2 ** 30
         what = f"tiled ({self.tile_size}-pixel latent tiles, synchronized GroupNorm)" if self.tiled else "one piece"
+        what += f" in {str(self.dtype).replace('torch.', '')}"
         if self.staged:
-            what += ", tiles that overflow float16 redone in float32"
+            what += " (tiles that overflow redone in float32)"
         avail = "unknown" if self.available is None else f"{self.available / gib:.2f} GiB"
-        return (f"{what} in {str(self.dtype).replace('torch.', '')}: estimated {self.estimate / gib:.2f} GiB, "
-                f"available {avail}" + (f" ({self.reason})" if self.reason else ""))
+        return (f"{what}: estimated {self.estimate / gib:.2f} GiB, available {avail}"
+                + (f" ({self.reason})" if self.reason else ""))
 
 
 def _needed(estimate, device_type):

@@ -316,6 +316,8 @@ class LatentUpscaleDiffusion(LatentDiffusion):
             p.requires_grad = False
         self.low_scale_key = low_scale_key
         self.noise_level_key = noise_level_key
+        if hasattr(self.first_stage_model, "compute_dtype"):  # "the decoder seems to break in half precision" (the
+            self.first_stage_model.compute_dtype = torch.float32  # original config's note): float32, also on CUDA
         if ckpt_path is not None:
             from ldm.checkpoint import load_checkpoint_into
             load_checkpoint_into(self, ckpt_path, ignore_keys=ignore_keys)
