@@ -533,8 +533,9 @@ class _Placement:
         elif budget is not None:
             self.budget = budget
         else:
-            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else DEFAULT_DEVICE_BUDGET
-            self.budget = default_device_budget(free)
+            from ldm import memory  # the free memory within a per-process cap (ldm/memory.py)
+            free = memory.available_bytes(device) if device.type == "cuda" else None
+            self.budget = default_device_budget(DEFAULT_DEVICE_BUDGET * 2 if free is None else free)
 
     def choose(self, nbytes: int, live: int):
         return self.device if live + nbytes <= self.budget else self.host
