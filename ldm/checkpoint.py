@@ -99,6 +99,9 @@ def check_checkpoint_file(path):
     """Cheap check before anything is built: the file exists and looks like a checkpoint; returns its
     format (see :func:`sniff_checkpoint_format`) or raises :class:`CheckpointError`."""
     path = str(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: give the .ckpt or .safetensors file in it "
+                              "(see checkpoints/README.md)")
     if not os.path.isfile(path):
         raise CheckpointError(missing_checkpoint_message(path))
     fmt = sniff_checkpoint_format(path)

@@ -31,6 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from ldm.util import float_range, positive_float  # noqa: E402  (argparse types: finite numbers in range)
+
 CONFIGS = {"sd2": REPO_ROOT / "configs/stable-diffusion/v2-inference.yaml",
            "sdxl": REPO_ROOT / "configs/stable-diffusion/sdxl-base-inference.yaml"}
 FAMILY_TITLES = {"sd2": "SD 2.1", "sdxl": "SDXL base"}
@@ -188,7 +190,7 @@ def add_pipeline_parser(sub):
                    help="the prompt (the demo model knows only its own words, e.g. 'a red circle')")
     q.add_argument("--ckpt", default=None,
                    help="load these weights instead of random ones (e.g. checkpoints/demo/shapes32.ckpt)")
-    q.add_argument("--cap_gib", type=float, default=None,
+    q.add_argument("--cap_gib", type=positive_float, default=None,
                    help="cap this process's CUDA memory (e.g. 24 on a larger GPU: a run that needs more fails)")
     q.add_argument("--write", type=str, default=None, help="update this markdown file")
     q.add_argument("--simulate", action="store_true",
@@ -528,7 +530,7 @@ def add_dispersion_layers_parser(sub):
                                                     "1280:8", "1280:16", "1280:32", "2560-1280:8", "2560-1280:16",
                                                     "1280s2:16"],
                    help="IN[-OUT][s2]:SIDE (s2 = stride-2 downsampling conv), e.g. 2560-1280:8")
-    d.add_argument("--factor", type=float, default=4.0, help="re-dilation factor (dispersed: dilation factor/2)")
+    d.add_argument("--factor", type=float_range(1), default=4.0, help="re-dilation factor (dispersed: dilation factor/2)")
     d.add_argument("--batch", type=int, default=2)
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--threads", type=int, default=None)
@@ -814,7 +816,7 @@ def main(argv=None):
     m.add_argument("--steps", type=int, default=1)
     m.add_argument("--precision", choices=["half", "autocast", "full"], default="half")
     m.add_argument("--freeu", action="store_true")
-    m.add_argument("--cap_gib", type=float, default=None, help="the card's memory (default 24)")
+    m.add_argument("--cap_gib", type=positive_float, default=None, help="the card's memory (default 24)")
     m.add_argument("--write", type=str, default=None)
     m.add_argument("--key", type=str, default=None)
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -36,6 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from ldm.util import positive_float  # noqa: E402  (argparse type: a finite number > 0)
+
 CONFIG = REPO_ROOT / "configs/stable-diffusion/v2-inference.yaml"
 METHODS = {
     "full": "decode(z)",
@@ -265,7 +267,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("cmd", nargs="?", default="run", choices=["run", "simulate", "_child"],
                    help="run: measure on --device; simulate: estimate CUDA fp16 memory without a GPU")
-    p.add_argument("--card_gib", type=float, default=24.0, help="simulate: the GPU's memory (sets the device budget)")
+    p.add_argument("--card_gib", type=positive_float, default=24.0, help="simulate: the GPU's memory (sets the device budget)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in pixels (multiples of 8)")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))

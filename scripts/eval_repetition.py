@@ -37,7 +37,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.pipelines import demo  # noqa: E402  (model loading, sampling, grid)
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation import repetition  # noqa: E402
-from ldm.inference import pick_device, seed_arg  # noqa: E402
+from ldm.inference import finite_float, pick_device, seed_arg, unit_float  # noqa: E402
 from ldm.util import read_yaml_mapping  # noqa: E402
 
 TARGETS = {"native_one": 0.90, "direct2x_multi": 0.50, "cure_factor": 0.5}
@@ -146,8 +146,8 @@ def main(argv=None):
     p.add_argument("--custom", action="append", default=[],
                    help="extra setting 'SIDE LABEL=PRESET.yaml' (or 'SIDE LABEL' for direct), for experiments")
     p.add_argument("--steps", type=int, default=demo.STEPS)
-    p.add_argument("--ddim_eta", type=float, default=demo.ETA)
-    p.add_argument("--scale", type=float, default=demo.SCALE)
+    p.add_argument("--ddim_eta", type=unit_float, default=demo.ETA)
+    p.add_argument("--scale", type=finite_float, default=demo.SCALE)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -313,8 +313,13 @@ def _sampler(value, where) -> Dict:
     try:
         out["steps"], out["batch_size"] = int(out["steps"]), int(out["batch_size"])
         out["eta"], out["scale"] = float(out["eta"]), float(out["scale"])
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise SpecError(f"{where}: {err}") from None
+    from ldm.util import finite_float, positive_int, unit_float  # NaN/inf/out of range: black images, or no run
+    for key, numbers in (("steps", positive_int), ("batch_size", positive_int), ("eta", unit_float),
+                         ("scale", finite_float)):
+        if numbers.problem(out[key]):
+            raise SpecError(f"{where}: {key}: {numbers.problem(out[key])}")
     if out["precision"] not in ("full", "autocast", "half"):
         raise SpecError(f"{where}: precision must be full, autocast or half, got {out['precision']!r}")
     return out

@@ -17,7 +17,7 @@ from ldm.errors import UsageError
 @dataclass
 class ModelInfo:
     """What a method may know of the model before it is loaded (from the config) and of the run."""
-    family: str            # "sd1" | "sd2" | "sdxl" (the demo model reads as "sd2": an SD-2-style config)
+    family: str            # "sd1" | "sd2" | "sdxl" | "demo" (what a preset's base_model names)
     f: int                 # latent downsampling factor (8 for SD, 1 for the demo model)
     channels: int          # latent channels
     base_latent: int       # latent side at the training size (64 for SD 1/2, 128 for SDXL, 32 for the demo)
@@ -25,6 +25,9 @@ class ModelInfo:
     steps: int = 50
     seed: int = 42
     config_name: str = ""
+    unet_channels: Tuple[int, ...] = ()  # the UNet's channels per level (model_channels x channel_mult)
+    decoder_channels: int = 0  # channels of the VAE decoder's full-resolution level (0: no VAE)
+    tiled_vae: bool = True     # the first stage can decode in tiles (False: the identity, the demo model)
 
     @property
     def base_px(self):
@@ -97,6 +100,24 @@ class Method:
     def settings(cls, opt, info, size):
         """Settings for an image of ``size`` = (H, W); UsageError naming the bad input. Must not change opt."""
         return Settings(size=tuple(size))
+
+    @classmethod
+    def memory_estimate(cls, settings, info, batch_size, scale=2.0, tiling=None, bytes_per_value=4):
+        """(bytes, what) of the largest single tensor the run will hold, from the sizes alone (before loading): a
+        rough lower bound of its peak memory, for refusing a run that cannot fit (``check_memory``). Default:
+        the UNet's full-resolution activation of the largest size sampled (both guidance branches), or the VAE
+        decoder's full-resolution activation when the image is decoded whole."""
+        h, w = settings.size
+        branches = 2 if scale != 1.0 else 1
+        c0 = info.unet_channels[0] if info.unet_channels else 320
+        unet = branches * batch_size * c0 * (h // info.f) * (w // info.f) * bytes_per_value
+        best = (unet, f"the UNet's {c0}-channel activation at {h // info.f}x{w // info.f} latent pixels")
+        if info.decoder_channels and not tiling:
+            vae = batch_size * info.decoder_channels * h * w * 4  # the decoder runs in float32
+            if vae > best[0]:
+                best = (vae, f"the VAE decoder's {info.decoder_channels}-channel activation at {h}x{w} (decoded "
+                             "whole: --tiled_decoding bounds it)")
+        return best
 
     # -- after loading ---------------------------------------------------------------------------
 
@@ -173,9 +194,14 @@ def refuse(message):
     raise UsageError(message)
 
 
+PRESET_PATTERNS = {"sd1": "sd1.5_*.yaml", "sd2": "sd2.1_*.yaml", "sdxl": "sdxl_*.yaml", "demo": "demo_*.yaml"}
+
+
 def check_preset_family(flag, path, base, info, kind):
-    """A preset made for SDXL on an SD model (or the reverse) is an error naming the presets to use."""
-    if base in ("sd1", "sd2", "sdxl") and (base == "sdxl") != info.sdxl:
-        hint = "sdxl_*.yaml" if info.sdxl else "sd2.1_*.yaml / sd1.5_*.yaml"
-        raise UsageError(f"{flag} {path} is a preset for {base} but --config is a {info.family} model; use "
-                         f"configs/{kind}/{hint}")
+    """A preset's ``base_model`` must be the loaded config's family exactly (sd1, sd2, sdxl, demo: the schedules
+    and layer lists are made for one model); otherwise an error naming the presets to use."""
+    if base != info.family:
+        hint = PRESET_PATTERNS.get(info.family, "*.yaml")
+        config = f" ({info.config_name})" if info.config_name else ""
+        raise UsageError(f"{flag} {path} is a preset for {base} but --config{config} is a {info.family} model; use "
+                         f"a {info.family} preset, configs/{kind}/{hint}")

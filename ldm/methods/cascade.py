@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ldm.errors import UsageError
 from ldm.methods.base import Method, Settings
+from ldm.util import missing_file_reason
 
 RESIZES = ("pixel", "latent")
 
@@ -249,4 +250,4 @@ def check_files(values, *keys):
     """--init_image / --detail_mask name existing files (before the model loads)."""
     for key in keys:
         if values.get(key) and not Path(values[key]).is_file():
-            raise UsageError(f"--{key} {values[key]}: no such file")
+            raise UsageError(f"--{key} {values[key]}: {missing_file_reason(values[key])}")

@@ -43,6 +43,7 @@ from ldm.guidance import classifier_free_guidance
 from ldm.errors import UsageError
 from ldm.methods.base import Settings
 from ldm.methods.cascade import Cascade, CascadeMethod, check_files, cosine_factor
+from ldm.util import nonneg_float, positive_float, positive_int
 from ldm.windows import SDXLWindowConditioning, gaussian_1d, window_conditions, window_views
 
 
@@ -206,12 +207,12 @@ class DemoFusionMethod(CascadeMethod):
     @classmethod
     def add_args(cls, parser):
         g = parser.add_argument_group("DemoFusion (--method demofusion)")
-        g.add_argument("--df_stride", type=int, default=None,
+        g.add_argument("--df_stride", type=positive_int, default=None,
                        help="local window stride in latent pixels (default: half a window, 64 for SDXL)")
-        g.add_argument("--df_sigma", type=float, default=0.8, help="Gaussian sigma of the global paths")
-        g.add_argument("--df_cosine_scales", type=float, nargs=3, default=[3.0, 1.0, 1.0], metavar=("C1", "C2", "C3"),
-                       help="exponents of the skip residual, the local/global fusion and the blur")
-        g.add_argument("--df_view_batch", type=int, default=16, help="windows per UNet call")
+        g.add_argument("--df_sigma", type=positive_float, default=0.8, help="Gaussian sigma of the global paths")
+        g.add_argument("--df_cosine_scales", type=nonneg_float, nargs=3, default=[3.0, 1.0, 1.0], metavar=("C1", "C2", "C3"),
+                       help="exponents (>= 0) of the skip residual, the local/global fusion and the blur")
+        g.add_argument("--df_view_batch", type=positive_int, default=16, help="windows per UNet call")
 
     @classmethod
     def settings(cls, opt, info, size):

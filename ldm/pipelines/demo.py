@@ -15,7 +15,7 @@ from ldm.inference import UsageError
 from ldm import methods
 from ldm.pipelines import txt2img
 from ldm.samplers import make_sampler
-from ldm.util import load_config_file, read_yaml_mapping
+from ldm.util import load_config_file, missing_file_reason, read_yaml_mapping
 
 DEFAULT_CONFIG = "configs/demo/shapes32.yaml"
 DEFAULT_CKPT = "checkpoints/demo/shapes32.ckpt"
@@ -58,7 +58,7 @@ def repo_path(p):
 def load_demo_model(config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device="cpu", trust=False):
     config_path, ckpt_path = repo_path(config), repo_path(ckpt)
     if not config_path.is_file():
-        raise UsageError(f"config not found: {config_path}")
+        raise UsageError(f"--config {config_path}: {missing_file_reason(config_path)}")
     cfg = load_config_file(config_path, trust=trust)
     return load_model_from_config(cfg, str(ckpt_path), device=device, config_name=str(config), trust=trust)
 

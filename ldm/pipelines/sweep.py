@@ -64,7 +64,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from ldm.inference import UsageError, create_temp_file, fsync_directory, save_png
+from ldm.inference import UsageError, create_temp_file, fsync_directory, positive_float, save_png
 
 try:
     import fcntl
@@ -100,7 +100,7 @@ def add_sweep_args(parser):
                         "batch size. No grid")
     g.add_argument("--dist_backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
-    g.add_argument("--dist_timeout", type=float, default=720.0,
+    g.add_argument("--dist_timeout", type=positive_float, default=720.0,
                    help="minutes a process may wait for the others (model loading, the final barrier)")
     return g
 

@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError, load_model_from_config
-from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, chunk,
-                           make_grid, next_free_index, pick_device, read_prompt_file, remove_stale_temp_files,
-                           save_png, seed_arg, seed_everything, to_pil)
+from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_from_config
+from ldm.inference import (InputWarning, UsageError, check_memory, check_output_dir, check_size, chunk,
+                           finite_float, make_grid, next_free_index, nonneg_float, nonneg_int, pick_device,
+                           positive_int, read_prompt_file,
+                           remove_stale_temp_files, save_png, seed_arg, seed_everything, to_pil)
 from ldm import methods
 from ldm.methods.base import ModelInfo
 from ldm.pipelines import sweep as sweep_mode
 from ldm.samplers import make_sampler
 from ldm.upscaler import is_upscaler_config
-from ldm.util import check_config_targets, load_config_file
+from ldm.util import check_config_targets, check_side, load_config_file, missing_file_reason
 
 
 class Interrupted(Exception):
@@ -51,7 +52,7 @@ def build_parser():
     p.add_argument("--from-file", type=str, help="a text file with one prompt per line (overrides --prompt)")
     p.add_argument("--outdir", type=str, default="outputs/txt2img-samples", help="where to write results")
     p.add_argument("--steps", type=int, default=50, help="number of DDIM sampling steps")
-    p.add_argument("--ddim_eta", type=float, default=0.0,
+    p.add_argument("--ddim_eta", type=finite_float, default=0.0,
                    help="DDIM eta in [0, 1] (0: deterministic sampling, 1: DDPM-like ancestral sampling)")
     p.add_argument("--n_iter", type=int, default=1, help="how many times to sample each batch")
     p.add_argument("--n_samples", type=int, default=1, help="batch size: images per prompt per iteration")
@@ -60,7 +61,7 @@ def build_parser():
     p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the preset's, else 512)")
     p.add_argument("--C", type=int, default=None, help="latent channels (default: from the config)")
     p.add_argument("--f", type=int, default=None, help="downsampling factor (default: from the config, 8 for SD)")
-    p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=finite_float, default=9.0, help="classifier-free guidance scale")
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v2-inference.yaml",
                    help="the model's YAML config")
     p.add_argument("--ckpt", type=str, required=False, help="the checkpoint (.ckpt or .safetensors)")
@@ -88,7 +89,8 @@ def build_parser():
     fu = p.add_argument_group("FreeU (any method)")
     fu.add_argument("--freeu", action="store_true", help="turn FreeU on (off by default)")
     for k in ("b1", "b2", "s1", "s2"):
-        fu.add_argument(f"--freeu_{k}", type=float, default=None, help=f"FreeU {k} (default: preset/model value)")
+        fu.add_argument(f"--freeu_{k}", type=nonneg_float, default=None,
+                        help=f"FreeU {k} (default: preset/model value)")
     cas = p.add_argument_group("cascades (--method " + " | ".join(
         c.name for c in methods.classes() if "init_image" in c.accepts) + ")")
     cas.add_argument("--init_image", type=str, default=None,
@@ -96,8 +98,8 @@ def build_parser():
     cas.add_argument("--save_stages", action="store_true", help="also write every earlier stage's image")
     td = p.add_argument_group("tiled VAE decoding")
     td.add_argument("--tiled_decoding", action="store_true", help="decode the latent in tiles (bounded memory)")
-    td.add_argument("--tile_size", type=int, default=None, help="tile side in latent pixels")
-    td.add_argument("--overlap", type=int, default=24, help="tile overlap in latent pixels")
+    td.add_argument("--tile_size", type=positive_int, default=None, help="tile side in latent pixels")
+    td.add_argument("--overlap", type=nonneg_int, default=24, help="tile overlap in latent pixels")
     td.add_argument("--sync_gn", action="store_true",
                     help="normalise every decoder GroupNorm with whole-image statistics (no seams)")
     sx = p.add_argument_group("SDXL size conditioning (pixels; SDXL configs only)")
@@ -112,10 +114,17 @@ def build_parser():
     return p
 
 
+DEMO_ENCODER = "ldm.modules.encoders.word_embedder.WordEmbedder"  # the demo model's text encoder (configs/demo/)
+
+
 def model_family(config):
+    """The model family of a config, what a preset's ``base_model`` names: "sd1" (CLIP ViT-L text encoder), "sdxl",
+    "demo" (the demo model's word encoder, configs/demo/) or "sd2"."""
     target = str(config.model.params.get("cond_stage_config", {}).get("target", ""))
     if target.endswith("FrozenCLIPEmbedder"):
         return "sd1"
+    if target == DEMO_ENCODER:
+        return "demo"
     params = config.model.params
     if "conditioner" in params or "conditioner_config" in params or "sdxl" in str(config.model.target).lower():
         return "sdxl"
@@ -139,18 +148,33 @@ def model_info(opt, config, config_path):
     """ModelInfo of --config (--f/--C override the factor and channels)."""
     f_cfg, c_cfg = first_stage_factor(config)
     family = model_family(config)
+    params = config.model.params
+    unet = params.get("unet_config", {}).get("params", {})
+    mc = int(unet.get("model_channels", 320))
+    ddconfig = params.get("first_stage_config", {}).get("params", {}).get("ddconfig", {})
     return ModelInfo(family=family, f=opt.f or f_cfg, channels=opt.C or c_cfg,
-                     base_latent=int(config.model.params.get("image_size", 64)),
+                     base_latent=int(params.get("image_size", 64)),
                      side=1024 if family == "sdxl" else 512, steps=opt.steps, seed=opt.seed,
-                     config_name=Path(config_path).name)
+                     config_name=Path(config_path).name,
+                     unet_channels=tuple(mc * int(m) for m in unet.get("channel_mult", (1, 2, 4, 4))),
+                     decoder_channels=int(ddconfig.get("ch", 128)) * int((ddconfig.get("ch_mult") or [1])[0])
+                     if ddconfig else 0,
+                     tiled_vae=bool(ddconfig))
 
 
 def resolve_size(opt, info, method_cls):
-    """(H, W): --H/--W, else the method's preset size, else the family's training side; checked."""
+    """(H, W): --H/--W, else the method's preset size, else the family's training side; checked (a size from a
+    preset is named by the preset's file and keys)."""
     preset = method_cls.preset_size(opt, info) or (None, None)
     H = opt.H if opt.H is not None else preset[0] if preset[0] is not None else info.side
     W = opt.W if opt.W is not None else preset[1] if preset[1] is not None else info.side
-    check_size(H, W, info.f)
+    for flag, given, key, value, from_preset in (("--H", opt.H, "height", H, preset[0]),
+                                                 ("--W", opt.W, "width", W, preset[1])):
+        if given is None and from_preset is not None:  # the preset's size: name its file and key
+            check_side(value, info.f, key, f"{method_cls.preset_flag} "
+                                           f"{getattr(opt, (method_cls.preset_flag or '--').lstrip('-'), None)}")
+        else:
+            check_side(value, info.f, flag)
     return int(H), int(W)
 
 
@@ -199,7 +223,8 @@ def load_config(opt):
     """(path, config) of --config, its targets checked and --steps against its training timesteps."""
     config_path = Path(opt.config)
     if not config_path.is_file():
-        raise UsageError(f"--config {opt.config}: no such file (the original configs are in configs/stable-diffusion/)")
+        raise UsageError(f"--config {opt.config}: {missing_file_reason(config_path)} (the original configs are in "
+                         "configs/stable-diffusion/)")
     config = load_config_file(config_path, trust=opt.trust_config, flag="--config")
     try:
         check_config_targets(config.model if "model" in config else config, trust=opt.trust_config)
@@ -232,13 +257,25 @@ def plan_run(opt):
     except ValueError as err:
         raise UsageError(str(err)) from None
     if settings.sample_size is not None:
-        check_size(*settings.sample_size, info.f)
+        check_size(*settings.sample_size, info.f, names=("the first stage's height", "width"),
+                   source=f"--method {method_cls.name}")
+    check_tiling(opt, info)
     return config_path, config, info, method_cls, settings
 
 
-def tiling_of(opt):
-    """The keyword arguments of tiled VAE decoding (--tiled_decoding ...), or {}."""
-    if not opt.tiled_decoding:
+def check_tiling(opt, info):
+    """--tiled_decoding (or --tile_size) on a model whose first stage is the identity (the demo model: the latent is
+    the image) does nothing: a warning, and the run goes on without it (``tiling_of`` drops it)."""
+    given = [f for f, v in (("--tiled_decoding", opt.tiled_decoding), ("--tile_size", opt.tile_size)) if v]
+    if given and not info.tiled_vae:
+        warnings.warn(f"{'/'.join(given)}: --config {opt.config} has no VAE (its first stage is the identity, the "
+                      "latent is the image), so there is nothing to decode in tiles; ignored", InputWarning,
+                      stacklevel=2)
+
+
+def tiling_of(opt, info=None):
+    """The keyword arguments of tiled VAE decoding (--tiled_decoding ...), or {} (also for a model without a VAE)."""
+    if not opt.tiled_decoding or (info is not None and not info.tiled_vae):
         return {}
     tiling = {"overlap": opt.overlap, "sync_gn": opt.sync_gn}
     if opt.tile_size is not None:
@@ -290,6 +327,11 @@ def run(opt, loader=None, wrap_sampler=None):
     if sweeping and not opt.sweep:
         print("launched by torchrun: sweep mode on (--sweep; see docs/cluster.md)")
     device = sweep_mode.rank_device(pick_device(opt.device))
+    use_autocast = opt.precision in ("autocast", "half") and device.type == "cuda"
+    if loader is load_model_from_config:  # (a tool's own loader may take a placeholder)
+        check_checkpoint_file(opt.ckpt)  # a missing file or a folder: before the memory estimate and loading
+    check_memory(method_cls.memory_estimate(settings, info, batch_size, scale=opt.scale, tiling=tiling_of(opt, info),
+                                            bytes_per_value=2 if use_autocast else 4), device)
     t0 = time.time()
     model = loader(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load, use_ema=not opt.no_ema,
                    config_name=str(config_path), trust=opt.trust_config)
@@ -298,7 +340,7 @@ def run(opt, loader=None, wrap_sampler=None):
     sampler = make_sampler("ddim", model, eta=opt.ddim_eta)
     if wrap_sampler is not None:
         sampler = wrap_sampler(sampler)
-    tiling = tiling_of(opt)
+    tiling = tiling_of(opt, info)
     method = method_cls(model, settings, info, tiling, opt)
     method.loader = loader
     method.prepare()
@@ -338,7 +380,7 @@ def run(opt, loader=None, wrap_sampler=None):
                         sampler, opt.steps, c, uc, opt.scale, batch_size=len(batch_prompts),
                         x_T=start_code[:len(batch_prompts)] if start_code is not None else None,
                         jitter_seed=opt.seed + 1000 * n + batch_idx)
-                    x = model.decode_first_stage(samples, **tiling)
+                    x = check_decoded(model.decode_first_stage(samples, **tiling))
                     x = method.finish(x, batch_prompts)
                     stage_images = [model.decode_first_stage(z, **tiling) for z in stages]
                     for j, (img_t, prompt) in enumerate(zip(x, batch_prompts)):
@@ -352,12 +394,14 @@ def run(opt, loader=None, wrap_sampler=None):
                         save_png(img, sample_path / f"{base_count:05}.png", meta)
                         base_count += 1
                         all_images.append(img)
-    except KeyboardInterrupt:
-        for folder in created:  # nothing written yet: leave no empty folders behind
+    except BaseException as err:
+        for folder in created:  # nothing written yet: leave no empty folders behind (rmdir keeps a non-empty one)
             try:
                 folder.rmdir()
             except OSError:
                 pass
+        if not isinstance(err, KeyboardInterrupt):
+            raise
         raise Interrupted(f"interrupted after {len(all_images)} of {total} images; re-run to continue (a plain run "
                           f"renders all {total} again, numbered after the files in {sample_path}; --sweep runs "
                           "resume where they stopped)") from None
@@ -368,6 +412,16 @@ def run(opt, loader=None, wrap_sampler=None):
         print(f"Grid: {grid_file}")
     print(f"Your samples are ready and waiting for you here: {outdir}")
     return all_images
+
+
+def check_decoded(images):
+    """The decoded images, unless they hold NaN or infinite values (a VAE overflowing in half precision): then a
+    UsageError, and nothing is written for the batch."""
+    from torch._subclasses.fake_tensor import is_fake
+    if not is_fake(images) and not bool(torch.isfinite(images).all()):
+        raise UsageError("the decoded images hold NaN or infinite values (the latent was finite: the VAE decoder "
+                         "overflowed, e.g. in float16); nothing is written for this batch; try --precision full")
+    return images
 
 
 def run_sweep(opt, model, sampler, method, settings, tiling, device, precision_scope, freeu_scope):
@@ -392,7 +446,7 @@ def run_sweep(opt, model, sampler, method, settings, tiling, device, precision_s
             for it, x in zip(items, model.decode_first_stage(z, **tiling)):
                 path = Path(opt.outdir) / "samples" / it.file
                 save_png(to_pil(x), path.with_name(f"{path.stem}-stage{k}.png"), {"prompt": it.prompt, "stage": k})
-        images = model.decode_first_stage(samples, **tiling)
+        images = check_decoded(model.decode_first_stage(samples, **tiling))
         # SD+SR: each image's generator goes on into the upscaler's noise
         images = method.finish(images, [it.prompt for it in items], generator=generators)
         return [to_pil(x) for x in images]

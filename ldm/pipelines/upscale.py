@@ -16,8 +16,10 @@ import torch
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_from_config
-from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, next_free_index,
-                           numpy_seed_arg, pick_device, remove_stale_temp_files, save_png, seed_everything, to_pil)
+from ldm.inference import (InputWarning, UsageError, check_memory, check_output_dir, check_size, finite_float,
+                           next_free_index, numpy_seed_arg, output_folder, pick_device, positive_float, remove_stale_temp_files,
+                           save_png, seed_everything, to_pil)
+from ldm.util import missing_file_reason
 from ldm import methods, upscaler as upscaling
 from ldm.methods.cascade import CascadeMethod, encode_image, read_image_tensor
 from ldm.pipelines import txt2img
@@ -40,11 +42,11 @@ def build_parser():
     p.add_argument("--image", type=str, nargs="+", required=True, help="the low-resolution image(s)")
     p.add_argument("--prompt", type=str, default="", help="what the image shows (the upscaler is text-guided)")
     p.add_argument("--negative_prompt", type=str, default="", help="the unconditional prompt for guidance")
-    p.add_argument("--scale", type=float, default=4.0,
+    p.add_argument("--scale", type=positive_float, default=4.0,
                    help="upscaling factor, at most 4 (the model's; smaller factors resize its x4 output)")
     p.add_argument("--H", type=int, default=None, help="output height in pixels (instead of --scale)")
     p.add_argument("--W", type=int, default=None, help="output width in pixels (instead of --scale)")
-    p.add_argument("--scale_cfg", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--scale_cfg", type=finite_float, default=9.0, help="classifier-free guidance scale")
     p.add_argument("--config", type=str, default=upscaling.UPSCALER_CONFIG, help="the upscaler's YAML config")
     p.add_argument("--ckpt", type=str, default=None, help="the upscaler checkpoint (x4-upscaler-ema.ckpt)")
     p.add_argument("--outdir", type=str, default="outputs/upscale-samples", help="where to write results")
@@ -84,7 +86,7 @@ def check_options(opt):
     upscaling.check_args(opt)
     for path in opt.image:
         if not Path(path).is_file():
-            raise UsageError(f"--image {path}: no such file")
+            raise UsageError(f"--image {path}: {missing_file_reason(path)}")
 
 
 def output_size(opt, h, w, factor):
@@ -138,10 +140,9 @@ def run(opt):
     use_autocast = opt.precision == "autocast" and device.type == "cuda"
     precision_scope = (torch.autocast("cuda", dtype=getattr(torch, opt.autocast_dtype)) if use_autocast
                        else nullcontext())
-    outdir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(outdir)
     written = []
-    with torch.no_grad(), precision_scope:
+    with output_folder(outdir), torch.no_grad(), precision_scope:
+        remove_stale_temp_files(outdir)
         for path, x in tqdm(images, desc="images", disable=len(images) == 1):
             h, w = x.shape[-2:]
             H, W = output_size(opt, h, w, up.factor)
@@ -218,7 +219,7 @@ def build_img2img_parser():
     p.add_argument("-h", "--help", action="help", help="show this help message and exit")
     p.add_argument("--method", choices=method_names(), required=True, help=method_help())
     p.add_argument("--image", type=str, nargs="+", required=True, help="the image(s) to upscale")
-    p.add_argument("--strength", type=float, default=None,
+    p.add_argument("--strength", type=finite_float, default=None,
                    help="how much of the schedule is re-run, in [0, 1]: the image is noised to step "
                         "t_enc = floor(strength x steps) from the end and the last t_enc steps are denoised (0: the "
                         "image, encoded and decoded; 1: from the noisiest step). Default: 0.75 for "
@@ -228,10 +229,11 @@ def build_img2img_parser():
                    help="output height in pixels, a multiple of the latent factor (default: from --W and the "
                         "image's aspect, else --scale, else the method preset's)")
     p.add_argument("--W", type=int, default=None, help="output width in pixels (as --H)")
-    p.add_argument("--scale", dest="factor", type=float, default=None,
+    p.add_argument("--scale", dest="factor", type=positive_float, default=None,
                    help="output size = the image's size x this factor, rounded to multiples of the latent factor "
                         "(instead of --H/--W)")
-    p.add_argument("--scale_cfg", dest="scale", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--scale_cfg", dest="scale", type=finite_float, default=9.0,
+                   help="classifier-free guidance scale")
     p.add_argument("--prompt", type=str, default="", help="what the image shows")
     p.add_argument("--outdir", type=str, default="outputs/upscale-samples", help="where to write results")
     return p
@@ -256,7 +258,7 @@ def check_img2img_options(opt, parser):
         raise UsageError(f"--scale {opt.factor}: the upscaling factor must be positive")
     for path in opt.image:
         if not Path(path).is_file():
-            raise UsageError(f"--image {path}: no such file")
+            raise UsageError(f"--image {path}: {missing_file_reason(path)}")
     txt2img.check_options(opt)
 
 
@@ -268,9 +270,10 @@ def read_image_info(path):
     return h, w, hashlib.sha256(data).hexdigest()
 
 
-def target_size(given, preset_hw, factor, h, w, f):
+def target_size(given, preset_hw, factor, h, w, f, preset_source=None):
     """(H, W) for an h x w image: --H/--W (one of them: the other from the aspect), else --scale, else the
-    preset's size. Derived sides are rounded to multiples of f; given ones are checked."""
+    preset's size. Derived sides are rounded to multiples of f; given ones are checked (the preset's named by
+    ``preset_source``, e.g. "--freescale_config FILE", and its keys)."""
     def rounded(v):
         return max(f, int(round(v / f)) * f)
     H, W = given
@@ -282,6 +285,7 @@ def target_size(given, preset_hw, factor, h, w, f):
             if H is None or W is None:
                 raise UsageError("give the output size: --H and/or --W, --scale FACTOR, or a preset "
                                  "(--scalecrafter_config / --freescale_config) with a size")
+            check_size(H, W, f, names=("height", "width"), source=preset_source)
     elif H is None:
         H = rounded(h * W / w)
     elif W is None:
@@ -306,7 +310,9 @@ def plan_image(opt, method_cls, info, settings_of, given_hw, preset_hw, path):
     """Everything about one image that does not need the model: sizes, strength, the method's settings (a cascade's
     from the stage the image enters at)."""
     h, w, digest = read_image_info(path)
-    H, W = target_size(given_hw, preset_hw, opt.factor, h, w, info.f)
+    source = (f"{method_cls.preset_flag} {getattr(opt, method_cls.preset_flag.lstrip('-'), None)}"
+              if method_cls.preset_flag else None)
+    H, W = target_size(given_hw, preset_hw, opt.factor, h, w, info.f, source)
     settings = settings_of((H, W))
     plan = {"path": path, "input_size": (h, w), "sha256": digest, "size": (H, W), "entry": None, "stages": None,
             "factor": opt.factor if given_hw == (None, None) and opt.factor is not None else None}
@@ -368,12 +374,18 @@ def run_img2img(opt, parser):
         except ValueError as err:
             raise UsageError(str(err)) from None
     plans = [plan_image(opt, method_cls, info, settings_of, given_hw, preset_hw, path) for path in opt.image]
+    txt2img.check_tiling(opt, info)
     if opt.ckpt is None:
         raise UsageError("--ckpt is required: the base model's checkpoint matching --config (see "
                          "checkpoints/README.md)")
     outdir = Path(opt.outdir)
     check_output_dir(outdir)
     device = pick_device(opt.device)
+    use_autocast = opt.precision in ("autocast", "half") and device.type == "cuda"
+    for plan in plans:
+        check_memory(method_cls.memory_estimate(plan["settings"], info, opt.n_samples, scale=opt.scale,
+                                                tiling=img2img_tiling(opt, info, *plan["size"]),
+                                                bytes_per_value=2 if use_autocast else 4), device)
     t0 = time.time()
     model = load_model_from_config(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load,
                                    use_ema=not opt.no_ema, config_name=str(config_path), trust=opt.trust_config)
@@ -385,10 +397,9 @@ def run_img2img(opt, parser):
     if freeu:
         from ldm.unet_hooks.freeu import freeu as freeu_hooks
         freeu_scope = freeu_hooks(model.model.diffusion_model, **freeu)
-    outdir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(outdir)
     written = []
-    with torch.no_grad(), precision_scope, freeu_scope:
+    with output_folder(outdir), torch.no_grad(), precision_scope, freeu_scope:
+        remove_stale_temp_files(outdir)
         for plan in tqdm(plans, desc="images", disable=len(plans) == 1):
             written += upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast,
                                    config_path, outdir)
@@ -397,16 +408,23 @@ def run_img2img(opt, parser):
     return written
 
 
+def img2img_tiling(opt, info, H, W):
+    """The tiled VAE options of an H x W result: asked for, or automatic above 1024x1024; none for a model without
+    a VAE (the demo model's first stage is the identity)."""
+    tiling = {}
+    if info.tiled_vae and (opt.tiled_decoding or opt.tile_size is not None or H * W > AUTO_TILING_PIXELS):
+        tiling = {"overlap": opt.overlap, "sync_gn": opt.sync_gn or not opt.tiled_decoding}
+        if opt.tile_size is not None:
+            tiling["tile_size"] = opt.tile_size
+    return tiling
+
+
 def upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast, config_path, outdir):
     """The n_samples results for one input image, written as PNGs."""
     n, steps, t_enc, (H, W) = opt.n_samples, opt.steps, plan["t_enc"], plan["size"]
     settings = plan["settings"]
     conditioning = txt2img.prepare_model(opt, model, device, settings)  # SDXL: the size conditioning of this size
-    tiling = {}
-    if opt.tiled_decoding or opt.tile_size is not None or H * W > AUTO_TILING_PIXELS:
-        tiling = {"overlap": opt.overlap, "sync_gn": opt.sync_gn or not opt.tiled_decoding}
-        if opt.tile_size is not None:
-            tiling["tile_size"] = opt.tile_size
+    tiling = img2img_tiling(opt, info, H, W)
     method = method_cls(model, settings, info, tiling, opt)
     method.prepare()
     cascade = isinstance(method, CascadeMethod)

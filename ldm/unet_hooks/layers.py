@@ -10,6 +10,7 @@ The mapping is derived from the UNet's structure (levels, residual blocks per le
 SD 1.x/2.x (4 levels) and SDXL (3 levels) alike.
 """
 import difflib
+import math
 import warnings
 from pathlib import Path
 
@@ -147,14 +148,21 @@ def _is_sd_name(name):
     return name in SD_LAYOUT_NAMES
 
 
-def read_settings_file(path, names, with_factor=True, dead_names="error"):
-    """Parse a settings file into {own_name: factor} (or a set of own names when ``with_factor`` is False)."""
+def parse_settings_file(path, with_factor=True):
+    """The lines of a settings file as [(line number, name, factor)] (factor None when ``with_factor`` is False),
+    checked without a model: the file exists, every line is ``name:factor`` with a finite factor >= 1 (a NaN factor
+    would pass ``>= 1`` tests as False and re-dilate by NaN mid-sampling). Names are resolved against a UNet by
+    :func:`read_settings_file`."""
     path = Path(path)
     if not path.is_file():
-        raise SettingsError(f"settings file not found: {path}")
-    out = {}
-    dead = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        raise SettingsError(f"settings file {path}: "
+                            f"{'is a folder, not a file' if path.is_dir() else 'no such file'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"settings file {path} cannot be read as UTF-8 text ({err})") from None
+    rows = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -166,10 +174,21 @@ def read_settings_file(path, names, with_factor=True, dead_names="error"):
                 factor = float(value)
             except ValueError:
                 raise SettingsError(f"{path}:{lineno}: factor {value!r} is not a number") from None
-            if factor < 1:
-                raise SettingsError(f"{path}:{lineno}: factor {factor:g} must be >= 1")
+            if not math.isfinite(factor) or factor < 1:
+                raise SettingsError(f"{path}:{lineno}: factor {value} must be a finite number >= 1 (1: the layer "
+                                    "as trained)")
         else:
             name, factor = line.split(":")[0].strip(), None
+        rows.append((lineno, name, factor))
+    return rows
+
+
+def read_settings_file(path, names, with_factor=True, dead_names="error"):
+    """Parse a settings file into {own_name: factor} (or a set of own names when ``with_factor`` is False)."""
+    path = Path(path)
+    out = {}
+    dead = []
+    for lineno, name, factor in parse_settings_file(path, with_factor):
         own = names.resolve(name)
         if own is None:
             if dead_names == "warn" and _is_sd_name(name):

@@ -57,6 +57,11 @@ class FreeScaleMethod(CascadeMethod):
         for h, w in fs.stages:
             if h % info.f or w % info.f:
                 raise UsageError(f"FreeScale: stage size {h}x{w} is not a multiple of {info.f}")
+        if fs.restart_step is not None and not fs.restart_step < info.steps:  # the run's steps (--steps)
+            source = (f"--restart_step {opt.restart_step}" if opt.restart_step is not None else
+                      f"--freescale_config {opt.freescale_config}: restart_step: {fs.restart_step}")
+            raise UsageError(f"{source} must be below --steps {info.steps}: every later stage restarts at that step "
+                             f"(0 ... {info.steps - 1}; default 30% of the steps)")
         values = {"freescale": fs, "preset": opt.freescale_config, "detail_mask": opt.detail_mask,
                   "init_image": getattr(opt, "init_image", None), "save_stages": getattr(opt, "save_stages", False)}
         check_files(values, "init_image", "detail_mask")
