@@ -480,6 +480,24 @@ def test_fouriscale_extreme_aspect_ratio_refused_by_its_memory_estimate(tmp_path
     assert cls.memory_estimate(settings, info, 2, scale=1.0)[0] == expected // 3 * 2 * 2  # 2 branches, 2 images
 
 
+def test_default_memory_estimates_from_the_sizes():
+    """SD 2.x sizes (320 UNet channels at the latent's resolution, a 128-channel VAE decoder at the image's), float32:
+    the largest single tensor of a direct run, of a decode in one piece, and of MultiDiffusion's window batches."""
+    from ldm import methods
+    from ldm.methods.base import ModelInfo, Settings
+    info = ModelInfo(family="sd2", f=8, channels=4, base_latent=64, side=512, unet_channels=(320, 640, 1280, 1280),
+                     decoder_channels=128)
+    direct = methods.method_class("direct")
+    size = Settings(size=(1024, 2048))
+    assert direct.memory_estimate(size, info, 2, tiling={"sync_gn": True})[0] == 2 * 2 * 320 * 128 * 256 * 4
+    assert direct.memory_estimate(size, info, 2, scale=1.0, tiling={"x": 1})[0] == 1 * 2 * 320 * 128 * 256 * 4
+    assert direct.memory_estimate(size, info, 2, tiling={})[0] == 2 * 128 * 1024 * 2048 * 4  # decoded whole
+    md = methods.method_class("multidiffusion")
+    opt = pipeline.build_parser().parse_args(["--method", "multidiffusion", "--md_batch", "4"])
+    settings = md.settings(opt, info, (4096, 4096))
+    assert md.memory_estimate(settings, info, 1, tiling={"x": 1})[0] == 4 * 2 * 320 * 64 * 64 * 4  # 4 windows of 64²
+
+
 def test_memory_check_lets_small_runs_through(tmp_path, capsys, monkeypatch):
     import ldm.inference as inference
     monkeypatch.setattr(inference, "available_memory", lambda device: (8 * 2 ** 30, "a test's 8 GiB"))

@@ -106,18 +106,26 @@ class Method:
         """(bytes, what) of the largest single tensor the run will hold, from the sizes alone (before loading): a
         rough lower bound of its peak memory, for refusing a run that cannot fit (``check_memory``). Default:
         the UNet's full-resolution activation of the largest size sampled (both guidance branches), or the VAE
-        decoder's full-resolution activation when the image is decoded whole."""
+        decoder's full-resolution activation when the image is decoded whole. The UNet's input is the whole
+        latent unless the method says otherwise (``unet_input``: windows)."""
         h, w = settings.size
         branches = 2 if scale != 1.0 else 1
         c0 = info.unet_channels[0] if info.unet_channels else 320
-        unet = branches * batch_size * c0 * (h // info.f) * (w // info.f) * bytes_per_value
-        best = (unet, f"the UNet's {c0}-channel activation at {h // info.f}x{w // info.f} latent pixels")
+        n, lh, lw = cls.unet_input(settings, info)
+        unet = n * branches * batch_size * c0 * lh * lw * bytes_per_value
+        best = (unet, f"the UNet's {c0}-channel activation at {n} x {lh}x{lw} latent pixels")
         if info.decoder_channels and not tiling:
             vae = batch_size * info.decoder_channels * h * w * 4  # the decoder runs in float32
             if vae > best[0]:
                 best = (vae, f"the VAE decoder's {info.decoder_channels}-channel activation at {h}x{w} (decoded "
                              "whole: --tiled_decoding bounds it)")
         return best
+
+    @classmethod
+    def unet_input(cls, settings, info):
+        """(inputs per UNet call, latent height, latent width) of the largest UNet call: the whole latent by
+        default; the window methods call it on batches of windows."""
+        return 1, settings.size[0] // info.f, settings.size[1] // info.f
 
     # -- after loading ---------------------------------------------------------------------------
 

@@ -224,6 +224,12 @@ class DemoFusionMethod(CascadeMethod):
         values["stages"] = stages
         return Settings(size=tuple(size), sample_size=tuple(stages[0]), values=values)
 
+    @classmethod
+    def unet_input(cls, settings, info):
+        """Local and global paths: batches of base-size windows (or sub-lattices)."""
+        h, w = settings.size[0] // info.f, settings.size[1] // info.f
+        return settings.values["view_batch"], min(info.base_latent, h), min(info.base_latent, w)
+
     def make_cascade(self):
         v = self.settings.values
         h, w = self.settings.size

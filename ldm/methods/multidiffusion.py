@@ -46,6 +46,12 @@ class MultiDiffusion(GuidanceMethod):
             raise UsageError("--md_window, --md_stride and --md_batch must be positive")
         return Settings(size=tuple(size), values={"window": window, "stride": opt.md_stride, "batch": opt.md_batch})
 
+    @classmethod
+    def unet_input(cls, settings, info):
+        v = settings.values
+        h, w = settings.size[0] // info.f, settings.size[1] // info.f
+        return v["batch"], min(v["window"][0], h), min(v["window"][1], w)
+
     def make_guidance(self):
         v = self.settings.values
         self.per_window = (SDXLWindowConditioning(self.model, self.settings.size, self.info.f)
