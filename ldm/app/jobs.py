@@ -332,8 +332,8 @@ class Runner:
             raise
         method_cls, plan = planned[3], planned[4][0]
         h, w = plan["size"]
-        job = Job(session, "img2img", source.model, argv,
-                  f"upscale {plan['input_size'][0]}×{plan['input_size'][1]} → {h}×{w}, {method_cls.label or method_cls.name}",
+        (ih, iw), label = plan["input_size"], method_cls.label or method_cls.name
+        job = Job(session, "img2img", source.model, argv, f"upscale {ih}×{iw} → {h}×{w}, {label}",
                   stage_names_img2img(method_cls, plan))
         job.warnings = caught
         job.cleanup = folder.cleanup

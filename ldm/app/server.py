@@ -151,7 +151,8 @@ def create_app(runner, allowed_hosts=None):
 def build_parser():
     p = argparse.ArgumentParser(description="The web app: sample with any model, method and sampler of this "
                                 "repository from a browser page (README, section 'Web app').")
-    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the port (0: any free port)")
     p.add_argument("--listen", action="store_true",
                    help="bind 0.0.0.0: anyone who can reach this machine can use the app (no login)")

@@ -70,8 +70,8 @@ function optionField(prefix, o) {
   } else {
     input = el("input", {type: "text", id, placeholder: shownDefault, dataset: {dest: o.dest, kind: o.kind}});
   }
-  return el("label", {title}, el("span", {class: "name", text: o.dest + " "}, el("span", {class: "flag", text: o.flag})),
-            input);
+  const name = el("span", {class: "name", text: o.dest + " "}, el("span", {class: "flag", text: o.flag}));
+  return el("label", {title}, name, input);
 }
 
 function renderOptions(prefix, method, refused = []) {
@@ -232,8 +232,8 @@ function addToGallery(job) {
       el("img", {src: imageUrl(job, r.index, k + 1), alt: `stage ${k + 1}`, title: `stage ${k + 1}`})));
     return el("figure", {class: "result-figure", dataset: {job: job.id, index: r.index}},
       el("img", {class: "result", src: url, alt: r.metadata.prompt || "result", width: r.width, height: r.height}),
-      el("figcaption", {text: `${r.metadata.prompt} — ${p.method || ""} ${r.width}×${r.height}, seed ${r.metadata.seed}` +
-                               (p.position_in_batch ? ` #${p.position_in_batch + 1}` : "")}),
+      el("figcaption", {text: `${r.metadata.prompt} — ${p.method || ""} ${r.width}×${r.height}, ` +
+                               `seed ${r.metadata.seed}` + (p.position_in_batch ? ` #${p.position_in_batch + 1}` : "")}),
       stages,
       el("div", {class: "actions"}, el("a", {class: "download", href: url + "?download=1", download: name,
                                               text: "Download PNG"}), use),
@@ -305,7 +305,9 @@ async function start() {
   $("up-close").addEventListener("click", () => { $("upscale-panel").hidden = true; SOURCE = null; });
   $("cancel").addEventListener("click", async () => {
     if (!CURRENT) return;
-    try { showJob(await api(`/api/jobs/${CURRENT.id}/cancel`, {method: "POST"})); } catch (e) { showMessage(e.message); }
+    try {
+      showJob(await api(`/api/jobs/${CURRENT.id}/cancel`, {method: "POST"}));
+    } catch (e) { showMessage(e.message); }
   });
   await onModelChange();
   document.body.dataset.ready = "1";
