@@ -95,5 +95,5 @@ class FreeScaleMethod(CascadeMethod):
         v = self.settings.values
         restart = getattr(self.runner, "restart_run_step", None)  # img2img: the run's step
         return {"freescale": {"preset": v["preset"], **self.runner.settings.describe(),
-                              **({"restart_run_step": restart} if restart is not None else {}),
+                              **({"restart_step": restart} if restart is not None else {}),
                               "init_image": v["init_image"], "detail_mask": v["detail_mask"]}}
