@@ -53,7 +53,8 @@ class CastWeights:
             return self.proc(conv, x)
         weight, bias = wb
         proxy = SimpleNamespace(weight=weight, bias=bias, kernel_size=conv.kernel_size, stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                                in_channels=conv.in_channels, out_channels=conv.out_channels)
         return self.proc(proxy, x)
 
     def __repr__(self):

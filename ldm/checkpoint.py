@@ -256,6 +256,8 @@ def load_checkpoint_into(model, ckpt, strict=True, use_ema=True, allow_unsafe=Fa
         from ldm.convert_diffusers import load_folder
         sd, notes = load_folder(ckpt, model, allow_unsafe=allow_unsafe)
         meta = {"notes": notes}
+        if notes:  # parts of the model the folder does not hold and that are never used (zero-filled)
+            warnings.warn(f"{ckpt}: " + "; ".join(notes), InputWarning, stacklevel=2)
     else:
         sd, meta = load_state_dict_file(ckpt, allow_unsafe=allow_unsafe, return_meta=True)
     if ignore_keys:
@@ -271,8 +273,6 @@ def load_checkpoint_into(model, ckpt, strict=True, use_ema=True, allow_unsafe=Fa
     model.load_state_dict(sd, strict=False)
     if verbose:
         print(f"Loaded {ckpt} ({len(sd)} tensors{', EMA weights' if n_ema else ''})")
-        for note in notes:
-            print(f"  {note}")
     return {"ema_tensors": n_ema, **meta}
 
 

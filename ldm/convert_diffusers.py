@@ -420,13 +420,14 @@ def convert_openclip(hf_sd, embedder, prefix, notes, component):
             for name, t in expected.items():
                 if name.startswith(f"transformer.resblocks.{i}."):
                     out[prefix + name] = torch.zeros_like(t, device="cpu")
-        notes.append(f"{component}: {n_file} layers for the config's {n_model}; the last "
-                     f"{skipped} block(s), which layer: {embedder.layer} never runs, filled with zeros")
+        notes.append(f"{component} has {n_file} layers for the config's {n_model} (diffusers' SD 2.x layout); the "
+                     f"last {skipped} block(s), never run with layer: {embedder.layer}, are filled with zeros "
+                     "(the outputs are unchanged)")
     for name, t in expected.items():
         if name in ("text_projection", "text_projection.weight") and prefix + name not in out \
                 and not getattr(embedder, "return_pooled", False):
             out[prefix + name] = torch.zeros_like(t, device="cpu")
-            notes.append(f"{component}: no text_projection (unused without pooled output): zeros")
+            notes.append(f"{component} has no text_projection (unused without a pooled output): zeros")
         if name == "logit_scale" and prefix + name not in out:
             out[prefix + name] = torch.full_like(t, math.log(1 / 0.07), device="cpu")
     for k, v in hf.items():

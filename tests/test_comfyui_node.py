@@ -125,8 +125,10 @@ def test_reference_step_is_the_ddim_step():
     assert reference_step(999.0, 50) == 0 and reference_step(0.0, 50) == 49
 
 
-@pytest.mark.parametrize("step", [3, 36, 45])  # noise-damped + dispersed + progressive; the last steps of both;
-def test_scalecrafter_node_matches_the_pipelines_guidance(model, step):  # after tau (plain)
+@pytest.mark.parametrize("step,cast", [(3, False), (36, False), (45, False), (3, True)])
+def test_scalecrafter_node_matches_the_pipelines_guidance(model, step, cast):
+    """Steps 3 (noise-damped, dispersed, progressive), 36 (the last of all three), 45 (after tau: plain); with
+    ``cast`` the processors run on weights handed over by a cast function (ComfyUI's cast-weights path)."""
     from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance
     from ldm.methods.scalecrafter.presets import plan_from_preset
     preset = REPO_ROOT / "configs/scalecrafter/sd2.1_2048x2048_disperse.yaml"
@@ -134,13 +136,19 @@ def test_scalecrafter_node_matches_the_pipelines_guidance(model, step):  # after
     t, x_t, x, sigma, cond, uncond, ac = _inputs(model, step)
     reference = _reference_denoised(model, ScaleCrafterGuidance(plan_from_preset(unet, preset)), step, t, x_t, cond,
                                     uncond, 7.5, ac)
-    patch = ScaleCrafterPatch(unet, preset=preset)
+    casts = []
+
+    def cast_fn(conv, x):  # a copy of the weights, as ComfyUI's cast_bias_weight hands them over
+        casts.append(conv)
+        return conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone()
+    patch = ScaleCrafterPatch(unet, preset=preset, cast=cast_fn if cast else None)
     emu = ComfyEmulation(model)
     emu.wrapper = patch.unet_wrapper(emu.to_timestep)
     emu.cfg_function = patch.cfg_function(emu.to_timestep, emu.base_uncond)
     with torch.no_grad():
         ours = emu.step(x, sigma, cond, uncond, 7.5)
         plain = ComfyEmulation(model).step(x, sigma, cond, uncond, 7.5)
+    assert bool(casts) == cast
     ok, msg = _close(ours, reference)
     assert ok, f"step {step}: {msg}"
     if step < 37:  # the comparison can fail: the method changes the prediction while it acts

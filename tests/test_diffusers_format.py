@@ -20,6 +20,7 @@ import torch
 import diffusers_tiny as dt
 from ldm.checkpoint import CheckpointError, load_model_from_config
 from ldm.convert_diffusers import folder_info, suggested_config, unet_name_map
+from ldm.errors import InputWarning
 from ldm.util import load_config_file
 
 TOL = 1e-4
@@ -41,7 +42,11 @@ def pair(request, tmp_path_factory):
     family = request.param
     folder = tmp_path_factory.mktemp(f"diffusers-{family}")
     parts = dt.write(folder, family, seed=3)
-    model = load_model_from_config(tiny_config(family), folder)
+    if family == "sd2":  # diffusers' SD 2.x text encoder lacks the last (never run) OpenCLIP block: said once
+        with pytest.warns(InputWarning, match="last 1 block.*filled with zeros.*no text_projection"):
+            model = load_model_from_config(tiny_config(family), folder)
+    else:
+        model = load_model_from_config(tiny_config(family), folder)
     return family, folder, parts, model
 
 
