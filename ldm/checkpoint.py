@@ -99,6 +99,9 @@ def check_checkpoint_file(path):
     """Cheap check before anything is built: the file exists and looks like a checkpoint; returns its
     format (see :func:`sniff_checkpoint_format`) or raises :class:`CheckpointError`."""
     path = str(path)
+    if os.path.isdir(path):  # load_model_from_config takes diffusers folders; the callers of this check do not
+        raise CheckpointError(f"{path} is a folder: diffusers folders load as the base model (--ckpt of txt2img and "
+                              "upscale.py img2img), not here; give the .ckpt/.safetensors file")
     if not os.path.isfile(path):
         raise CheckpointError(missing_checkpoint_message(path))
     fmt = sniff_checkpoint_format(path)

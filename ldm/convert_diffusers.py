@@ -499,25 +499,29 @@ def text_encoder_parts(model):
     return [("text_encoder" if i == 0 else f"text_encoder_{i + 1}", *p) for i, p in enumerate(texts)]
 
 
+def convert_components(read, model):
+    """(state dict in ``model``'s own layout, notes) from ``read(component)`` -> that component's diffusers
+    state dict, for the components the model has ("unet", "vae", "text_encoder", "text_encoder_2")."""
+    notes, sd = [], {}
+    for kind, name, module in model_parts(model):
+        if kind == "unet":
+            sd.update(convert_component(read("unet"), module, name + ".", unet_name_map(module), "unet"))
+        elif kind == "vae":
+            sd.update(convert_component(_normalize_vae_keys(read("vae")), module, name + ".", vae_name_map(module),
+                                        "vae"))
+    for component, kind, name, module in text_encoder_parts(model):
+        if kind == "hf_clip":
+            sd.update(convert_hf_clip(read(component), module, name + ".", component))
+        else:
+            sd.update(convert_openclip(read(component), module, name + ".model.", notes, component))
+    return sd, notes
+
+
 def load_folder(folder, model, allow_unsafe=False):
     """(state dict in ``model``'s own layout, notes) from the diffusers folder ``folder``."""
     folder = Path(str(folder))
     info = check_folder(folder)
-    notes, sd = [], {}
-    parts = model_parts(model)
-    for kind, name, module in parts:
-        if kind == "unet":
-            sd.update(convert_component(read_component(folder / "unet", allow_unsafe), module, name + ".",
-                                        unet_name_map(module), "unet"))
-        elif kind == "vae":
-            vae_sd = _normalize_vae_keys(read_component(folder / "vae", allow_unsafe))
-            sd.update(convert_component(vae_sd, module, name + ".", vae_name_map(module), "vae"))
-    for component, kind, name, module in text_encoder_parts(model):
-        hf_sd = read_component(folder / component, allow_unsafe)
-        if kind == "hf_clip":
-            sd.update(convert_hf_clip(hf_sd, module, name + ".", component))
-        else:
-            sd.update(convert_openclip(hf_sd, module, name + ".model.", notes, component))
+    sd, notes = convert_components(lambda component: read_component(folder / component, allow_unsafe), model)
     scale = info.get("vae_scaling_factor")
     own_scale = getattr(model, "scale_factor", None)
     if scale is not None and own_scale is not None and abs(float(scale) - float(own_scale)) > 1e-6:

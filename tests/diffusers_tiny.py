@@ -88,3 +88,46 @@ def write(folder, family, seed=0, prediction="epsilon", **kw):
         {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
          "num_train_timesteps": 1000, "prediction_type": prediction}))
     return parts
+
+
+# the released models' diffusers configs (the facts of their config.json files), for layout checks on the meta
+# device: the UNet, VAE and text encoders of SD 1.5, SD 2.1 and SDXL base
+FULL_UNETS = {
+    "sd1": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                down_block_types=UNETS["sd1"]["down_block_types"], up_block_types=UNETS["sd1"]["up_block_types"],
+                attention_head_dim=8),
+    "sd2": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+                down_block_types=UNETS["sd2"]["down_block_types"], up_block_types=UNETS["sd2"]["up_block_types"],
+                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+    "sdxl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 down_block_types=UNETS["sdxl"]["down_block_types"], up_block_types=UNETS["sdxl"]["up_block_types"],
+                 attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+}
+FULL_VAE = dict(VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
+FULL_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+FULL_SD2_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+FULL_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+
+
+def full_state_dicts(family):
+    """{component: state dict of meta tensors} of a released model's diffusers folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    with torch.device("meta"):
+        out = {"unet": UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, **FULL_UNETS[family]),
+               "vae": AutoencoderKL(**FULL_VAE)}
+        if family == "sd1":
+            out["text_encoder"] = CLIPTextModel(CLIPTextConfig(**FULL_CLIP_L))
+        elif family == "sd2":
+            out["text_encoder"] = CLIPTextModel(CLIPTextConfig(**FULL_SD2_TEXT))
+        else:
+            out["text_encoder"] = CLIPTextModel(CLIPTextConfig(**FULL_CLIP_L))
+            out["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**FULL_BIGG))
+    # transformers 5 keeps the text_model. level out of its modules but writes it in its files: as the files have it
+    return {k: {(f"text_model.{n}" if k.startswith("text") and not n.startswith(("text_model.", "text_projection"))
+                 else n): t for n, t in m.state_dict().items()} for k, m in out.items()}

@@ -242,3 +242,27 @@ def test_txt2img_takes_a_folder(tmp_path, sd1_parts):
     rc = main(["--config", "configs/tiny/tiny-sd1.yaml", "--ckpt", str(folder), "--H", "64", "--W", "64",
                "--steps", "2", "--outdir", str(out), "--skip_grid", "--device", "cpu", "--prompt", "a cat"])
     assert rc == 0 and (out / "samples" / "00000.png").is_file()
+
+
+@pytest.mark.parametrize("family,config,manifest", [
+    ("sd1", "v1-inference.yaml", "sd15_state_dict.json"), ("sd2", "v2-inference.yaml", "sd21_base_state_dict.json"),
+    ("sdxl", "sdxl-base-inference.yaml", "sdxl_base_state_dict.json")])
+def test_released_layouts_convert_exactly(ref_dir, family, config, manifest):
+    """At the released sizes (meta tensors: shapes only): the diffusers folder of SD 1.5 / SD 2.1-base / SDXL base
+    (its diffusers configs, tests/diffusers_tiny.py) converts into exactly the keys and shapes of the released
+    original checkpoint (tests/reference/ manifests; the schedule buffers aside, which are recomputed), and the
+    strict check against the config passes."""
+    from omegaconf import OmegaConf
+    from ldm.checkpoint import OPTIONAL_KEYS, check_state_dict
+    from ldm.convert_diffusers import convert_components
+    from ldm.util import instantiate_from_config
+    with torch.device("meta"):
+        model = instantiate_from_config(OmegaConf.load(f"configs/stable-diffusion/{config}").model)
+    sds = dt.full_state_dicts(family)
+    sd, notes = convert_components(lambda c: sds[c], model)
+    want = {k: v for k, v in json.load(open(ref_dir / manifest)).items() if k not in OPTIONAL_KEYS}
+    got = {k: list(v.shape) for k, v in sd.items()}
+    assert sorted(set(got) - set(want))[:5] == [] and sorted(set(want) - set(got))[:5] == []
+    assert [k for k in want if got[k] != list(want[k])][:5] == []
+    check_state_dict(model, sd, ckpt_name=f"{family} diffusers folder", config_name=config)
+    assert bool(notes) == (family == "sd2")  # only SD 2.x's text encoder lacks a (never run) block
