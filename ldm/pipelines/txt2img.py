@@ -23,6 +23,7 @@ from ldm.inference import (InputWarning, UsageError, check_output_dir, check_siz
                            make_grid, next_free_index, pick_device, read_prompt_file, remove_stale_temp_files,
                            save_png, seed_arg, seed_everything, to_pil)
 from ldm import methods
+from ldm.lora import apply_loras, parse_lora_spec
 from ldm.methods.base import ModelInfo
 from ldm.pipelines import sweep as sweep_mode
 from ldm.samplers import make_sampler
@@ -63,7 +64,12 @@ def build_parser():
     p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v2-inference.yaml",
                    help="the model's YAML config")
-    p.add_argument("--ckpt", type=str, required=False, help="the checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--ckpt", type=str, required=False,
+                   help="the checkpoint (.ckpt or .safetensors), or a diffusers model folder (model_index.json, unet/, "
+                        "vae/, text_encoder/...)")
+    p.add_argument("--lora", type=parse_lora_spec, action="append", default=None, metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (kohya or diffusers/PEFT .safetensors) into the weights after loading, with "
+                        "this weight (default 1); repeat for several")
     p.add_argument("--seed", type=seed_arg, default=42, help="the seed (for reproducible sampling)")
     p.add_argument("--precision", type=str, choices=["full", "autocast", "half"], default="autocast",
                    help="autocast: fp16/bf16 autocast on CUDA; half: also store the UNet and text encoder weights "
@@ -262,6 +268,8 @@ def run_settings(opt, config_path, method, sampler, freeu, tiling, use_autocast,
            "tiled_decoding": tiling or None, "method": method.name, **method.describe()}
     if conditioning is not None:
         out["size_conditioning"] = conditioning
+    if getattr(method.model, "merged_loras", None):  # --lora: name, sha256 prefix, weight (ldm/lora.py)
+        out["lora"] = method.model.merged_loras
     return out
 
 
@@ -285,6 +293,7 @@ def load_run(opt, plan, device, loader, wrap_sampler=None):
     model = loader(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load, use_ema=not opt.no_ema,
                    config_name=str(config_path), trust=opt.trust_config)
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
+    apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
     conditioning = prepare_model(opt, model, device, settings)
     sampler = make_sampler("ddim", model, eta=opt.ddim_eta)
     if wrap_sampler is not None:

@@ -19,6 +19,7 @@ from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_fr
 from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, next_free_index,
                            numpy_seed_arg, pick_device, remove_stale_temp_files, save_png, seed_everything, to_pil)
 from ldm import methods, upscaler as upscaling
+from ldm.lora import apply_loras
 from ldm.methods.cascade import CascadeMethod, encode_image, read_image_tensor
 from ldm.pipelines import txt2img
 from ldm.pipelines.txt2img import HelpFormatter
@@ -183,7 +184,7 @@ def run(opt):
 COMMON_OPTIONS = {
     "help", "method", "image", "strength", "factor", "prompt", "negative_prompt", "outdir", "steps", "ddim_eta",
     "n_samples", "H", "W", "scale", "config", "ckpt", "seed", "precision", "autocast_dtype", "device",
-    "unsafe_load", "trust_config", "no_ema", "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2",
+    "unsafe_load", "trust_config", "no_ema", "lora", "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2",
     # tiled VAE, SDXL size conditioning
     "tiled_decoding", "tile_size", "overlap", "sync_gn", "original_size", "crop_coords_top_left", "target_size",
 }
@@ -387,6 +388,7 @@ def img2img_runs(opt, planned, loader=None, callback=None, wrap_sampler=None):
     model = loader(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load, use_ema=not opt.no_ema,
                    config_name=str(config_path), trust=opt.trust_config)
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
+    apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
     sampler = make_sampler("ddim", model, eta=opt.ddim_eta)
     if wrap_sampler is not None:
         sampler = wrap_sampler(sampler)
@@ -478,6 +480,8 @@ def img2img_images(opt, method_cls, model, sampler, freeu, plan, info, device, u
     meta = image_settings(opt, method, plan, tiling, freeu, use_autocast, device, config_path, start_t, sampler)
     if conditioning is not None:
         meta["size_conditioning"] = conditioning
+    if getattr(model, "merged_loras", None):
+        meta["lora"] = model.merged_loras
     return [(to_pil(img_t), {"prompt": opt.prompt, "seed": str(opt.seed),
                              "parameters": {**meta, "position_in_batch": j, "image_seed": opt.seed + j}})
             for j, img_t in enumerate(images)]
