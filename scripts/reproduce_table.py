@@ -6,7 +6,7 @@
     python scripts/reproduce_table.py configs/tables/scalecrafter_sd21.yaml --rows '1024x1024/*' --workers 8
     python scripts/reproduce_table.py configs/tables/freescale_table1.yaml --slurm slurm/freescale   # SLURM arrays
 
-A spec (``configs/tables/*.yaml``; format in ``ldm/evaluation/tables.py`` and docs/evaluation.md) names rows
+A spec (``configs/tables/*.yaml``; format in ``ldm/evaluation/tables/spec.py`` and docs/evaluation.md) names rows
 (``--method`` of ``scripts/txt2img.py`` + preset + model) and columns (metric + reference set). Every row of
 a table samples the same prompts with the same seed and sampler settings. The script
 

@@ -1,0 +1,284 @@
+"""Sampling jobs of a selected spec (:func:`plan`: one job per distinct ``txt2img.py --sweep`` command), their
+completion markers, the prompt files and rendered references they need, and the run records the job runner
+writes (time per image, peak memory)."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .spec import BASE, PRESET_FLAGS, Model, Row, Spec, SpecError, Table, _rel, _slug
+
+
+# --------------------------------------------------------------------------------------------------
+# jobs
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    id: str
+    table: str
+    model: Model
+    H: int
+    W: int
+    method: str
+    preset: Optional[str]
+    options: List[str]
+    role: str                      # "row" | "base"
+    prompts_file: Path
+    n_images: int
+    argv: List[str]                # scripts/txt2img.py arguments, --outdir included
+    outdir: Path
+    rows: List[str] = field(default_factory=list)
+    key: Dict = field(default_factory=dict)
+
+    @property
+    def samples(self) -> Path:
+        return self.outdir / "samples"
+
+    def describe(self) -> str:
+        what = "base-resolution reference" if self.role == BASE else self.method
+        return f"{self.model.name} {self.W}x{self.H} {what}" + (f" ({Path(self.preset).name})" if self.preset else "")
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    out: Path
+    jobs: List[Job]
+    row_job: Dict[str, Job]
+    base_job: Dict[Tuple[str, str], Job]       # (table id, model name) -> job
+    prompt_files: Dict[str, Tuple[Path, List[str]]]
+    dataset_refs: Dict[Tuple[str, str], Path]  # (table id, reference name) -> folder
+
+    def reference_folder(self, table: Table, row: Row, ref: str) -> Path:
+        if ref == BASE:
+            return self.base_job[(table.id, row.model)].samples
+        r = table.references[ref]
+        if r.kind == "dataset":
+            return self.dataset_refs[(table.id, ref)]
+        return _rel(r.folder)
+
+
+def base_size(spec: Spec, model: Model) -> Tuple[int, int]:
+    """(H, W) of the model's base-resolution samples: ``base_size`` in the spec, else the config's latent
+    size times the first-stage factor (512 for SD 1.x/2.x-base, 1024 for SDXL, 32 for the demo model)."""
+    if model.base_size:
+        return model.base_size
+    from ldm.util import ConfigError, load_config_file
+    try:  # read and checked as txt2img.py will (a config it would refuse stops the plan, before any sampling)
+        cfg = load_config_file(_rel(model.config))
+    except ConfigError as err:
+        raise SpecError(f"models.{model.name}: {err}") from None
+    params = cfg.model.params
+    fs = params.first_stage_config
+    f = 2 ** (len(fs.params.ddconfig.ch_mult) - 1) if "ddconfig" in fs.get("params", {}) else 1
+    side = int(params.get("image_size", 64)) * f
+    return (side, side)
+
+
+def _job_id(job_key: Dict, slug: str) -> str:
+    digest = hashlib.sha256(json.dumps(job_key, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{_slug(slug)}-{digest}"
+
+
+def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = None) -> Plan:
+    """Sampling jobs of the selected rows (deduplicated) and the references they need. Nothing is written."""
+    out = Path(out)
+    jobs: Dict[str, Job] = {}
+    row_job, base_job, prompt_files, dataset_refs = {}, {}, {}, {}
+    s = spec.sampler
+    for t in spec.tables:
+        try:
+            prompts = t.prompt_list()
+        except SpecError:
+            prompts = None  # the dry run still plans (and reports the missing file); running stops before sampling
+        pdigest = hashlib.sha256(json.dumps(prompts if prompts is not None else [str(t.prompts), t.images])
+                                 .encode()).hexdigest()
+        pfile = out / "prompts" / f"{_slug(t.id)}-{pdigest[:10]}.txt"
+        prompt_files[t.id] = (pfile, prompts)
+
+        def add(role, model, H, W, method, preset, options, row=None, preset_flag=None):
+            m = spec.models[model]
+            key = {"config": m.config, "ckpt": m.ckpt, "H": H, "W": W, "method": method, "preset": preset,
+                   "options": list(spec.common_options) + list(options), "seed": spec.seed, "sampler": s,
+                   "prompts_sha256": pdigest, "images": t.images}
+            slug = f"{model}-{W}x{H}-" + ("base" if role == BASE else method + (f"-{Path(preset).stem}" if preset else ""))
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            if digest not in jobs:  # the same sampling for another row (or the base reference): the same job
+                jid = _job_id(key, slug)
+                jdir = out / "jobs" / jid
+                argv = ["--sweep", "--from-file", str(pfile), "--config", str(_rel(m.config)), "--ckpt",
+                        str(_rel(m.ckpt)), "--H", str(H), "--W", str(W), "--method", method,
+                        "--steps", str(s["steps"]), "--ddim_eta", repr(float(s["eta"])), "--scale", repr(float(s["scale"])),
+                        "--seed", str(spec.seed), "--n_samples", str(s["batch_size"]), "--n_iter", "1",
+                        "--precision", s["precision"], "--negative_prompt", s["negative_prompt"],
+                        "--device", device]
+                if preset:
+                    argv += [preset_flag or PRESET_FLAGS.get(method, f"--{method}_config"), str(_rel(preset))]
+                argv += list(spec.common_options) + list(options) + ["--outdir", str(jdir)]
+                jobs[digest] = Job(jid, t.id, m, H, W, method, preset, list(options), role, pfile, t.images, argv,
+                                   jdir, key=key)
+            if row is not None:
+                jobs[digest].rows.append(row.qid)
+            return jobs[digest]
+
+        if BASE in {c.reference for c in t.columns}:  # first, so that a row sampling the same is this job too
+            for model in dict.fromkeys(r.model for r in t.rows):
+                bh, bw = base_size(spec, spec.models[model])
+                base_job[(t.id, model)] = add(BASE, model, bh, bw, "direct", None, [])
+        for row in t.rows:
+            row_job[row.qid] = add("row", row.model, row.H, row.W, row.method, row.preset, row.options, row,
+                                   row.preset_flag)
+        for c in t.columns:
+            if c.reference and c.reference != BASE:
+                r = t.references[c.reference]
+                if r.kind == "dataset":
+                    ds = r.dataset
+                    dataset_refs[(t.id, r.name)] = (out / "references" /
+                                                    f"{ds['dataset']}{ds['size']}-n{ds['n']}-seed{ds['seed']}")
+    return Plan(spec, out, list(jobs.values()), row_job, base_job, prompt_files, dataset_refs)
+
+
+def expected_files(job: Job) -> List[str]:
+    from ldm.pipelines.sweep import image_name
+    return [image_name(p, 0) for p in range(job.n_images)]
+
+
+def images_present(job: Job) -> int:
+    if not job.samples.is_dir():
+        return 0
+    have = set(os.listdir(job.samples))
+    return sum(1 for f in expected_files(job) if f in have)
+
+
+COMPLETE_FILE = "complete.json"
+RUNS_FILE = "runs.jsonl"
+
+
+def job_complete(job: Job) -> bool:
+    """A finished job: its completion marker (written after a successful sweep) is there and so is every
+    image of its work list. Anything less re-runs the sweep, which renders only what is missing."""
+    marker = job.outdir / COMPLETE_FILE
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    return info.get("key") == _normalise(job.key) and images_present(job) == job.n_images
+
+
+def _normalise(obj):
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def write_text_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def materialize_prompts(p: Plan):
+    """Write each table's prompt file (the first N prompts, one per line) if it is not there already."""
+    for tid, (path, prompts) in p.prompt_files.items():
+        if prompts is None:
+            t = next(t for t in p.spec.tables if t.id == tid)
+            t.prompt_list()  # raises the SpecError that explains what is missing
+        text = "".join(pr + "\n" for pr in prompts)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            write_text_atomic(path, text)
+
+
+def render_dataset_references(p: Plan, log=print):
+    """Render the ``dataset: shapes`` references (training-distribution images, drawn here) once."""
+    from PIL import Image
+
+    from ldm.data.shapes import ShapesDataset
+    for (tid, name), folder in p.dataset_refs.items():
+        ref = next(t for t in p.spec.tables if t.id == tid).references[name]
+        ds = ref.dataset
+        names = [f"{i:06d}.png" for i in range(ds["n"])]
+        if folder.is_dir() and set(names) <= set(os.listdir(folder)):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        data = ShapesDataset(size=ds["size"], length=ds["n"], seed=ds["seed"])
+        for i, n in enumerate(names):
+            if not (folder / n).is_file():
+                img = data.render(i)[0]
+                tmp = folder / f".{n}.tmp.png"
+                Image.fromarray(img).save(tmp)
+                os.replace(tmp, folder / n)
+        log(f"rendered reference {name}: {ds['n']} images of ldm.data.shapes at {ds['size']}x{ds['size']} "
+            f"(seed {ds['seed']}) -> {folder}")
+
+
+# --------------------------------------------------------------------------------------------------
+# run records (written by the job runner), time per image and peak memory
+# --------------------------------------------------------------------------------------------------
+def read_runs(job: Job) -> List[Dict]:
+    path = job.outdir / RUNS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def job_stats(job: Job) -> Dict:
+    """Time per image (device-seconds: wall time of the sampling command x its processes, over the images it
+    wrote) and peak memory (largest over runs and processes) from the job's run records."""
+    runs = read_runs(job)
+    by_run: Dict[str, List[Dict]] = {}
+    for r in runs:
+        by_run.setdefault(r.get("run", "?"), []).append(r)
+    seconds = generated = cpu = 0.0
+    peak, kind, devices, machines = None, None, set(), set()
+    for recs in by_run.values():
+        gen = max((r.get("generated") or 0) for r in recs)
+        cpu += sum(float(r.get("cpu_s") or 0.0) for r in recs)
+        if gen > 0:
+            seconds += sum(float(r.get("wall_s", 0.0)) for r in recs)
+            generated += gen
+        for r in recs:
+            if r.get("peak_memory_bytes") is not None and (peak is None or r["peak_memory_bytes"] > peak):
+                peak, kind = r["peak_memory_bytes"], r.get("peak_memory_kind")
+            if r.get("device_name"):
+                devices.add(r["device_name"])
+            if r.get("machine"):
+                machines.add(r["machine"])
+    return {"seconds_per_image": seconds / generated if generated else None, "images_timed": int(generated),
+            "device_seconds": seconds, "cpu_seconds": cpu, "peak_memory_bytes": peak, "peak_memory_kind": kind,
+            "devices": sorted(devices), "machines": sorted(machines), "runs": len(by_run)}
+
+
+
+
+def machine_description(device: str = "cpu") -> str:
+    import platform
+
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return f"{name} x{torch.cuda.device_count()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
