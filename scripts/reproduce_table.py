@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,17 +72,62 @@ def txt2img():
     return pipeline
 
 
-def option_check(flags):
-    """ValueError when scripts/txt2img.py would not accept ``flags``."""
+def job_parser():
+    """scripts/txt2img.py's parser as the table jobs use it: whole option names only (``--see`` is not ``--seed``),
+    and errors (or a help request) raise ValueError instead of exiting."""
     parser = txt2img().build_parser()
+    parser.allow_abbrev = False
 
     def error(message):
         raise ValueError(message)
 
-    parser.error = error
-    _, extra = parser.parse_known_args(list(flags))
+    def leave(status=0, message=None):
+        raise ValueError("a help request is not a sampling option" if not status else (message or "invalid options"))
+
+    parser.error, parser.exit = error, leave
+    return parser
+
+
+def option_names():
+    """Every option string of scripts/txt2img.py (``--seed``, ``--no-hidiff_raunet``, ...)."""
+    return {s for a in job_parser()._actions for s in a.option_strings}
+
+
+def option_check(flags):
+    """ValueError when scripts/txt2img.py would not accept ``flags`` as whole option names."""
+    _, extra = job_parser().parse_known_args(list(flags))
     if extra:
-        raise ValueError(f"scripts/txt2img.py does not take {' '.join(extra)}")
+        near = sorted(n for n in option_names() if any(n.startswith(e.split("=", 1)[0]) for e in extra
+                                                        if e.startswith("--") and len(e) > 2))
+        raise ValueError(f"scripts/txt2img.py does not take {' '.join(extra)}"
+                         + (f" (options are matched by their whole name; did you mean {', '.join(near[:6])}?)"
+                            if near else ""))
+
+
+def check_jobs(p: tables.Plan):
+    """Each job's txt2img.py command as txt2img checks it before loading anything (``plan_run``: the config, the
+    steps against the model's timesteps, the size against the latent factor, the method's settings), so that a
+    spec that cannot run fails here and in --dry-run, not when its job starts. An error raises SpecError naming
+    the rows of the job; returns (missing files as lines: a dry run lists them, a run stops; warnings as notes)."""
+    from ldm.checkpoint import CheckpointError
+    pipeline, parser = txt2img(), job_parser()
+    missing, notes = [], []
+    for job in p.jobs:
+        where = (f"{p.spec.path}: " + (f"row {', '.join(repr(r) for r in job.rows)}" if job.rows else
+                                       f"table {job.table!r}: base-resolution reference") + f" (job {job.id})")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            try:
+                pipeline.plan_run(parser.parse_args(job.argv))
+            except CheckpointError as err:
+                missing.append(f"{where}: {str(err).splitlines()[0]}")
+            except ValueError as err:  # UsageError, the methods' settings errors, the parser's
+                raise tables.SpecError(f"{where}: {err}") from None
+        for w in seen:
+            line = f"{where}: {w.message}"
+            if line not in notes:
+                notes.append(line)
+    return missing, notes
 
 
 def methods_names():
@@ -125,6 +171,11 @@ def run_job(job_file) -> int:
 
     import torch
     info = json.loads(Path(job_file).read_text())
+    try:  # whole option names only (txt2img's own parser would also take abbreviations)
+        option_check(info["argv"])
+    except ValueError as err:
+        print(f"error: {job_file}: {err}", file=sys.stderr)
+        return 2
     outdir = Path(info["outdir"])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     threads = os.environ.get("SCALECRAFTER_TABLE_THREADS")
@@ -284,7 +335,7 @@ def run_jobs(p: tables.Plan, args) -> list:
 # --------------------------------------------------------------------------------------------------
 # dry run and SLURM
 # --------------------------------------------------------------------------------------------------
-def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None):
+def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None, missing_files=()):
     est = tables.estimate(p)
     spec = p.spec
     n_rows = sum(len(t.rows) for t in spec.tables)
@@ -292,6 +343,7 @@ def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None):
     print(f"{spec.path}: {spec.title}")
     print(f"{len(spec.tables)} table(s), {n_rows} row(s), {len(p.jobs)} sampling job(s) ({n_base} base-resolution "
           f"reference job(s) shared by the rows of their table and model); seed {spec.seed}; {spec.describe_sampler()}")
+    print(describe_safety(args))
     print()
     print("| job | used by | size | method | images | done | s / image | hours left | basis | estimate |")
     print("|---|---|---|---|---:|---:|---:|---:|---|---|")
@@ -381,7 +433,7 @@ def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None):
             print(f"  Inception weights: {resolve_weights_path((spec.features.get('inception') or {}).get('weights'))}")
         except InceptionWeightsError:
             print("  Inception weights: NOT FOUND (pt_inception-2015-12-05-6726825d.pth; see docs/evaluation.md)")
-    problems = []
+    problems = list(missing_files)
     for name, m in spec.models.items():
         if any(j.model.name == name for j in p.jobs) and not tables._rel(m.ckpt).is_file():
             problems.append(f"checkpoint {m.ckpt} ({name}) not found (checkpoints/README.md)")
@@ -532,8 +584,28 @@ def build_parser():
     p.add_argument("--metric_seed", type=seed_arg, default=0, help="seed of the KID subsets")
     p.add_argument("--write-docs", dest="write_docs", default=None, metavar="MD",
                    help="also write the table into MD between <!-- table:NAME --> markers (e.g. docs/tables.md)")
+    s = p.add_argument_group("safety (only here: a table spec cannot set these; given, every job gets them)")
+    s.add_argument("--trust_config", action="store_true",
+                   help="let the models' configs build classes outside this package (only for configs you trust)")
+    s.add_argument("--unsafe_load", action="store_true",
+                   help="allow checkpoints that need unsafe unpickling (only for files you trust)")
     p.add_argument("--run-job", dest="run_job", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def safety_flags(args):
+    """The flags that lower safety, from this command line only (passed to every job)."""
+    return [f for f in tables.SAFETY_FLAGS if getattr(args, f.lstrip("-"))]
+
+
+def describe_safety(args) -> str:
+    given = safety_flags(args)
+    if not given:
+        return ("safety: configs may build only this package's classes and checkpoints load without unpickling code "
+                "(a table spec cannot change this; --trust_config / --unsafe_load on this command line would)")
+    return (f"safety: {' '.join(given)} given on this command line: every job gets "
+            + ("it" if len(given) == 1 else "them") + " ("
+            + "; ".join(f"{f}: {tables.SAFETY_FLAGS[f]}" for f in given) + ")")
 
 
 def on_gpu(args) -> bool:
@@ -570,15 +642,21 @@ def main(argv=None) -> int:
             import torch
             torch.set_num_threads(args.threads)
         sel = tables.select(spec, args.rows, args.columns, args.with_optional)
-        notes = tables.check_spec(spec, methods_names(), option_check, sel.rows(), preset_flags())
+        notes = tables.check_spec(spec, methods_names(), option_check, sel.rows(), preset_flags(), option_names())
         sel = tables.select(spec, args.rows, args.columns, args.with_optional)  # rows now carry their presets' sizes
         out = Path(args.out or REPO_ROOT / "outputs" / "tables" / tables._slug(spec.name))
-        p = tables.plan(sel, out, device=args.device)
+        p = tables.plan(sel, out, device=args.device, safety=safety_flags(args))
+        job_missing, job_notes = check_jobs(p)
+        notes = list(notes) + job_notes
         if args.dry_run:
-            print_dry_run(p, notes, args, spec)
+            print_dry_run(p, notes, args, spec, job_missing)
             return 0
         for line in notes:
             log(f"note: {line}")
+        if safety_flags(args):
+            log(describe_safety(args))
+        if job_missing and not args.evaluate_only and not args.slurm:
+            raise tables.SpecError("; ".join(job_missing))
         if args.slurm:
             write_slurm(p, args)
             return 0

@@ -636,3 +636,125 @@ def test_native_crop_sfid_features(tmp_path):
     key = ex.settings().key_for(tables.PATCH_SPATIAL)
     assert key["crop"] == 299 and key["seed"] == 3 and key["crops_per_image"] == 1
     assert tables.resolve_metric("sfid_native").kind == tables.PATCH_SPATIAL
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue #26 item 2: what lowers safety comes from the user's command line only, never from a spec
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["common", "row"])
+@pytest.mark.parametrize("flag", ["--trust_config", "--unsafe_load", "--unsafe_load=1", "--trust", "--unsafe_l"])
+def test_spec_cannot_switch_off_safety(tmp_path, capsys, where, flag):
+    """The flags (and their abbreviations, which argparse would take) are refused in common_options and in a row's
+    options, naming the spec, the row (or common_options) and the option; nothing is written."""
+    changes = {"common_options": [flag]} if where == "common" else {"rows": _rows(options=["--dilate", "2", flag])}
+    err = _error(tmp_path, capsys, **changes)
+    assert str(tmp_path / "bad.yaml") in err and flag.split("=")[0] in err and "lowers safety" in err
+    assert ("common_options" in err) if where == "common" else ("row 'dilated'" in err)
+    whole = "--trust_config" if flag.startswith("--t") else "--unsafe_load"
+    assert f"give {whole} to scripts/reproduce_table.py yourself" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _pickle_payload_ckpt(path, marker):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": Payload()}, path)
+    return path
+
+
+def test_issue_repro_pickle_payload_in_a_spec_does_not_run(tmp_path, capsys):
+    """The issue: a spec with --unsafe_load and a pickle payload as its checkpoint ran the payload and finished
+    with exit 0. Now the spec is refused; without the user's own --unsafe_load the job loads the checkpoint safely
+    and refuses the payload (exit 1, the job failed), and the payload never runs."""
+    marker = tmp_path / "payload-ran"
+    ckpt = _pickle_payload_ckpt(tmp_path / "evil.ckpt", marker)
+    models = {"demo": {"config": "configs/demo/shapes32.yaml", "ckpt": str(ckpt), "base_size": [32, 32]}}
+    columns = [{"id": "multi", "metric": "multi_object_rate"}]
+    rows = [{"id": "direct", "method": "direct", "size": [32, 32], "options": ["--unsafe_load"]}]
+    spec = write_spec(tmp_path / "evil.yaml", models=models, columns=columns, rows=rows, images=2)
+    assert run(spec, tmp_path / "out", tmp_path / "cache") == 2
+    assert "row 'direct'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    spec = write_spec(tmp_path / "evil.yaml", models=models, columns=columns, rows=[{**rows[0], "options": []}],
+                      images=2)
+    assert run(spec, tmp_path / "out", tmp_path / "cache") == 1
+    assert "--unsafe_load" in capsys.readouterr().err  # the loader's refusal says what would allow it
+    assert not marker.exists()
+
+
+def test_safety_flags_of_the_command_line_reach_every_job_and_the_dry_run_says_so(tmp_path, capsys):
+    spec_path = write_spec(tmp_path / "tiny.yaml")
+    assert run(spec_path, tmp_path / "out", tmp_path / "cache", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "safety: configs may build only this package's classes" in out and "given on this command line" not in out
+    assert run(spec_path, tmp_path / "out", tmp_path / "cache", "--dry-run", "--unsafe_load", "--trust_config") == 0
+    out = capsys.readouterr().out
+    assert "safety: --trust_config --unsafe_load given on this command line: every job gets them" in out
+    assert not (tmp_path / "out").exists()
+    spec = tables.load_spec(spec_path)
+    tables.check_spec(spec, rt.methods_names(), rt.option_check, option_names=rt.option_names())
+    plain = tables.plan(tables.select(spec), tmp_path / "out")
+    trusting = tables.plan(tables.select(spec), tmp_path / "out", safety=["--trust_config", "--unsafe_load"])
+    for a, b in zip(plain.jobs, trusting.jobs):
+        assert "--trust_config" not in a.argv and "--unsafe_load" not in a.argv
+        assert b.argv == a.argv[:-2] + ["--trust_config", "--unsafe_load"] + a.argv[-2:]  # before --outdir DIR
+        assert a.id == b.id  # the flags change no pixel: the same jobs
+    with pytest.raises(ValueError, match="not safety flags"):
+        tables.plan(tables.select(spec), tmp_path / "out", safety=["--seed"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue #26 item 10: whole option names only; values a job would refuse are refused by --dry-run
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options,named", [
+    (["--see", "7", "--ste", "2"], "--see (an abbreviation of --seed"),
+    (["--ste", "2"], "--ste (an abbreviation of --steps"),
+    (["--from", "prompts.txt"], "--from (an abbreviation of --from-file"),
+    (["--out=elsewhere"], "--out (an abbreviation of --outdir"),
+    (["--seed=7"], "option --seed is not a row option: --seed is set by seed"),
+    (["-h"], "option -h is not a row option"),
+    (["-hx"], "option -h is not a row option"),
+])
+def test_reserved_options_and_their_abbreviations_are_refused(tmp_path, capsys, options, named):
+    err = _error(tmp_path, capsys, rows=_rows(options=options))
+    assert "row 'dilated'" in err and named in err, err
+
+
+def test_options_are_whole_names_for_txt2img_too(tmp_path, capsys):
+    """An abbreviation of an ordinary option is not taken either (the job parser has allow_abbrev=False), and a
+    whole option that begins a reserved flag's name (--f, the latent factor) is not an abbreviation."""
+    err = _error(tmp_path, capsys, rows=_rows(options=["--dilate_t", "2", "--dilate", "2"]))
+    assert "row 'dilated'" in err and "does not take --dilate_t" in err and "--dilate_tau" in err
+    with pytest.raises(ValueError, match="does not take --se"):
+        rt.option_check(["--se", "7"])
+    with pytest.raises(ValueError, match="help"):
+        rt.option_check(["--help"])
+    spec = write_spec(tmp_path / "f.yaml", rows=_rows(options=["--dilate", "2", "--dilate_tau", "2", "--f", "1"]))
+    assert run(spec, tmp_path / "out", tmp_path / "cache", "--dry-run") == 0
+
+
+def test_a_job_file_with_an_abbreviation_does_not_run(tmp_path, capsys):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"argv": ["--sweep", "--see", "7", "--outdir", str(tmp_path / "o")],
+                               "outdir": str(tmp_path / "o"), "files": [], "key": {}}))
+    assert rt.main(["--run-job", str(job)]) == 2
+    assert "does not take --see" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"sampler": {**SPEC["sampler"], "steps": -1}}, "sampler.steps: -1"),
+    ({"sampler": {**SPEC["sampler"], "steps": 2.5}}, "sampler.steps: 2.5"),
+    ({"sampler": {**SPEC["sampler"], "batch_size": 0}}, "sampler.batch_size: 0"),
+    ({"sampler": {**SPEC["sampler"], "eta": 1.5}}, "sampler.eta: 1.5"),
+    ({"sampler": {**SPEC["sampler"], "scale": float("nan")}}, "sampler.scale: nan"),
+    ({"rows": _rows(size=[-64, 64])}, "row 'dilated': size [-64, 64]"),
+    ({"rows": _rows(size="64x0")}, "row 'dilated': size '64x0'"),
+    ({"rows": _rows(size=0)}, "row 'dilated': size 0"),
+    ({"models": {"demo": {**SPEC["models"]["demo"], "base_size": [0, 32]}}}, "models.demo: size [0, 32]"),
+    # found by the job's own checks (txt2img plan_run): the demo model has 1000 training timesteps
+    ({"sampler": {**SPEC["sampler"], "steps": 1001}}, "--steps 1001"),
+])
+def test_values_a_job_would_refuse_fail_the_dry_run(tmp_path, capsys, changes, named):
+    err = _error(tmp_path, capsys, **changes)
+    assert named in err and len(err.strip().splitlines()) == 1, err

@@ -34,8 +34,8 @@ run records), :mod:`.store` (features and cells), :mod:`.render` (Markdown, CSV,
 Spec format: ``docs/evaluation.md`` ("Reproducing the paper tables") and the commented ``configs/tables/``.
 """
 from .spec import (BASE, ENTRY_BASES, METRIC_ALIASES, METRICS, NOT_AVAILABLE, PRESET_FLAGS, REPO_ROOT,
-                   RESERVED_FLAGS, Column, MetricDef, Model, Reference, Row, Spec, SpecError, Table, _rel, _slug,
-                   check_spec, load_spec, resolve_metric, resolve_prompts, select)
+                   RESERVED_FLAGS, SAFETY_FLAGS, Column, MetricDef, Model, Reference, Row, Spec, SpecError, Table,
+                   _rel, _slug, check_options, check_spec, load_spec, resolve_metric, resolve_prompts, select)
 from .plan import (COMPLETE_FILE, RUNS_FILE, Job, Plan, base_size, expected_files, images_present, job_complete,
                    job_stats, machine_description, materialize_prompts, now_utc, plan, read_runs,
                    render_dataset_references, write_text_atomic)
@@ -53,5 +53,5 @@ __all__ = ["SpecError", "MetricDef", "METRICS", "METRIC_ALIASES", "resolve_metri
            "published_comparison", "render_published", "kendall_tau_b", "rank_order", "published_time",
            "machine_description", "now_utc", "write_text_atomic", "COMPLETE_FILE", "RUNS_FILE", "BASE",
            "BASIS_LABELS", "PATCH_SPATIAL", "NOT_AVAILABLE", "PRESET_FLAGS", "RESERVED_FLAGS", "REPO_ROOT",
-           "TableFeatureSettings", "format_cell", "resolve_prompts", "ENTRY_BASES",
+           "TableFeatureSettings", "format_cell", "resolve_prompts", "ENTRY_BASES", "SAFETY_FLAGS", "check_options",
            "_rel", "_slug"]  # the last two: paths and folder names as the runner writes them

@@ -9,9 +9,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .spec import BASE, PRESET_FLAGS, Model, Row, Spec, SpecError, Table, _rel, _slug
+from .spec import BASE, PRESET_FLAGS, SAFETY_FLAGS, Model, Row, Spec, SpecError, Table, _rel, _slug
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,6 +53,7 @@ class Plan:
     base_job: Dict[Tuple[str, str], Job]       # (table id, model name) -> job
     prompt_files: Dict[str, Tuple[Path, List[str]]]
     dataset_refs: Dict[Tuple[str, str], Path]  # (table id, reference name) -> folder
+    safety: List[str] = field(default_factory=list)  # --trust_config / --unsafe_load of the user's command line
 
     def reference_folder(self, table: Table, row: Row, ref: str) -> Path:
         if ref == BASE:
@@ -63,14 +64,15 @@ class Plan:
         return _rel(r.folder)
 
 
-def base_size(spec: Spec, model: Model) -> Tuple[int, int]:
+def base_size(spec: Spec, model: Model, trust: bool = False) -> Tuple[int, int]:
     """(H, W) of the model's base-resolution samples: ``base_size`` in the spec, else the config's latent
-    size times the first-stage factor (512 for SD 1.x/2.x-base, 1024 for SDXL, 32 for the demo model)."""
+    size times the first-stage factor (512 for SD 1.x/2.x-base, 1024 for SDXL, 32 for the demo model).
+    ``trust``: --trust_config of the user's command line (never the spec's)."""
     if model.base_size:
         return model.base_size
     from ldm.util import ConfigError, load_config_file
     try:  # read and checked as txt2img.py will (a config it would refuse stops the plan, before any sampling)
-        cfg = load_config_file(_rel(model.config))
+        cfg = load_config_file(_rel(model.config), trust=trust)
     except ConfigError as err:
         raise SpecError(f"models.{model.name}: {err}") from None
     params = cfg.model.params
@@ -85,9 +87,16 @@ def _job_id(job_key: Dict, slug: str) -> str:
     return f"{_slug(slug)}-{digest}"
 
 
-def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = None) -> Plan:
-    """Sampling jobs of the selected rows (deduplicated) and the references they need. Nothing is written."""
+def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = None,
+         safety: Sequence[str] = ()) -> Plan:
+    """Sampling jobs of the selected rows (deduplicated) and the references they need. Nothing is written.
+    ``safety``: the flags that lower safety given on the user's command line (``--trust_config``,
+    ``--unsafe_load``): every job gets them; they do not change the images, so they are not part of a job's key."""
     out = Path(out)
+    safety = list(safety)
+    bad = [f for f in safety if f not in SAFETY_FLAGS]
+    if bad:
+        raise ValueError(f"plan(safety=...): {bad} are not safety flags ({sorted(SAFETY_FLAGS)})")
     jobs: Dict[str, Job] = {}
     row_job, base_job, prompt_files, dataset_refs = {}, {}, {}, {}
     s = spec.sampler
@@ -119,7 +128,7 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
                         "--device", device]
                 if preset:
                     argv += [preset_flag or PRESET_FLAGS.get(method, f"--{method}_config"), str(_rel(preset))]
-                argv += list(spec.common_options) + list(options) + ["--outdir", str(jdir)]
+                argv += list(spec.common_options) + list(options) + safety + ["--outdir", str(jdir)]
                 jobs[digest] = Job(jid, t.id, m, H, W, method, preset, list(options), role, pfile, t.images, argv,
                                    jdir, key=key)
             if row is not None:
@@ -128,7 +137,7 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
 
         if BASE in {c.reference for c in t.columns}:  # first, so that a row sampling the same is this job too
             for model in dict.fromkeys(r.model for r in t.rows):
-                bh, bw = base_size(spec, spec.models[model])
+                bh, bw = base_size(spec, spec.models[model], trust="--trust_config" in safety)
                 base_job[(t.id, model)] = add(BASE, model, bh, bw, "direct", None, [])
         for row in t.rows:
             row_job[row.qid] = add("row", row.model, row.H, row.W, row.method, row.preset, row.options, row,
@@ -140,7 +149,7 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
                     ds = r.dataset
                     dataset_refs[(t.id, r.name)] = (out / "references" /
                                                     f"{ds['dataset']}{ds['size']}-n{ds['n']}-seed{ds['seed']}")
-    return Plan(spec, out, list(jobs.values()), row_job, base_job, prompt_files, dataset_refs)
+    return Plan(spec, out, list(jobs.values()), row_job, base_job, prompt_files, dataset_refs, safety)
 
 
 def expected_files(job: Job) -> List[str]:

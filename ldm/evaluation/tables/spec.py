@@ -4,10 +4,11 @@ txt2img's options) and :func:`select` (rows and columns of a run)."""
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .. import shape_features
 
@@ -105,7 +106,15 @@ RESERVED_FLAGS = {
     "--sweep": "(always on)",
     "--device": "(--device of reproduce_table.py)", "--save_stages": "(extra files would enter the evaluation)",
     "--skip_grid": "(sweeps write no grid)", "--init_image": "(not a text-to-image row)",
+    "--help": "(not a sampling option)", "-h": "(not a sampling option)",
 }
+# flags that lower safety: only the user's own command line sets them (scripts/reproduce_table.py passes them to
+# every job); a spec is a downloaded file like a config, so none of its options may
+SAFETY_FLAGS = {
+    "--trust_config": "it lets a config build classes outside this package (a config then runs code of its choosing)",
+    "--unsafe_load": "it unpickles checkpoints that need it (a checkpoint then runs code of its choosing)",
+}
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # a negative number is a value, not an option
 PRESET_FLAGS = {"scalecrafter": "--scalecrafter_config", "freescale": "--freescale_config",
                 "fouriscale": "--fouri_config"}
 BUILTIN_PROMPTS = ("shapes",)
@@ -206,17 +215,27 @@ def _slug(text) -> str:
     return s or "x"
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _size(value, where) -> Tuple[int, int]:
-    """[H, W], "HxW" (width x height as the preset names write it: "2048x1024" is W=2048, H=1024) or an int."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", value)
+    """[H, W], "HxW" (width x height as the preset names write it: "2048x1024" is W=2048, H=1024) or an int; the
+    sides positive."""
+    size = None
+    if _is_int(value):
+        size = (value, value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(-?\d+)\s*[x×]\s*(-?\d+)\s*", value)
         if m:
-            return (int(m.group(2)), int(m.group(1)))
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise SpecError(f"{where}: size must be [H, W], 'WxH' or an int, got {value!r}")
+            size = (int(m.group(2)), int(m.group(1)))
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value):
+        size = (int(value[0]), int(value[1]))
+    if size is None:
+        raise SpecError(f"{where}: size must be [H, W], 'WxH' or an int, got {value!r}")
+    if min(size) < 1:
+        raise SpecError(f"{where}: size {value!r}: height and width must be positive (pixels)")
+    return size
 
 
 def _rel(path) -> Path:
@@ -270,11 +289,18 @@ def _sampler(value, where) -> Dict:
     if missing:
         raise SpecError(f"{where}: missing {missing} (every table states its sampler settings)")
     out = {**SAMPLER_DEFAULTS, **value}
-    try:
-        out["steps"], out["batch_size"] = int(out["steps"]), int(out["batch_size"])
-        out["eta"], out["scale"] = float(out["eta"]), float(out["scale"])
-    except (TypeError, ValueError) as err:
-        raise SpecError(f"{where}: {err}") from None
+    # what the jobs' txt2img.py would refuse, refused here (before a dry run reports a plan that cannot run)
+    for key, what in (("steps", "the number of DDIM steps"), ("batch_size", "images per batch")):
+        if not _is_int(out[key]) or out[key] < 1:
+            raise SpecError(f"{where}.{key}: {out[key]!r}: a positive integer is required ({what})")
+    for key in ("eta", "scale"):
+        if not isinstance(out[key], (int, float)) or isinstance(out[key], bool) or not math.isfinite(out[key]):
+            raise SpecError(f"{where}.{key}: {out[key]!r}: a finite number is required")
+        out[key] = float(out[key])
+    if not 0.0 <= out["eta"] <= 1.0:
+        raise SpecError(f"{where}.eta: {out['eta']!r} is outside [0, 1] (DDIM's eta: 0 deterministic, 1 DDPM-like)")
+    if not isinstance(out["negative_prompt"], str):
+        raise SpecError(f"{where}.negative_prompt: text is required, got {out['negative_prompt']!r}")
     if out["precision"] not in ("full", "autocast", "half"):
         raise SpecError(f"{where}: precision must be full, autocast or half, got {out['precision']!r}")
     return out
@@ -372,7 +398,7 @@ def load_spec(path) -> Spec:
                               str(m.get("label", mname)))
     if not models:
         raise SpecError(f"{where}: models: at least one model (config + ckpt)")
-    common = [str(o) for o in (raw.get("common_options") or [])]
+    common = check_options(raw.get("common_options"), f"{where}: common_options")
     features = dict(raw.get("features") or {})
     _check_keys(features, {"inception", "shapes"}, f"{where}: features")
     timing = _timing(raw.get("timing"), f"{where}: timing")
@@ -514,6 +540,50 @@ def _timing(value, where) -> Dict:
     return timing
 
 
+def _option_names(options: Sequence[str]) -> List[str]:
+    """The option names among a list of command-line words (``--name`` of ``--name=value``; values and negative
+    numbers left out)."""
+    return [o.split("=", 1)[0] for o in options if o.startswith("-") and len(o) > 1 and not _NUMBER.match(o)]
+
+
+def check_options(value, where, option_names: Optional[Iterable[str]] = None) -> List[str]:
+    """A spec's option list (``common_options``, a row's ``options``: a list or one shell-quoted string) as words,
+    checked: no option that lowers safety (:data:`SAFETY_FLAGS`: the user's command line gives those) and none that
+    the table sets itself (:data:`RESERVED_FLAGS`). Given ``option_names`` (every option string of txt2img.py's
+    parser), also no abbreviation of either: argparse would read ``--see 7`` as ``--seed 7``, so a name that is not
+    a whole option but begins one of those flags is refused (:func:`check_spec` does this; txt2img's own parser
+    then accepts whole option names only)."""
+    known = set(option_names) if option_names is not None else None
+    if value is None:
+        return []
+    if isinstance(value, str):
+        import shlex
+        value = shlex.split(value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(o, (str, int, float)) and not isinstance(o, bool)
+                                                       for o in value):
+        raise SpecError(f"{where}: a list of command-line words (or one string) is required, got {value!r}")
+    options = [str(o) for o in value]
+    for name in _option_names(options):
+        if not name.startswith("--") and name.startswith("-h"):
+            name = "-h"  # argparse reads -hX as -h (help) with X attached
+        for table, check in ((SAFETY_FLAGS, "safety"), (RESERVED_FLAGS, "reserved")):
+            whole = name if name in table else None
+            abbrev = [] if whole or known is None or name in known or not name.startswith("--") or len(name) < 3 \
+                else [f for f in table if f.startswith(name)]
+            hits = [whole] if whole else abbrev
+            if not hits:
+                continue
+            said = name if whole else f"{name} (an abbreviation of {' / '.join(hits)}: options are matched by " \
+                                      "their whole name only)"
+            if check == "safety":
+                raise SpecError(f"{where}: option {said} lowers safety: {SAFETY_FLAGS[hits[0]]}. A table spec cannot "
+                                f"switch it on; if you trust the files, give {hits[0]} to scripts/reproduce_table.py "
+                                "yourself (it is passed to every job, and --dry-run says so)")
+            raise SpecError(f"{where}: option {said} is not a row option: "
+                            + "; ".join(f"{f} is set by {RESERVED_FLAGS[f]}" for f in hits))
+    return options
+
+
 def _row(r, index, tid, tw, models, seed, sampler, prompts, images, multi) -> Row:
     if not isinstance(r, dict):
         raise SpecError(f"{tw}: rows[{index}]: expected a mapping, got {r!r}")
@@ -543,15 +613,7 @@ def _row(r, index, tid, tw, models, seed, sampler, prompts, images, multi) -> Ro
         model = next(iter(models))
     else:
         raise SpecError(f"{w}: give model: (the spec has several: {sorted(models)})")
-    options = r.get("options") or []
-    if isinstance(options, str):
-        import shlex
-        options = shlex.split(options)
-    options = [str(o) for o in options]
-    for opt in options:
-        flag = opt.split("=", 1)[0]
-        if flag in RESERVED_FLAGS:
-            raise SpecError(f"{w}: option {flag} is not a row option: it is set by {RESERVED_FLAGS[flag]}")
+    options = check_options(r.get("options"), f"{w}: options")
     preset = str(r["preset"]) if r.get("preset") else None
     if "size" in r:
         H, W = _size(r["size"], w)
@@ -577,15 +639,20 @@ def _load_preset_for(method, path):
 
 
 def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callable[[List[str]], None]] = None,
-               selected: Optional[Sequence[Row]] = None, preset_flags: Optional[Dict[str, str]] = None) -> List[str]:
+               selected: Optional[Sequence[Row]] = None, preset_flags: Optional[Dict[str, str]] = None,
+               option_names: Optional[Iterable[str]] = None) -> List[str]:
     """Checks of the rows against the sampler: ``methods`` (the method registry's names), the presets
     (exist, load, made for the row's size and the table's steps) and the row options (``option_check`` raises
-    ValueError with a message for flags txt2img does not take). Selected rows (default: all) raise
-    :class:`SpecError` naming the row; for the others an unknown method is returned as a warning line (a row
-    for a method that is still being added does not block the other rows)."""
+    ValueError with a message for flags txt2img does not take; ``option_names``: txt2img's option strings, against
+    which abbreviations of the reserved and safety flags are refused, see :func:`check_options`). Selected rows
+    (default: all) raise :class:`SpecError` naming the row; for the others an unknown method is returned as a
+    warning line (a row for a method that is still being added does not block the other rows)."""
     selected_ids = None if selected is None else {r.qid for r in selected}
     preset_flags = dict(PRESET_FLAGS, **(preset_flags or {}))
     warnings_out = []
+    if option_names is not None:
+        option_names = set(option_names)
+        check_options(spec.common_options, f"{spec.path}: common_options", option_names)
     for row in spec.rows():
         w = f"{spec.path}: row {row.qid!r}"
         is_selected = selected_ids is None or row.qid in selected_ids
@@ -629,6 +696,8 @@ def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callab
                     warnings_out.append(f"{w}: preset {row.preset} was released with {key} {preset[key]}; the row "
                                         f"samples with the table's {key} {spec.sampler[key]} (every row of a table "
                                         "shares the sampler settings)")
+        if option_names is not None:
+            check_options(row.options, f"{w}: options", option_names)
         if option_check is not None and (row.options or spec.common_options):
             try:
                 option_check(list(spec.common_options) + list(row.options))
