@@ -32,10 +32,12 @@ running anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +55,10 @@ from ldm.inference import UsageError, seed_arg  # noqa: E402
 
 STOP_AFTER_ENV = "SCALECRAFTER_TABLE_STOP_AFTER"  # test hook: stop after N sampling jobs ran in this invocation
 RUN_ID_ENV = "SCALECRAFTER_TABLE_RUN_ID"           # shared by the processes of one launch (torchrun ranks)
+RUNNER_ENV = "SCALECRAFTER_TABLE_RUNNER"           # host:pid of the runner that started a job process
 JOB_FILE = "job.json"
+STOP_GRACE_S = 20.0   # how long a stopped job may take to end (its run record) before it is killed
+WATCH_S = 1.0         # how often a job process looks whether its runner is still there
 
 
 class TableInterrupted(Exception):
@@ -170,6 +175,7 @@ def run_job(job_file) -> int:
     import resource
 
     import torch
+    watch_runner()
     info = json.loads(Path(job_file).read_text())
     try:  # whole option names only (txt2img's own parser would also take abbreviations)
         option_check(info["argv"])
@@ -194,9 +200,12 @@ def run_job(job_file) -> int:
         torch.cuda.reset_peak_memory_stats()
     hwm_reset = _reset_hwm()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    from ldm.pipelines import sweep
+    sweep.last_result = None
     t0 = time.time()
     rc = txt2img().main(list(info["argv"]))
     wall = time.time() - t0
+    own = sweep.last_result  # what this process wrote (None when its sweep did not finish)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     used_cuda = cuda and torch.cuda.is_initialized() and torch.cuda.max_memory_allocated() > 0
@@ -209,9 +218,14 @@ def run_job(job_file) -> int:
                                                    "ru_maxrss")
         device_name = tables.machine_description("cpu").split(",")[0] + " (CPU)"
     after = present() if rank == 0 else 0
+    if own is not None:  # the images this process wrote, not those another job sharing the folder wrote meanwhile
+        generated, generated_by = int(own["generated"]), "process"
+    else:
+        generated, generated_by = (max(after - before, 0) if rank == 0 else None), "folder"
     record = {"run": os.environ.get(RUN_ID_ENV) or secrets.token_hex(6), "rank": rank, "world_size": world,
-              "rc": rc, "wall_s": wall, "cpu_s": cpu, "generated": max(after - before, 0) if rank == 0 else None,
-              "present": after if rank == 0 else None, "peak_memory_bytes": peak, "peak_memory_kind": kind,
+              "rc": rc, "wall_s": wall, "cpu_s": cpu, "generated": generated, "generated_by": generated_by,
+              "started_unix": t0, "present": after if rank == 0 else None, "peak_memory_bytes": peak,
+              "peak_memory_kind": kind,
               "device_name": device_name, "machine": tables.machine_description("cuda" if used_cuda else "cpu"),
               "host": socket.gethostname(), "threads": torch.get_num_threads(), "finished": tables.now_utc()}
     with open(outdir / tables.RUNS_FILE, "a", encoding="utf-8") as fh:
@@ -252,6 +266,113 @@ def job_command(job: tables.Job, args):
     return prefix + [str(REPO_ROOT / "scripts" / "reproduce_table.py"), "--run-job", str(job_file)], env, job_file
 
 
+class JobProcesses:
+    """The job processes this runner started. Each starts in its own session, so that its process group holds
+    the job and what it starts (a launcher's processes), and :meth:`stop` ends them all: on an error, on Ctrl-C
+    and on SIGTERM/SIGHUP (:func:`signals_interrupt`). A job process also ends when this runner is killed
+    outright (SIGKILL): it watches for it (:func:`watch_runner`)."""
+
+    def __init__(self):
+        self.running = {}
+
+    def start(self, cmd, env, job) -> subprocess.Popen:
+        env = dict(env, **{RUNNER_ENV: f"{socket.gethostname()}:{os.getpid()}"})
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
+        self.running[proc] = job
+        return proc
+
+    def finished(self):
+        """(process, job) of the processes that ended, no longer tracked."""
+        done = [(proc, job) for proc, job in self.running.items() if proc.poll() is not None]
+        for proc, _ in done:
+            del self.running[proc]
+        return done
+
+    def stop(self, grace: float = STOP_GRACE_S):
+        """SIGTERM to the process group of every running job (a job stops as on Ctrl-C: its sweep keeps every
+        finished image and a re-run resumes), SIGKILL to those still there after ``grace`` seconds."""
+        procs = [proc for proc in self.running if proc.poll() is None]
+        for proc in procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for proc in list(self.running):  # what they started in their group, if still there
+            _signal_group(proc.pid, signal.SIGKILL)
+        self.running.clear()
+
+
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _process_alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (ended, not yet reaped) has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def watch_runner():
+    """In a job process started by a runner (RUNNER_ENV): end this process when the runner is gone (killed
+    outright, so that it could not stop its jobs). The main thread gets SIGTERM (a KeyboardInterrupt: the job
+    ends as on Ctrl-C); if it has not ended after STOP_GRACE_S, the process exits."""
+    import threading
+    host, _, pid = os.environ.get(RUNNER_ENV, "").rpartition(":")
+    if not pid.isdigit() or host != socket.gethostname():  # no runner, or one on another machine (a launcher's)
+        return
+    runner = int(pid)
+
+    def watch():
+        while _process_alive(runner):
+            time.sleep(WATCH_S)
+        print(f"[table] the runner (process {runner}) is gone: stopping this job", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="watch-runner", daemon=True).start()
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt (as Ctrl-C does) while the block runs, so that the clean-up of
+    an interruption runs: job processes stopped, run records written. The previous handlers are restored."""
+    if not threading_main():  # handlers can only be set in the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
 def launch(job: tables.Job, args) -> int:
     cmd, env, job_file = job_command(job, args)
     if cmd is None:  # in this process
@@ -261,7 +382,12 @@ def launch(job: tables.Job, args) -> int:
         finally:
             os.environ.pop(RUN_ID_ENV, None)
     log("$ " + " ".join(shlex.quote(c) for c in cmd))
-    return subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    procs = JobProcesses()
+    proc = procs.start(cmd, env, job)
+    try:
+        return proc.wait()
+    finally:
+        procs.stop()  # only if still running: Ctrl-C, SIGTERM
 
 
 def _finished(job: tables.Job, rc: int):
@@ -293,29 +419,26 @@ def run_jobs(p: tables.Plan, args) -> list:
         # a job without an estimate could be the longest: it goes first
         cost = {e["job"].id: (e["seconds_per_image"] or float("inf")) * e["remaining"] for e in tables.estimate(p)}
         pending = sorted(enumerate(todo, 1), key=lambda ij: -cost.get(ij[1].id, 0.0))
-        running, errors = {}, []
+        procs, errors = JobProcesses(), []
         try:
-            while pending or running:
-                while pending and len(running) < args.parallel and not errors and \
-                        not (stop_after and len(executed) + len(running) >= stop_after):
+            while pending or procs.running:
+                while pending and len(procs.running) < args.parallel and not errors and \
+                        not (stop_after and len(executed) + len(procs.running) >= stop_after):
                     i, job = pending.pop(0)
                     announce(i, job)
                     cmd, env, _ = job_command(job, args)
-                    running[subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)] = job
-                if not running:
+                    procs.start(cmd, env, job)
+                if not procs.running:
                     break
                 time.sleep(0.5)
-                for proc in [pr for pr in running if pr.poll() is not None]:
-                    job = running.pop(proc)
+                for proc, job in procs.finished():
                     try:
                         _finished(job, proc.returncode)
                         executed.append(job.id)
                     except (RuntimeError, TableInterrupted) as err:
                         errors.append(err)
         finally:
-            for proc in running:  # Ctrl-C or an error here: the other jobs stop too (and resume next time)
-                proc.terminate()
-                proc.wait()
+            procs.stop()  # Ctrl-C, SIGTERM or an error here: the other jobs stop too (and resume next time)
         if errors:
             raise errors[0]
         if stop_after and pending:
@@ -627,8 +750,17 @@ def apply_cpu_run(spec: tables.Spec, args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.run_job:
-        return run_job(args.run_job)
+    with signals_interrupt():
+        if args.run_job:
+            try:
+                return run_job(args.run_job)
+            except KeyboardInterrupt as err:  # before or after the sampling (which ends with its own message)
+                print(f"interrupted ({err or 'Ctrl-C'})", file=sys.stderr)
+                return 130
+        return run_table(args, argv)
+
+
+def run_table(args, argv) -> int:
     if (args.parallel or 1) > 1 and (args.workers or args.launcher):
         build_parser().error("--parallel runs several jobs as plain processes; it does not combine with --workers or "
                              "--launcher (those spread one job over several processes)")
@@ -739,8 +871,9 @@ def main(argv=None) -> int:
     except TableInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"interrupted ({err or 'Ctrl-C'}): sampling jobs stopped; run the same command again to resume",
+              file=sys.stderr)
         return 130
 
 

@@ -758,3 +758,98 @@ def test_a_job_file_with_an_abbreviation_does_not_run(tmp_path, capsys):
 def test_values_a_job_would_refuse_fail_the_dry_run(tmp_path, capsys, changes, named):
     err = _error(tmp_path, capsys, **changes)
     assert named in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue #26 item 10: a stopped or killed runner takes its job processes along; interrupted runs are not timed
+# ------------------------------------------------------------------------------------------------------
+def _children(pid):
+    """The live (not zombie) processes whose parent is ``pid``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid):
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopped_or_killed_runner_ends_its_parallel_jobs(tmp_path, how):
+    """--parallel 2: the runner is stopped (SIGTERM: it stops its jobs' process groups) or killed outright (SIGKILL:
+    each job sees its runner gone and stops). Either way no job process survives it to finish its job (before the
+    fix they ran on, and a re-run started beside them counted their images and time twice)."""
+    import signal
+    import time
+    spec = write_spec(tmp_path / "tiny.yaml", images=8, columns=[{"id": "multi", "metric": "multi_object_rate"},
+                                                                 {"id": "fd_b", "metric": "shape_fd", "reference": "base"}])
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "reproduce_table.py"), str(spec), "--out",
+                             str(out), "--cache_dir", str(tmp_path / "cache"), "--threads", "1", "--parallel", "2"],
+                            cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        children = []
+        while len(children) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            children = _children(proc.pid)
+        assert len(children) == 2, (children, proc.poll())
+        proc.send_signal(getattr(signal, how))
+        rc = proc.wait(60)
+        err = proc.stderr.read()
+        assert rc == (130 if how == "SIGTERM" else -9), err[-2000:]
+        if how == "SIGTERM":
+            assert "interrupted (SIGTERM)" in err
+        deadline = time.time() + 60
+        while any(_alive(c) for c in children) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(out.glob(f"jobs/*/{tables.COMPLETE_FILE}"))  # stopped, not finished
+    for runs in out.glob(f"jobs/*/{tables.RUNS_FILE}"):
+        assert all(json.loads(line)["rc"] != 0 for line in runs.read_text().splitlines())
+
+
+def test_interrupted_runs_are_not_summed_with_the_run_that_completes_the_job(tmp_path):
+    """s / image from the records of finished runs only, images counted per process; hand-made records."""
+    from types import SimpleNamespace
+
+    def rec(run, rc, wall, generated, rank=0, by="process"):
+        return {"run": run, "rc": rc, "wall_s": wall, "generated": generated, "generated_by": by, "rank": rank,
+                "cpu_s": 1.0, "peak_memory_bytes": 1, "peak_memory_kind": "rss_hwm"}
+
+    job = SimpleNamespace(outdir=tmp_path)
+    records = [rec("a", 130, 30.0, 3),                              # stopped after 3 images, 30 s
+               rec("b", 0, 4.0, 1)]                                 # the re-run: the last image, 4 s
+    (tmp_path / tables.RUNS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = tables.job_stats(job)
+    assert stats["seconds_per_image"] == 4.0 and stats["images_timed"] == 1  # not (30 + 4) / 4
+    assert stats["interrupted_seconds_per_image"] == 10.0 and stats["runs_interrupted"] == 1
+    assert stats["device_seconds"] == 34.0
+    # two processes of one finished run (torchrun): each wrote 2 images in 10 s -> 20 device-seconds / 4 images;
+    # with run b: (4 + 20) / 5
+    records += [rec("c", 0, 10.0, 2, rank=0), rec("c", 0, 10.0, 2, rank=1)]
+    # an older record (images counted in the folder by rank 0): 6 s for 2 images
+    records += [rec("d", 0, 6.0, 2, by=None), {**rec("d", 0, 6.0, None, rank=1), "generated_by": None}]
+    (tmp_path / tables.RUNS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = tables.job_stats(job)
+    assert stats["seconds_per_image"] == pytest.approx((4.0 + 20.0 + 12.0) / (1 + 4 + 2))
+
+
+def test_run_records_count_the_images_of_the_process(reference_run):
+    for runs in reference_run["out"].glob(f"jobs/*/{tables.RUNS_FILE}"):
+        (record,) = [json.loads(line) for line in runs.read_text().splitlines()]
+        assert record["rc"] == 0 and record["generated_by"] == "process" and record["generated"] == 4

@@ -614,6 +614,11 @@ def png_metadata(item: WorkItem, settings: Dict, samples_per_prompt: int) -> Dic
                                                  "seed_derivation": SWEEP_FORMAT}}}
 
 
+# the counts of the last sweep this process finished (run_sweep's result): the table runner's run records take the
+# images a process wrote from here (another job sharing the folder writes images too); None until one finishes
+last_result: Optional[Dict] = None
+
+
 def run_sweep(render: Callable[[List[WorkItem]], List], prompts: Sequence[str], samples_per_prompt: int,
               batch_size: int, seed: int, outdir, settings: Dict, dist: Optional[DistContext] = None,
               fixed_code: bool = False, progress: bool = True, image_size: Optional[Tuple[int, int]] = None) -> Dict:
@@ -682,8 +687,10 @@ def run_sweep(render: Callable[[List[WorkItem]], List], prompts: Sequence[str], 
     finally:
         if job_file is not None:
             job_file.close(remove=rank == 0)
-    return {"generated": generated, "batches": rendered, "skipped": plan["complete"],
-            "damaged": len(plan["damaged"]), "total": len(items)}
+    global last_result
+    last_result = {"generated": generated, "batches": rendered, "skipped": plan["complete"],
+                   "damaged": len(plan["damaged"]), "total": len(items)}
+    return dict(last_result)
 
 
 def _render_share(render, plan, batches, rank, world, outdir, job, settings, samples_per_prompt, log,

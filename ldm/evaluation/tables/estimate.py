@@ -132,6 +132,10 @@ def estimate(p: Plan) -> List[Dict]:
             got = {"seconds_per_image": stats["seconds_per_image"], "basis": "here",
                    "source": f"measured here ({stats['images_timed']} images)",
                    "device": "; ".join(stats["devices"]) or "?"}
+        elif stats["interrupted_seconds_per_image"] is not None:
+            got = {"seconds_per_image": stats["interrupted_seconds_per_image"], "basis": "here",
+                   "source": f"measured here, in interrupted runs ({stats['images_timed_interrupted']} images)",
+                   "device": "; ".join(stats["devices"]) or "?"}
         else:
             got = _job_seconds(p.spec, job) or {}
         sec = got.get("seconds_per_image")

@@ -244,19 +244,33 @@ def read_runs(job: Job) -> List[Dict]:
 
 def job_stats(job: Job) -> Dict:
     """Time per image (device-seconds: wall time of the sampling command x its processes, over the images it
-    wrote) and peak memory (largest over runs and processes) from the job's run records."""
+    wrote) and peak memory (largest over runs and processes) from the job's run records.
+
+    Only runs that finished (every process with exit status 0) make ``seconds_per_image``: the records of an
+    interrupted run (a stop, Ctrl-C, an error) are never summed with those of the run that completes the job
+    after it (the stopped run's time went partly into images it did not finish). Their own figure, for the dry
+    run's estimate of a job that has not finished, is ``interrupted_seconds_per_image``. The images a run wrote are
+    what its processes wrote (``generated_by: process``); older records count the images that appeared in the
+    folder during the run (rank 0)."""
     runs = read_runs(job)
     by_run: Dict[str, List[Dict]] = {}
     for r in runs:
         by_run.setdefault(r.get("run", "?"), []).append(r)
-    seconds = generated = cpu = 0.0
+    cpu = 0.0
+    timed = {True: [0.0, 0], False: [0.0, 0]}  # finished?: [device-seconds, images]
+    interrupted = 0
     peak, kind, devices, machines = None, None, set(), set()
     for recs in by_run.values():
-        gen = max((r.get("generated") or 0) for r in recs)
+        finished = all(r.get("rc") == 0 for r in recs)
+        interrupted += not finished
+        if all(r.get("generated_by") == "process" for r in recs):
+            gen = sum(int(r.get("generated") or 0) for r in recs)
+        else:
+            gen = max(int(r.get("generated") or 0) for r in recs)
         cpu += sum(float(r.get("cpu_s") or 0.0) for r in recs)
         if gen > 0:
-            seconds += sum(float(r.get("wall_s", 0.0)) for r in recs)
-            generated += gen
+            timed[finished][0] += sum(float(r.get("wall_s", 0.0)) for r in recs)
+            timed[finished][1] += gen
         for r in recs:
             if r.get("peak_memory_bytes") is not None and (peak is None or r["peak_memory_bytes"] > peak):
                 peak, kind = r["peak_memory_bytes"], r.get("peak_memory_kind")
@@ -264,11 +278,13 @@ def job_stats(job: Job) -> Dict:
                 devices.add(r["device_name"])
             if r.get("machine"):
                 machines.add(r["machine"])
+    (seconds, generated), (i_seconds, i_generated) = timed[True], timed[False]
     return {"seconds_per_image": seconds / generated if generated else None, "images_timed": int(generated),
-            "device_seconds": seconds, "cpu_seconds": cpu, "peak_memory_bytes": peak, "peak_memory_kind": kind,
-            "devices": sorted(devices), "machines": sorted(machines), "runs": len(by_run)}
-
-
+            "device_seconds": seconds + i_seconds, "cpu_seconds": cpu, "peak_memory_bytes": peak,
+            "peak_memory_kind": kind, "devices": sorted(devices), "machines": sorted(machines), "runs": len(by_run),
+            "runs_interrupted": interrupted,
+            "interrupted_seconds_per_image": i_seconds / i_generated if i_generated else None,
+            "images_timed_interrupted": int(i_generated)}
 
 
 def machine_description(device: str = "cpu") -> str:
