@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -56,7 +57,7 @@ from ldm.inference import UsageError, seed_arg  # noqa: E402
 STOP_AFTER_ENV = "SCALECRAFTER_TABLE_STOP_AFTER"  # test hook: stop after N sampling jobs ran in this invocation
 RUN_ID_ENV = "SCALECRAFTER_TABLE_RUN_ID"           # shared by the processes of one launch (torchrun ranks)
 RUNNER_ENV = "SCALECRAFTER_TABLE_RUNNER"           # host:pid of the runner that started a job process
-JOB_FILE = "job.json"
+JOB_FILE = tables.JOB_FILE
 STOP_GRACE_S = 20.0   # how long a stopped job may take to end (its run record) before it is killed
 WATCH_S = 1.0         # how often a job process looks whether its runner is still there
 
@@ -77,6 +78,7 @@ def txt2img():
     return pipeline
 
 
+@functools.lru_cache(maxsize=1)
 def job_parser():
     """scripts/txt2img.py's parser as the table jobs use it: whole option names only (``--see`` is not ``--seed``),
     and errors (or a help request) raise ValueError instead of exiting."""
@@ -93,9 +95,10 @@ def job_parser():
     return parser
 
 
+@functools.lru_cache(maxsize=1)
 def option_names():
     """Every option string of scripts/txt2img.py (``--seed``, ``--no-hidiff_raunet``, ...)."""
-    return {s for a in job_parser()._actions for s in a.option_strings}
+    return frozenset(s for a in job_parser()._actions for s in a.option_strings)
 
 
 def option_check(flags):
@@ -232,15 +235,16 @@ def run_job(job_file) -> int:
         fh.write(json.dumps(record) + "\n")
     if rank == 0 and rc == 0 and after == len(expected):
         tables.write_text_atomic(outdir / tables.COMPLETE_FILE, json.dumps(
-            {"key": info["key"], "images": len(expected), "finished": tables.now_utc()}, indent=1) + "\n")
+            {"key": info["key"], "content": info.get("content"), "images": len(expected),
+             "finished": tables.now_utc()}, indent=1) + "\n")
     return rc
 
 
 def write_job_file(job: tables.Job) -> Path:
     job.outdir.mkdir(parents=True, exist_ok=True)
     path = job.outdir / JOB_FILE
-    data = {"id": job.id, "argv": job.argv, "outdir": str(job.outdir), "key": job.key,
-            "files": tables.expected_files(job), "device": job.argv[job.argv.index("--device") + 1],
+    data = {"id": job.id, "argv": job.argv, "outdir": str(job.outdir), "key": job.key, "content": job.content,
+            "identity": tables.identity(job.key), "files": tables.expected_files(job), "device": job.argv[job.argv.index("--device") + 1],
             "rows": job.rows, "role": job.role,
             "command": "python scripts/txt2img.py " + " ".join(shlex.quote(a) for a in job.argv)}
     tables.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
@@ -402,11 +406,27 @@ def _finished(job: tables.Job, rc: int):
                            f"({tables.images_present(job)} present) in {job.samples}")
 
 
+def resampled_because(job: tables.Job):
+    """Why a job that was sampled before (an earlier version of it in OUT) is sampled again, or None."""
+    from ldm.pipelines.content import describe_changes
+    earlier = tables.earlier_versions(job)
+    if not earlier:
+        return None
+    folder, content = earlier[0]
+    changes = describe_changes(content, job.content) or ["its folder holds another version"]
+    return (f"since {folder.name} was sampled, " + "; ".join(changes) + f". Its images stay in {folder} (delete it "
+            "to free the space)")
+
+
 def run_jobs(p: tables.Plan, args) -> list:
     done = [j for j in p.jobs if tables.job_complete(j)]
     todo = [j for j in p.jobs if j not in done]
     for j in done:
         log(f"job {j.id}: complete ({j.n_images} images), skipped")
+    for j in todo:
+        why = resampled_because(j)
+        if why:
+            log(f"job {j.id}: sampled again: {why}")
     stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
     executed = []
 
@@ -567,7 +587,10 @@ def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None, missing_fi
                 t.prompt_list()
             except tables.SpecError as err:
                 problems.append(str(err))
-    for title, lines in (("missing before a run:", problems), ("notes:", list(warnings_out))):
+    again = [f"{j.id}: {why}" for j in p.jobs if not tables.job_complete(j) for why in [resampled_because(j)] if why]
+    for title, lines in (("missing before a run:", problems),
+                         ("sampled again (its files or code changed since an earlier run in OUT):", again),
+                         ("notes:", list(warnings_out))):
         if lines:
             print()
             print(title)

@@ -853,3 +853,81 @@ def test_run_records_count_the_images_of_the_process(reference_run):
     for runs in reference_run["out"].glob(f"jobs/*/{tables.RUNS_FILE}"):
         (record,) = [json.loads(line) for line in runs.read_text().splitlines()]
         assert record["rc"] == 0 and record["generated_by"] == "process" and record["generated"] == 4
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue #26 item 3: jobs keyed by the content of their files and code, not by their paths
+# ------------------------------------------------------------------------------------------------------
+def test_changed_checkpoint_or_preset_is_sampled_again(tmp_path, capsys):
+    """The issue: replacing the checkpoint (retraining) or editing a preset, then re-running, printed "complete,
+    skipped" and showed the old numbers. Now the jobs of the changed files are sampled again, into new folders, and
+    the log says which file changed; the old folders are kept and named."""
+    import shutil
+    ckpt = tmp_path / "demo.ckpt"
+    shutil.copy(REPO_ROOT / "checkpoints/demo/shapes32.ckpt", ckpt)
+    (tmp_path / "p/settings").mkdir(parents=True)
+    settings = tmp_path / "p/settings/inner_x2.txt"
+    shutil.copy(REPO_ROOT / "configs/scalecrafter/settings/demo/inner_x2.txt", settings)
+    preset = tmp_path / "p/sc64.yaml"
+    preset.write_text("height: 64\nwidth: 64\nsteps: 3\ndilate_settings: settings/inner_x2.txt\ndilate_tau: 2\n")
+    spec = write_spec(tmp_path / "tiny.yaml", images=2,
+                      models={"demo": {"config": "configs/demo/shapes32.yaml", "ckpt": str(ckpt)}},
+                      columns=[{"id": "multi", "metric": "multi_object_rate"}],
+                      rows=[{"id": "direct", "method": "direct", "size": [64, 64]},
+                            {"id": "sc", "method": "scalecrafter", "preset": str(preset)}])
+    out = tmp_path / "out"
+
+    def jobs():
+        doc = json.loads((out / "table.json").read_text())
+        return {j["rows"][0]: (j["id"], j["run_now"]) for j in doc["jobs"]}
+
+    assert run(spec, out, tmp_path / "cache") == 0
+    first = jobs()
+    assert run(spec, out, tmp_path / "cache") == 0
+    assert jobs() == {r: (i, False) for r, (i, _) in first.items()}
+    capsys.readouterr()
+
+    settings.write_text(settings.read_text().replace(":2\n", ":3\n", 1))  # the preset's settings file edited
+    assert run(spec, out, tmp_path / "cache") == 0
+    log = capsys.readouterr().out
+    second = jobs()
+    assert second["direct"] == (first["direct"][0], False)
+    assert second["sc"][1] is True and second["sc"][0] != first["sc"][0]
+    assert (f"job {second['sc'][0]}: sampled again: since {first['sc'][0]} was sampled, preset file "
+            f"{settings.as_posix()} changed (content). Its images stay in {out / 'jobs' / first['sc'][0]}") in log
+    assert (out / "jobs" / first["sc"][0] / "samples").is_dir()  # kept
+
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)  # retrained: other weights at the same path
+    name = next(k for k, v in sd["state_dict"].items() if v.is_floating_point())
+    sd["state_dict"][name] = sd["state_dict"][name] * 0.5
+    torch.save(sd, ckpt)
+    assert run(spec, out, tmp_path / "cache", "--dry-run") == 0
+    dry = capsys.readouterr().out
+    assert "sampled again (its files or code changed since an earlier run in OUT):" in dry
+    assert dry.count(f"the checkpoint {ckpt.as_posix()} changed (") == 2
+    assert run(spec, out, tmp_path / "cache") == 0
+    third = jobs()
+    assert all(third[r][1] and third[r][0] not in (first[r][0], second[r][0]) for r in ("direct", "sc"))
+    assert "complete (2 images), skipped" not in capsys.readouterr().out
+
+
+def test_job_made_before_content_keys_is_sampled_again_with_the_reason(reference_run, tmp_path, capsys):
+    """A job folder of an older version (no content key: its job.json has only the key) is not taken as complete."""
+    import shutil
+    spec = write_spec(tmp_path / "tiny.yaml")
+    out = tmp_path / "out"
+    p = tables.plan(tables.select(tables.load_spec(spec)), out)
+    job = p.row_job["direct"]
+    old = out / "jobs" / (job.id.rsplit("-", 1)[0] + "-0123456789")  # an id computed from the key alone
+    shutil.copytree(reference_run["out"] / "jobs" / job.id, old)
+    info = json.loads((old / "job.json").read_text())
+    del info["content"]
+    (old / "job.json").write_text(json.dumps(info))
+    marker = json.loads((old / tables.COMPLETE_FILE).read_text())
+    del marker["content"]
+    (old / tables.COMPLETE_FILE).write_text(json.dumps(marker))
+    assert tables.earlier_versions(job) == [(old, None)]
+    assert not tables.job_complete(job)
+    assert run(spec, out, tmp_path / "cache", "--dry-run") == 0
+    assert (f"{job.id}: since {old.name} was sampled, it was made before content keys were recorded"
+            in capsys.readouterr().out)

@@ -262,6 +262,8 @@ def run_settings(opt, config_path, method, sampler, freeu, tiling, use_autocast,
            "tiled_decoding": tiling or None, "method": method.name, **method.describe()}
     if conditioning is not None:
         out["size_conditioning"] = conditioning
+    from ldm.pipelines.content import content_keys  # the versions of the files and code (a sweep's fingerprint)
+    out["content"] = content_keys(opt, type(method))
     return out
 
 

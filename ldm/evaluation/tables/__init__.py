@@ -36,9 +36,9 @@ Spec format: ``docs/evaluation.md`` ("Reproducing the paper tables") and the com
 from .spec import (BASE, ENTRY_BASES, METRIC_ALIASES, METRICS, NOT_AVAILABLE, PRESET_FLAGS, REPO_ROOT,
                    RESERVED_FLAGS, SAFETY_FLAGS, Column, MetricDef, Model, Reference, Row, Spec, SpecError, Table,
                    _rel, _slug, check_options, check_spec, load_spec, resolve_metric, resolve_prompts, select)
-from .plan import (COMPLETE_FILE, RUNS_FILE, Job, Plan, base_size, expected_files, images_present, job_complete,
-                   job_stats, machine_description, materialize_prompts, now_utc, plan, read_runs,
-                   render_dataset_references, write_text_atomic)
+from .plan import (COMPLETE_FILE, JOB_FILE, RUNS_FILE, Job, Plan, base_size, earlier_versions, expected_files,
+                   identity, images_present, job_complete, job_stats, machine_description, materialize_prompts,
+                   now_utc, plan, read_runs, render_dataset_references, write_text_atomic)
 from .store import (EXTRACTORS, PATCH_SPATIAL, FeatureStore, InceptionExtractor, ShapeExtractor, TableFeatureSettings,
                     compute_cell, evaluate)
 from .render import (format_cell, kendall_tau_b, published_comparison, rank_order, render_markdown, render_published,
@@ -52,6 +52,6 @@ __all__ = ["SpecError", "MetricDef", "METRICS", "METRIC_ALIASES", "resolve_metri
            "compute_cell", "evaluate", "table_rows", "write_csv", "render_markdown", "replace_block", "estimate",
            "published_comparison", "render_published", "kendall_tau_b", "rank_order", "published_time",
            "machine_description", "now_utc", "write_text_atomic", "COMPLETE_FILE", "RUNS_FILE", "BASE",
-           "BASIS_LABELS", "PATCH_SPATIAL", "NOT_AVAILABLE", "PRESET_FLAGS", "RESERVED_FLAGS", "REPO_ROOT",
+           "BASIS_LABELS", "PATCH_SPATIAL", "JOB_FILE", "earlier_versions", "identity", "NOT_AVAILABLE", "PRESET_FLAGS", "RESERVED_FLAGS", "REPO_ROOT",
            "TableFeatureSettings", "format_cell", "resolve_prompts", "ENTRY_BASES", "SAFETY_FLAGS", "check_options",
            "_rel", "_slug"]  # the last two: paths and folder names as the runner writes them

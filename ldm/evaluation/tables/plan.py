@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .spec import BASE, PRESET_FLAGS, SAFETY_FLAGS, Model, Row, Spec, SpecError, Table, _rel, _slug
+from .spec import BASE, PRESET_FLAGS, REPO_ROOT, SAFETY_FLAGS, Model, Row, Spec, SpecError, Table, _rel, _slug
 
 
 # --------------------------------------------------------------------------------------------------
@@ -33,7 +33,8 @@ class Job:
     argv: List[str]                # scripts/txt2img.py arguments, --outdir included
     outdir: Path
     rows: List[str] = field(default_factory=list)
-    key: Dict = field(default_factory=dict)
+    key: Dict = field(default_factory=dict)      # what the job samples (paths, settings): its identity
+    content: Dict = field(default_factory=dict)  # the versions of its files and code (ldm.pipelines.content)
 
     @property
     def samples(self) -> Path:
@@ -87,6 +88,33 @@ def _job_id(job_key: Dict, slug: str) -> str:
     return f"{_slug(slug)}-{digest}"
 
 
+def identity(key: Dict) -> str:
+    """sha256 of a job's key (what it samples, whatever the versions of its files and code)."""
+    return hashlib.sha256(json.dumps(_normalise(key), sort_keys=True).encode()).hexdigest()
+
+
+class _ContentKeys:
+    """The content key of each job's txt2img command (:func:`ldm.pipelines.content.content_keys`), from the
+    command as txt2img parses it: the checkpoint, config, preset and the files it names, files named by options,
+    the method's code."""
+
+    def __init__(self):
+        from ldm.pipelines.txt2img import build_parser
+        self.parser = build_parser()
+        self.parser.allow_abbrev = False
+
+        def error(message):
+            raise SpecError(f"a job's command: {message}")
+
+        self.parser.error = error
+
+    def __call__(self, method: str, argv: List[str]) -> Dict:
+        from ldm import methods
+        from ldm.pipelines.content import content_keys
+        opt, _ = self.parser.parse_known_args(argv)
+        return content_keys(opt, methods.method_class(method), base=REPO_ROOT)
+
+
 def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = None,
          safety: Sequence[str] = ()) -> Plan:
     """Sampling jobs of the selected rows (deduplicated) and the references they need. Nothing is written.
@@ -100,6 +128,7 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
     jobs: Dict[str, Job] = {}
     row_job, base_job, prompt_files, dataset_refs = {}, {}, {}, {}
     s = spec.sampler
+    content_of = _ContentKeys()
     for t in spec.tables:
         try:
             prompts = t.prompt_list()
@@ -118,8 +147,6 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
             slug = f"{model}-{W}x{H}-" + ("base" if role == BASE else method + (f"-{Path(preset).stem}" if preset else ""))
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
             if digest not in jobs:  # the same sampling for another row (or the base reference): the same job
-                jid = _job_id(key, slug)
-                jdir = out / "jobs" / jid
                 argv = ["--sweep", "--from-file", str(pfile), "--config", str(_rel(m.config)), "--ckpt",
                         str(_rel(m.ckpt)), "--H", str(H), "--W", str(W), "--method", method,
                         "--steps", str(s["steps"]), "--ddim_eta", repr(float(s["eta"])), "--scale", repr(float(s["scale"])),
@@ -128,9 +155,15 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
                         "--device", device]
                 if preset:
                     argv += [preset_flag or PRESET_FLAGS.get(method, f"--{method}_config"), str(_rel(preset))]
-                argv += list(spec.common_options) + list(options) + safety + ["--outdir", str(jdir)]
+                argv += list(spec.common_options) + list(options) + safety
+                # the folder of a job is that of one version of its files and code: another version is another job
+                # (a replaced checkpoint, an edited preset never reuses the images of the old one)
+                content = content_of(method, argv)
+                jid = _job_id({"key": key, "content": content}, slug)
+                jdir = out / "jobs" / jid
+                argv += ["--outdir", str(jdir)]
                 jobs[digest] = Job(jid, t.id, m, H, W, method, preset, list(options), role, pfile, t.images, argv,
-                                   jdir, key=key)
+                                   jdir, key=key, content=content)
             if row is not None:
                 jobs[digest].rows.append(row.qid)
             return jobs[digest]
@@ -147,8 +180,8 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
                 r = t.references[c.reference]
                 if r.kind == "dataset":
                     ds = r.dataset
-                    dataset_refs[(t.id, r.name)] = (out / "references" /
-                                                    f"{ds['dataset']}{ds['size']}-n{ds['n']}-seed{ds['seed']}")
+                    dataset_refs[(t.id, r.name)] = (out / "references" / f"{ds['dataset']}{ds['size']}-n{ds['n']}-"
+                                                    f"seed{ds['seed']}-code{_dataset_code()[:8]}")
     return Plan(spec, out, list(jobs.values()), row_job, base_job, prompt_files, dataset_refs, safety)
 
 
@@ -178,7 +211,40 @@ def job_complete(job: Job) -> bool:
         info = json.loads(marker.read_text())
     except ValueError:
         return False
-    return info.get("key") == _normalise(job.key) and images_present(job) == job.n_images
+    return info.get("key") == _normalise(job.key) and info.get("content") == _normalise(job.content) and \
+        images_present(job) == job.n_images
+
+
+def _dataset_code() -> str:
+    """The code version of the rendered references (ldm/data/shapes.py): a change renders them again."""
+    import ldm.data.shapes
+    from ldm.pipelines.content import module_digest
+    return module_digest(ldm.data.shapes.__file__)
+
+
+JOB_FILE = "job.json"
+
+
+def earlier_versions(job: Job) -> List[Tuple[Path, Optional[Dict]]]:
+    """The folders in the job's output folder of the same job (the same key) made from other versions of its
+    files or code: (folder, its content key, None if it was made before content keys were recorded), the latest
+    first."""
+    found = []
+    prefix = job.id.rsplit("-", 1)[0] + "-"
+    want = identity(job.key)
+    jobs_dir = job.outdir.parent
+    if not jobs_dir.is_dir():
+        return found
+    for d in jobs_dir.iterdir():
+        if d == job.outdir or not d.name.startswith(prefix) or not (d / JOB_FILE).is_file():
+            continue
+        try:
+            info = json.loads((d / JOB_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and isinstance(info.get("key"), dict) and identity(info["key"]) == want:
+            found.append((d.stat().st_mtime, d, info.get("content")))
+    return [(d, c) for _, d, c in sorted(found, key=lambda x: -x[0])]
 
 
 def _normalise(obj):
