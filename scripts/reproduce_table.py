@@ -28,6 +28,11 @@ rows on each metric, published vs ours.
 to direct sampling). ``--with-optional`` adds the spec's optional rows (variants beside the paper's protocol).
 ``--slurm DIR`` writes SLURM array job scripts (one task per sampling job, then the evaluation) instead of
 running anything.
+
+A spec cannot lower safety: ``--trust_config`` and ``--unsafe_load`` come from this command line only (passed to
+every job; ``--dry-run`` says which were given). Jobs are keyed by the content of their files and code
+(``ldm/pipelines/content.py``): a replaced checkpoint or an edited preset is sampled again, and the log says why.
+Ctrl-C, SIGTERM or SIGHUP stop every job process this runner started, and a job stops when its runner is killed.
 """
 from __future__ import annotations
 
