@@ -249,7 +249,8 @@ def write_job_file(job: tables.Job) -> Path:
     job.outdir.mkdir(parents=True, exist_ok=True)
     path = job.outdir / JOB_FILE
     data = {"id": job.id, "argv": job.argv, "outdir": str(job.outdir), "key": job.key, "content": job.content,
-            "identity": tables.identity(job.key), "files": tables.expected_files(job), "device": job.argv[job.argv.index("--device") + 1],
+            "identity": tables.identity(job.key), "files": tables.expected_files(job),
+            "device": job.argv[job.argv.index("--device") + 1],
             "rows": job.rows, "role": job.role,
             "command": "python scripts/txt2img.py " + " ".join(shlex.quote(a) for a in job.argv)}
     tables.write_text_atomic(path, json.dumps(data, indent=1) + "\n")

@@ -183,7 +183,7 @@ def _file_change(old: Optional[Dict], new: Optional[Dict]) -> Optional[str]:
         return "added" if not old else "removed"
     if old.get("missing") or new.get("missing"):
         return "missing before" if old.get("missing") else "missing now"
-    what = [w for k, w in (("size", "size"), ("sha256", "content"), ("head_tail_sha256", "content"),
+    what = [w for k, w in (("file", "path"), ("size", "size"), ("sha256", "content"), ("head_tail_sha256", "content"),
                            ("mtime_ns", "modification time")) if old.get(k) != new.get(k)]
     return " and ".join(dict.fromkeys(what)) or "fingerprint"
 
@@ -205,7 +205,9 @@ def describe_changes(old: Optional[Dict], new: Dict) -> List[str]:
         for name in sorted(set(o) | set(n)):
             change = _file_change(o.get(name), n.get(name))
             if change:
-                what = f"{label} {name}" if key == "preset" else f"{label} {name} ({(n.get(name) or o.get(name))['file']})"
+                what = f"{label} {name}"
+                if key == "files":
+                    what += f" ({(n.get(name) or o.get(name))['file']})"
                 out.append(f"{what} changed ({change})")
     o, n = old.get("code") or {}, new.get("code") or {}
     changed = sorted(m for m in set(o) | set(n) if o.get(m) != n.get(m))

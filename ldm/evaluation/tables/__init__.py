@@ -52,6 +52,7 @@ __all__ = ["SpecError", "MetricDef", "METRICS", "METRIC_ALIASES", "resolve_metri
            "compute_cell", "evaluate", "table_rows", "write_csv", "render_markdown", "replace_block", "estimate",
            "published_comparison", "render_published", "kendall_tau_b", "rank_order", "published_time",
            "machine_description", "now_utc", "write_text_atomic", "COMPLETE_FILE", "RUNS_FILE", "BASE",
-           "BASIS_LABELS", "PATCH_SPATIAL", "JOB_FILE", "earlier_versions", "identity", "NOT_AVAILABLE", "PRESET_FLAGS", "RESERVED_FLAGS", "REPO_ROOT",
-           "TableFeatureSettings", "format_cell", "resolve_prompts", "ENTRY_BASES", "SAFETY_FLAGS", "check_options",
-           "_rel", "_slug"]  # the last two: paths and folder names as the runner writes them
+           "BASIS_LABELS", "PATCH_SPATIAL", "JOB_FILE", "earlier_versions", "identity", "NOT_AVAILABLE",
+           "PRESET_FLAGS", "RESERVED_FLAGS", "REPO_ROOT", "TableFeatureSettings", "format_cell", "resolve_prompts",
+           "ENTRY_BASES", "SAFETY_FLAGS", "check_options",
+           "_rel", "_slug"]  # paths and folder names as the runner writes them
