@@ -270,6 +270,8 @@ def run_settings(opt, config_path, method, sampler, freeu, tiling, use_autocast,
         out["size_conditioning"] = conditioning
     if getattr(method.model, "merged_loras", None):  # --lora: name, sha256 prefix, weight (ldm/lora.py)
         out["lora"] = method.model.merged_loras
+    from ldm.pipelines.content import content_keys  # the versions of the files and code (a sweep's fingerprint)
+    out["content"] = content_keys(opt, type(method))
     return out
 
 
