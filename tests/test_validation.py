@@ -199,10 +199,10 @@ def test_non_finite_preset_values_are_refused(tmp_path, capsys, no_loading, pres
     assert_refused(code, err, out, str(path), *needles)
 
 
-@pytest.mark.parametrize("key,value,needle", [("scale", float("inf"), "scale: inf is not a finite number"),
-                                              ("scale", float("nan"), "scale: nan is not a finite number"),
-                                              ("eta", 2.0, "eta: 2 is not a number in [0, 1]"),
-                                              ("steps", 0, "steps: 0 is not a positive integer")])
+@pytest.mark.parametrize("key,value,needle", [("scale", float("inf"), "a finite number"),
+                                              ("scale", float("nan"), "a finite number"),
+                                              ("eta", 2.0, "[0, 1]"),
+                                              ("steps", 0, "a positive integer")])
 def test_table_spec_sampler_numbers(tmp_path, key, value, needle):
     from ldm.evaluation import tables
     spec = {"name": "t", "title": "t", "images": 2, "seed": 1, "prompts": {"builtin": "shapes"},
@@ -214,7 +214,7 @@ def test_table_spec_sampler_numbers(tmp_path, key, value, needle):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(tables.SpecError) as info:
         tables.load_spec(path)
-    assert needle in str(info.value) and str(path) in str(info.value)
+    assert needle in str(info.value) and str(path) in str(info.value) and key in str(info.value)
 
 
 # -- a non-finite latent: the sampler names the step, the pipeline writes nothing
@@ -571,7 +571,7 @@ def test_a_preset_size_is_named_by_the_preset(tmp_path, capsys, no_loading, pres
     assert "--H" not in err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("flag", ["--from-file", "--config", "--ckpt", "--init_image"])
+@pytest.mark.parametrize("flag", ["--from-file", "--config", "--sr_ckpt", "--init_image"])  # (--ckpt: diffusers)
 def test_a_folder_given_for_a_file_is_named_a_folder(tmp_path, capsys, no_loading, flag):
     folder = tmp_path / "a_folder"
     folder.mkdir()
@@ -580,7 +580,8 @@ def test_a_folder_given_for_a_file_is_named_a_folder(tmp_path, capsys, no_loadin
     if flag in argv:
         argv[argv.index(flag) + 1] = folder
     else:
-        argv += ["--method", "freescale", flag, folder] if flag == "--init_image" else [flag, folder]
+        method = {"--init_image": "freescale", "--sr_ckpt": "sdsr"}.get(flag)
+        argv += (["--method", method] if method else []) + [flag, folder]
     code, _, err = run_cli(capsys, argv)
     assert code == 2 and "folder" in err.strip().splitlines()[-1] and "no such file" not in err, err
     assert not out.exists()

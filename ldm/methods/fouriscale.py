@@ -492,9 +492,10 @@ def _buckets(opt, preset, sdxl):
     return ("sdxl" if sdxl else "square") if b == "auto" else b
 
 
-def settings_from_args(opt, sdxl, base_latent, image_hw, f, preset=None):
+def settings_from_args(opt, sdxl, base_latent, image_hw, f, preset=None, steps=None):
     """FouriScaleSettings from the command line, the preset and the release's defaults (``sdxl``: the model is SDXL;
-    before loading, from the config). ValueError for a setting out of range."""
+    before loading, from the config); ``steps``: the step count the start/stop steps are for (default --steps; a
+    preset's own count is scaled to it). ValueError for a setting out of range."""
     if preset is None:
         preset = load_preset(opt.fouri_config) if opt.fouri_config else {}
     height, width = image_hw
@@ -502,7 +503,7 @@ def settings_from_args(opt, sdxl, base_latent, image_hw, f, preset=None):
     buckets = _buckets(opt, preset, sdxl)
     bh, bw, found = choose_base(height, width, base_px, buckets)
     dilation = opt.fouri_dilation or dilation_factor(height, width, bh, bw)
-    steps = opt.steps
+    steps = int(steps or opt.steps)
     start, stop = opt.fouri_start_step, opt.fouri_stop_step
     if start is None or stop is None:
         if preset.get("start_step") is not None and preset.get("stop_step") is not None:
@@ -584,8 +585,9 @@ class FouriScaleMethod(GuidanceMethod):
                 parse_settings_file(opt.fouri_layers, with_factor=False)
             except SettingsError as err:
                 raise UsageError(f"--fouri_layers: {err}") from None
+        reference = preset.get("steps") if preset.get("start_step") is not None else None
         try:  # every value checked now, before the model loads
-            fs = settings_from_args(opt, info.sdxl, info.base_latent, tuple(size), info.f, preset)
+            fs = settings_from_args(opt, info.sdxl, info.base_latent, tuple(size), info.f, preset, steps=reference)
         except ValueError as err:
             raise UsageError(f"FouriScale: {err}") from None
         conditioning = {}
@@ -594,7 +596,8 @@ class FouriScaleMethod(GuidanceMethod):
             bh, bw, _ = choose_base(size[0], size[1], info.base_px, _buckets(opt, preset, True))
             conditioning = {"original_size": [int(round(bh)), int(round(bw))],
                             "target_size": [int(round(bh)), int(round(bw))]}
-        return Settings(size=tuple(size), size_conditioning=conditioning, values={"opt": opt, "fouriscale": fs})
+        return Settings(size=tuple(size), size_conditioning=conditioning, values={"opt": opt, "fouriscale": fs},
+                        reference_steps=reference)
 
     @classmethod
     def memory_estimate(cls, settings, info, batch_size, scale=2.0, tiling=None, bytes_per_value=4):

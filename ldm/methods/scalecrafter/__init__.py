@@ -38,9 +38,10 @@ class ScaleCrafter(GuidanceMethod):
         sc.add_argument("--progressive_dilate", action="store_true",
                         help="lower the factor stage by stage from ceil(D) down to 2 over the TAU steps")
         sc.add_argument("--ndcfg_tau", type=nonneg_int, default=None,
-                        help="override the preset's noise-damped CFG steps (0: off)")
+                        help="override the preset's noise-damped CFG steps (0: off; counted in the preset's steps, "
+                             "like its own: docs/samplers.md)")
         sc.add_argument("--disperse_tau", type=nonneg_int, default=None,
-                        help="override the preset's dispersion steps (0: off)")
+                        help="override the preset's dispersion steps (0: off; counted in the preset's steps)")
 
     @classmethod
     def check_img2img(cls, opt):
@@ -111,7 +112,8 @@ class ScaleCrafter(GuidanceMethod):
                      "progressive_dilate": opt.progressive_dilate}
         values = {"preset": preset, "path": opt.scalecrafter_config, "flags": flags,
                   "overrides": {"ndcfg_tau": opt.ndcfg_tau, "disperse_tau": opt.disperse_tau}}
-        return Settings(size=tuple(size), freeu=(preset or {}).get("freeu"), values=values)
+        return Settings(size=tuple(size), freeu=(preset or {}).get("freeu"), values=values,
+                        reference_steps=(preset or {}).get("steps"))
 
     def make_guidance(self):
         v, unet = self.settings.values, self.model.model.diffusion_model
