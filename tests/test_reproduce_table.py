@@ -869,7 +869,8 @@ def test_changed_checkpoint_or_preset_is_sampled_again(tmp_path, capsys):
     settings = tmp_path / "p/settings/inner_x2.txt"
     shutil.copy(REPO_ROOT / "configs/scalecrafter/settings/demo/inner_x2.txt", settings)
     preset = tmp_path / "p/sc64.yaml"
-    preset.write_text("height: 64\nwidth: 64\nsteps: 3\ndilate_settings: settings/inner_x2.txt\ndilate_tau: 2\n")
+    preset.write_text("base_model: demo\nheight: 64\nwidth: 64\nsteps: 3\ndilate_settings: settings/inner_x2.txt\n"
+                      "dilate_tau: 2\n")  # (base_model: required, issue #26 item 7)
     spec = write_spec(tmp_path / "tiny.yaml", images=2,
                       models={"demo": {"config": "configs/demo/shapes32.yaml", "ckpt": str(ckpt)}},
                       columns=[{"id": "multi", "metric": "multi_object_rate"}],
