@@ -3,6 +3,13 @@ import importlib
 
 SAMPLERS = {
     "ddim": "ldm.samplers.ddim:DDIMSampler",
+    "euler": "ldm.samplers.euler:EulerSampler",
+    "euler_a": "ldm.samplers.euler_ancestral:EulerAncestralSampler",
+    "heun": "ldm.samplers.heun:HeunSampler",
+    "dpmpp_2m": "ldm.samplers.dpmpp_2m:DPMPP2MSampler",
+    "dpmpp_2m_karras": "ldm.samplers.dpmpp_2m:DPMPP2MKarrasSampler",
+    "dpmpp_2m_sde": "ldm.samplers.dpmpp_2m_sde:DPMPP2MSDESampler",
+    "unipc": "ldm.samplers.unipc:UniPCSampler",
 }
 
 
