@@ -312,3 +312,77 @@ def test_bad_options(tiny):
     with pytest.raises(ValueError, match="steps_offset"):
         make_sampler("euler", tiny, steps_offset=200).schedule(10)
     assert set(SPACINGS) == {"leading", "trailing", "linspace", "karras"}
+
+
+# -- the pipelines' options -------------------------------------------------------------------------------------
+
+def parse(*argv):
+    from ldm.pipelines import txt2img
+    return txt2img.build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--spacing", "karras"], ["--spacing karras", "DDIM", "leading"]),
+    (["--eta", "1"], ["--eta 1", "euler_a", "--ddim_eta"]),
+    (["--sampler", "euler_a", "--ddim_eta", "1"], ["--ddim_eta 1", "DDIM's", "--eta"]),
+    (["--sampler", "heun", "--eta", "0.5"], ["--eta 0.5", "heun", "no noise"]),
+    (["--sampler", "dpmpp_2m_sde", "--eta", "-1"], ["--eta -1", ">= 0"]),
+])
+def test_sampler_flags_refused(argv, words):
+    from ldm.errors import UsageError
+    from ldm.samplers import options_of
+    with pytest.raises(UsageError) as err:
+        options_of(parse(*argv))
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_sampler_flags_accepted():
+    from ldm.samplers import options_of
+    assert options_of(parse()) == ("ddim", {"eta": 0.0})
+    assert options_of(parse("--ddim_eta", "1")) == ("ddim", {"eta": 1.0})
+    assert options_of(parse("--sampler", "euler_a", "--eta", "0.5")) == ("euler_a", {"eta": 0.5})
+    assert options_of(parse("--sampler", "unipc", "--spacing", "trailing", "--eta", "0")) == \
+        ("unipc", {"spacing": "trailing", "eta": 0.0})
+
+
+def test_steps_past_the_schedule_refused():
+    """Leading spacing with steps_offset 1 takes t = k (T // S) + 1: 1000 steps would reach t = 1000."""
+    from ldm.errors import UsageError
+    from ldm.samplers import check_steps
+    check_steps(parse("--sampler", "euler", "--steps", "999"), 1000)
+    check_steps(parse("--sampler", "euler", "--steps", "1000", "--spacing", "trailing"), 1000)
+    with pytest.raises(UsageError, match="--steps 1000: leading spacing .* reaches timestep 1000"):
+        check_steps(parse("--sampler", "euler", "--steps", "1000"), 1000)
+
+
+def test_table_spec_sampler_name():
+    """A table's ``sampler: {name: ...}`` reaches the jobs' flags; DDIM (named or not) keeps DDIM's flags and its
+    jobs' fingerprints."""
+    from ldm.evaluation import tables
+    base = {"steps": 3, "eta": 1.0, "scale": 3.0}
+    assert tables._sampler(base, "s") == tables._sampler({**base, "name": "ddim"}, "s")
+    assert tables.sampler_flags(tables._sampler(base, "s")) == ["--ddim_eta", "1.0"]
+    s = tables._sampler({**base, "name": "euler_a"}, "s")
+    assert tables.sampler_flags(s) == ["--sampler", "euler_a", "--eta", "1.0"]
+    assert "euler_a" in tables.Spec.describe_sampler(type("S", (), {"sampler": s})())
+    with pytest.raises(tables.SpecError, match="not a sampler"):
+        tables._sampler({**base, "name": "plms"}, "s")
+    with pytest.raises(tables.SpecError, match="draws no noise"):
+        tables._sampler({**base, "name": "heun"}, "s")
+
+
+@pytest.mark.parametrize("name", ["euler_a", "heun"])
+def test_txt2img_with_a_sampler(tmp_path, name):
+    """The demo model through scripts/txt2img.py with --sampler: the PNG metadata names the sampler and its
+    spacing; --fixed_code starts from the sampler's start latent."""
+    import json
+    from PIL import Image
+    from conftest import REPO_ROOT, load_script
+    argv = ["--config", REPO_ROOT / "configs/demo/shapes32.yaml", "--ckpt", REPO_ROOT / "checkpoints/demo/shapes32.ckpt",
+            "--prompt", "a red circle", "--H", "32", "--W", "32", "--steps", "4", "--scale", "3", "--sampler", name,
+            "--fixed_code", "--outdir", tmp_path, "--skip_grid"]
+    assert load_script("txt2img").main([str(a) for a in argv]) == 0
+    meta = json.loads(Image.open(tmp_path / "samples" / "00000.png").text["parameters"])
+    assert meta["sampler"] == sampler_class(name).label and meta["spacing"] == "leading" and meta["steps"] == 4
+    assert ("eta" in meta) == (name == "euler_a")

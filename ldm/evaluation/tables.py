@@ -51,6 +51,7 @@ from .features import (FeatureSettings, _load_cached, _store_cached, cache_key, 
                        folder_fingerprint, list_image_files)
 from .metrics import EvalError, EvalWarning, fid_from_features, kernel_inception_distance
 from .repetition import wilson_interval
+from ldm.samplers import SAMPLERS as SAMPLER_NAMES, sampler_class
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,7 +123,7 @@ def resolve_metric(name) -> Optional[MetricDef]:
 # --------------------------------------------------------------------------------------------------
 SAMPLER_DEFAULTS = {"batch_size": 1, "precision": "autocast", "negative_prompt": ""}
 SAMPLER_REQUIRED = ("steps", "eta", "scale")
-SAMPLER_KEYS = SAMPLER_REQUIRED + tuple(SAMPLER_DEFAULTS)
+SAMPLER_KEYS = SAMPLER_REQUIRED + tuple(SAMPLER_DEFAULTS) + ("name",)  # name: ldm/samplers registry, ddim if absent
 # keys a row may repeat (they must then equal the table's): what every row of a table shares
 ROW_SHARED_KEYS = ("seed", "prompts", "images") + SAMPLER_KEYS
 ROW_KEYS = {"id", "name", "method", "model", "size", "preset", "options", "notes", "published", "optional"} \
@@ -138,6 +139,7 @@ TIMING_MATCH_KEYS = {"role", "method", "model", "preset", "rows", "size"}
 # txt2img flags a row's options must not set: table-wide settings, or what the runner sets itself
 RESERVED_FLAGS = {
     "--steps": "sampler.steps", "--ddim_eta": "sampler.eta", "--scale": "sampler.scale", "--seed": "seed",
+    "--sampler": "sampler.name", "--eta": "sampler.eta",
     "--n_samples": "sampler.batch_size", "--precision": "sampler.precision",
     "--negative_prompt": "sampler.negative_prompt", "--n_iter": "images", "--repeat": "images",
     "--from-file": "prompts", "--prompt": "prompts", "--fixed_code": "seed", "--H": "size", "--W": "size",
@@ -236,7 +238,7 @@ class Spec:
 
     def describe_sampler(self) -> str:
         s = self.sampler
-        return (f"DDIM {s['steps']} steps, eta {s['eta']:g}, classifier-free guidance {s['scale']:g}, batch "
+        return (f"{s.get('name', 'ddim')} {s['steps']} steps, eta {s['eta']:g}, classifier-free guidance {s['scale']:g}, batch "
                 f"{s['batch_size']}, precision {s['precision']}" +
                 (f", negative prompt {s['negative_prompt']!r}" if s["negative_prompt"] else ""))
 
@@ -303,6 +305,13 @@ def _check_keys(d, known, where):
         raise SpecError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
 
 
+def sampler_flags(s) -> List[str]:
+    """txt2img's flags of a spec's sampler: DDIM's --ddim_eta, or --sampler NAME --eta (0 for the noiseless)."""
+    if "name" not in s:
+        return ["--ddim_eta", repr(float(s["eta"]))]
+    return ["--sampler", s["name"], "--eta", repr(float(s["eta"]))]
+
+
 def _sampler(value, where) -> Dict:
     value = dict(value or {})
     _check_keys(value, SAMPLER_KEYS, where)
@@ -315,6 +324,12 @@ def _sampler(value, where) -> Dict:
         out["eta"], out["scale"] = float(out["eta"]), float(out["scale"])
     except (TypeError, ValueError) as err:
         raise SpecError(f"{where}: {err}") from None
+    if out.get("name", "ddim") == "ddim":  # DDIM's jobs keep their fingerprints
+        out.pop("name", None)
+    elif out["name"] not in SAMPLER_NAMES:
+        raise SpecError(f"{where}: name {out['name']!r} is not a sampler; known: {', '.join(SAMPLER_NAMES)}")
+    elif out["eta"] and not sampler_class(out["name"]).stochastic:
+        raise SpecError(f"{where}: eta {out['eta']:g} with {out['name']}, which draws no noise (make it 0)")
     if out["precision"] not in ("full", "autocast", "half"):
         raise SpecError(f"{where}: precision must be full, autocast or half, got {out['precision']!r}")
     return out
@@ -825,7 +840,7 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
                 jdir = out / "jobs" / jid
                 argv = ["--sweep", "--from-file", str(pfile), "--config", str(_rel(m.config)), "--ckpt",
                         str(_rel(m.ckpt)), "--H", str(H), "--W", str(W), "--method", method,
-                        "--steps", str(s["steps"]), "--ddim_eta", repr(float(s["eta"])), "--scale", repr(float(s["scale"])),
+                        "--steps", str(s["steps"]), *sampler_flags(s), "--scale", repr(float(s["scale"])),
                         "--seed", str(spec.seed), "--n_samples", str(s["batch_size"]), "--n_iter", "1",
                         "--precision", s["precision"], "--negative_prompt", s["negative_prompt"],
                         "--device", device]

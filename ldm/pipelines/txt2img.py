@@ -25,7 +25,7 @@ from ldm.inference import (InputWarning, UsageError, check_output_dir, check_siz
 from ldm import methods
 from ldm.methods.base import ModelInfo
 from ldm.pipelines import sweep as sweep_mode
-from ldm.samplers import make_sampler
+from ldm import samplers
 from ldm.upscaler import is_upscaler_config
 from ldm.util import check_config_targets, load_config_file
 
@@ -50,7 +50,7 @@ def build_parser():
                    help="the prompt to render")
     p.add_argument("--from-file", type=str, help="a text file with one prompt per line (overrides --prompt)")
     p.add_argument("--outdir", type=str, default="outputs/txt2img-samples", help="where to write results")
-    p.add_argument("--steps", type=int, default=50, help="number of DDIM sampling steps")
+    p.add_argument("--steps", type=int, default=50, help="number of sampling steps")
     p.add_argument("--ddim_eta", type=float, default=0.0,
                    help="DDIM eta in [0, 1] (0: deterministic sampling, 1: DDPM-like ancestral sampling)")
     p.add_argument("--n_iter", type=int, default=1, help="how many times to sample each batch")
@@ -107,6 +107,7 @@ def build_parser():
                     help="the crop offset SDXL conditions on (default: 0 0)")
     sx.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                     help="the target size SDXL conditions on (default: --H --W)")
+    samplers.add_args(p)
     methods.add_args(p)
     sweep_mode.add_sweep_args(p)
     return p
@@ -193,6 +194,7 @@ def check_options(opt):
         raise UsageError(f"--ddim_eta {opt.ddim_eta} is outside [0, 1]: DDIM's sigma formula is defined for "
                          "0 <= eta <= 1 (0: deterministic DDIM, 1: DDPM-like ancestral sampling); a larger eta asks "
                          "for more noise than the step removes and the images come out black")
+    samplers.options_of(opt)  # --sampler/--spacing/--eta/--ddim_eta together
 
 
 def load_config(opt):
@@ -207,8 +209,9 @@ def load_config(opt):
         raise UsageError(f"--config {opt.config}: {err}") from None
     timesteps = int(config.model.params.get("timesteps", 1000)) if "model" in config else 1000
     if not 1 <= opt.steps <= timesteps:
-        raise UsageError(f"--steps {opt.steps}: the number of DDIM steps must be between 1 and {timesteps} (DDIM "
-                         f"takes its steps from the model's {timesteps} training timesteps; 50 is usual)")
+        raise UsageError(f"--steps {opt.steps}: the number of sampling steps must be between 1 and {timesteps} (the "
+                         f"sampler takes its steps from the model's {timesteps} training timesteps; 50 is usual)")
+    samplers.check_steps(opt, timesteps)
     return config_path, config
 
 
@@ -295,7 +298,7 @@ def run(opt, loader=None, wrap_sampler=None):
                    config_name=str(config_path), trust=opt.trust_config)
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
     conditioning = prepare_model(opt, model, device, settings)
-    sampler = make_sampler("ddim", model, eta=opt.ddim_eta)
+    sampler = samplers.from_options(opt, model)
     if wrap_sampler is not None:
         sampler = wrap_sampler(sampler)
     tiling = tiling_of(opt)
@@ -314,7 +317,9 @@ def run(opt, loader=None, wrap_sampler=None):
 
     seed_everything(opt.seed)
     shape = method.sample_shape()
-    start_code = torch.randn([batch_size, *shape], device=device) if opt.fixed_code else None
+    start_code = None
+    if opt.fixed_code:  # the same start latent for every batch, in the sampler's parameterisation
+        start_code = sampler.start_latent(torch.randn([batch_size, *shape], device=device), opt.steps)
     use_autocast, precision_scope = precision_scope_of(opt, device)
     settings_meta = run_settings(opt, config_path, method, sampler, freeu, tiling, use_autocast, device, conditioning)
     all_images = []
