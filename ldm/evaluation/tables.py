@@ -123,7 +123,7 @@ def resolve_metric(name) -> Optional[MetricDef]:
 # --------------------------------------------------------------------------------------------------
 SAMPLER_DEFAULTS = {"batch_size": 1, "precision": "autocast", "negative_prompt": ""}
 SAMPLER_REQUIRED = ("steps", "eta", "scale")
-SAMPLER_KEYS = SAMPLER_REQUIRED + tuple(SAMPLER_DEFAULTS) + ("name",)  # name: ldm/samplers registry, ddim if absent
+SAMPLER_KEYS = SAMPLER_REQUIRED + tuple(SAMPLER_DEFAULTS)
 # keys a row may repeat (they must then equal the table's): what every row of a table shares
 ROW_SHARED_KEYS = ("seed", "prompts", "images") + SAMPLER_KEYS
 ROW_KEYS = {"id", "name", "method", "model", "size", "preset", "options", "notes", "published", "optional"} \
@@ -314,7 +314,7 @@ def sampler_flags(s) -> List[str]:
 
 def _sampler(value, where) -> Dict:
     value = dict(value or {})
-    _check_keys(value, SAMPLER_KEYS, where)
+    _check_keys(value, SAMPLER_KEYS + ("name",), where)  # name: ldm/samplers' registry (ddim if absent)
     missing = [k for k in SAMPLER_REQUIRED if k not in value]
     if missing:
         raise SpecError(f"{where}: missing {missing} (every table states its sampler settings)")
