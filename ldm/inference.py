@@ -205,6 +205,14 @@ def fsync_directory(directory):
         os.close(fd)
 
 
+def png_info(metadata=None):
+    """PNG text chunks of ``metadata``: strings as they are, anything else as sorted JSON."""
+    info = PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+    return info
+
+
 def save_png(img, path, metadata=None, tmp_prefix=".tmp-"):
     """Write atomically (temp file + rename) with text metadata: an interrupted run leaves no partial file.
 
@@ -213,9 +221,7 @@ def save_png(img, path, metadata=None, tmp_prefix=".tmp-"):
     new file (0666 minus the umask, see :func:`create_temp_file`). ``tmp_prefix`` names the temporary file
     (``ldm.pipelines.sweep`` puts its job's id in it)."""
     path = Path(path)
-    info = PngInfo()
-    for k, v in (metadata or {}).items():
-        info.add_text(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+    info = png_info(metadata)
     fd, tmp = create_temp_file(path.parent, tmp_prefix, ".png")
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,11 +36,8 @@ FAMILY_TITLES = {"sd2": "SD 2.1", "sdxl": "SDXL base"}
 
 
 def machine_description(device):
-    import torch
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    return f"CPU ({os.cpu_count()} cores, {cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from ldm.reports import machine_description as describe
+    return describe(device)
 
 
 def build_unet(device, dtype, config=None):
@@ -153,15 +149,8 @@ def publish(table, args, default_key):
 
 def write_section(path, key, text):
     """Replace the block between `<!-- bench:key -->` markers (append it if absent)."""
-    path = Path(path)
-    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    body = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    block = f"{start}\n{text}{end}\n"
-    if start in body and end in body:
-        body = body[:body.index(start)] + block + body[body.index(end) + len(end) + 1:]
-    else:
-        body = body.rstrip("\n") + "\n\n" + block
-    path.write_text(body)
+    from ldm.reports import replace_block
+    replace_block(path, "bench", key, text, heading="# Benchmarks\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -743,7 +732,7 @@ def methods_table(args):
                 rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             return rec
 
-        print(f"warm-up (direct, model build) ...", flush=True)
+        print("warm-up (direct, model build) ...", flush=True)
         try:
             one("direct")  # model build, kernel selection: not timed
         except Exception as err:  # noqa: BLE001

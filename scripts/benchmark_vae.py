@@ -24,7 +24,6 @@ the resident size just before the decode (weights and latent excluded), i.e. wha
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -161,14 +160,10 @@ def run_child(args, method, size, save):
 
 
 def machine_description(device, threads):
-    import torch
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}, fp16"
-    cpu = platform.processor() or platform.machine()
+    from ldm.reports import machine_description as describe
     load = os.getloadavg()
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return (f"CPU ({os.cpu_count()} cores, {cpu}, {ram:.0f} GiB RAM), torch {torch.__version__}, {threads} threads, fp32; "
-            f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
+    return describe(device, threads, "fp16" if device == "cuda" else
+                    f"fp32; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
 
 
 def format_table(results, args):
@@ -249,16 +244,8 @@ def simulate(args):
 
 def write_section(path, key, text):
     """Replace the block between `<!-- bench:key -->` markers (append it if absent)."""
-    path = Path(path)
-    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    body = path.read_text() if path.exists() else "# VAE decoding benchmarks\n"
-    block = f"{start}\n{text}{end}\n"
-    if start in body and end in body:
-        body = body[:body.index(start)] + block + body[body.index(end) + len(end) + 1:]
-    else:
-        body = body.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body)
+    from ldm.reports import replace_block
+    replace_block(path, "bench", key, text, heading="# VAE decoding benchmarks\n")
 
 
 def main(argv=None):

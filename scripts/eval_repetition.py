@@ -22,7 +22,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from ldm import reports  # noqa: E402
 from ldm.pipelines import demo  # noqa: E402  (model loading, sampling, grid)
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation import repetition  # noqa: E402
@@ -54,32 +54,22 @@ def parse_custom(spec):
     return (label.replace(" ", "_"), f"{side}x{side} {label}", side, preset.strip() or None)
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def describe_preset(path):
     if path is None:
         return "direct inference (no re-dilation)"
     if path == "method:multidiffusion":
-        return ("MultiDiffusion (`ldm/baselines/multidiffusion.py`): 32x32 windows (the training size) at stride 8, "
+        return ("MultiDiffusion (`ldm/methods/multidiffusion.py`): 32x32 windows (the training size) at stride 8, "
                 "averaged every step")
     if path == "method:demofusion":
-        return ("DemoFusion (`ldm/baselines/demofusion.py`): phases at 32, 64, ... px up to the size, each re-noised to "
+        return ("DemoFusion (`ldm/methods/demofusion.py`): phases at 32, 64, ... px up to the size, each re-noised to "
                 "the first step, skip residual (c1 exponent 3), 32x32 jittered windows at stride 16 + dilated "
                 "global paths (sigma 0.8), fused with c2 = cos")
     if path == "method:hidiffusion":
-        return ("HiDiffusion (`ldm/baselines/hidiffusion.py`), the reduced mapping of this UNet (one ResBlock per "
+        return ("HiDiffusion (`ldm/methods/hidiffusion.py`), the reduced mapping of this UNet (one ResBlock per "
                 "level, no self-attention): the first downsampler at stride 4 / dilation 2 for the release's T1 "
                 "share of the steps (0.4 at 2x, 0.7 at 4x the side); no pool pair, no windowed attention")
     if path == "method:fouriscale":
-        return ("FouriScale (`ldm/baselines/fouriscale.py`): the SD rule's convs dilated x2 (64x64: "
+        return ("FouriScale (`ldm/methods/fouriscale.py`): the SD rule's convs dilated x2 (64x64: "
                 "`configs/fouriscale/demo_64x64.yaml`, steps 5/15 of 25) or x4 (128x128: the release's rule, "
                 "40 %/70 % of the steps) on low-pass filtered inputs, progressive, guided by the weakly filtered branch")
     if path == "method:attn_scale":
@@ -235,7 +225,7 @@ def main(argv=None):
         "tiny word encoder), trained at 32x32 on `ldm.data.shapes` (one coloured shape per image); "
         "how: `checkpoints/demo/README.md`.",
         f"- **Checkpoint**: `{opt.ckpt}` (step {global_step}, sha256 {sha}…).",
-        f"- **Machine**: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"- **Machine**: {reports.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), device {device}.",
         f"- **Sampling**: DDIM {opt.steps} steps, eta {opt.ddim_eta:g}, classifier-free guidance "
         f"{opt.scale:g}; n = {opt.n} samples per setting up to 64x64 and {opt.n_large} at 128x128 (CPU time), "

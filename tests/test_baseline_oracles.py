@@ -6,7 +6,7 @@ project, with a deterministic stand-in UNet (``standin_eps`` below; the READMEs 
 stand-in is fed to our implementations through ``apply_model`` and the results are compared: window layouts
 (with the recorded jitter draws), the Gaussian blur, the cosine factors, single denoising steps, the dilated
 global path, and whole DemoFusion runs (every phase). Where our code deliberately differs from the reference
-(module docstrings of ldm/baselines/multidiffusion.py and demofusion.py), the documented relationship is tested.
+(module docstrings of ldm/methods/multidiffusion.py and demofusion.py), the documented relationship is tested.
 """
 import json
 import random

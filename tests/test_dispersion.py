@@ -1,4 +1,4 @@
-"""Dispersed-convolution solver (ldm/scalecrafter/dispersion.py).
+"""Dispersed-convolution solver (ldm/unet_hooks/dispersion.py).
 
 The least-squares problem is checked against itself (normal equations,
 optimality), against torch's conv2d/interpolate (independent implementation

@@ -1,4 +1,4 @@
-"""FouriScale (ldm/baselines/fouriscale.py) against a recording of the authors' release (LeonHLJ/FouriScale, its
+"""FouriScale (ldm/methods/fouriscale.py) against a recording of the authors' release (LeonHLJ/FouriScale, its
 text2image.py pipeline run through diffusers 0.20.2) on a tiny SD 1.5-structured UNet with random weights.
 
 The recording, its weights (LDM key format) and its provenance script are in tests/reference/fouriscale/

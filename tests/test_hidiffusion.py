@@ -1,4 +1,4 @@
-"""HiDiffusion (ldm/baselines/hidiffusion.py): the windowed attention against brute force, the RAU-Net layers
+"""HiDiffusion (ldm/methods/hidiffusion.py): the windowed attention against brute force, the RAU-Net layers
 against hand computations inside a real (tiny) UNet call, the step schedule against the release's formula,
 "everything off" against direct sampling bit for bit, and end to end through scripts/txt2img.py."""
 import json

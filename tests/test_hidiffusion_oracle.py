@@ -1,4 +1,4 @@
-"""HiDiffusion (ldm/baselines/hidiffusion.py) against a recording of the authors' release
+"""HiDiffusion (ldm/methods/hidiffusion.py) against a recording of the authors' release
 (megvii-research/HiDiffusion, run through diffusers) on a tiny SD 1.5-structured UNet with random weights.
 
 The recording, its weights (LDM key format) and its provenance script are in tests/reference/hidiffusion/

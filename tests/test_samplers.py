@@ -359,7 +359,7 @@ def test_steps_past_the_schedule_refused():
 def test_table_spec_sampler_name():
     """A table's ``sampler: {name: ...}`` reaches the jobs' flags; DDIM (named or not) keeps DDIM's flags and its
     jobs' fingerprints."""
-    from ldm.evaluation import tables
+    from ldm.evaluation.tables import spec as tables
     base = {"steps": 3, "eta": 1.0, "scale": 3.0}
     assert tables._sampler(base, "s") == tables._sampler({**base, "name": "ddim"}, "s")
     assert tables.sampler_flags(tables._sampler(base, "s")) == ["--ddim_eta", "1.0"]

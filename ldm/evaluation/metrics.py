@@ -119,9 +119,10 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray, method: str 
         raise EvalError(f"feature arrays must be (N, d) with the same d, got {f1.shape} and {f2.shape}")
     check_fid_sample_size(len(f1), f1.shape[1], names[0])
     check_fid_sample_size(len(f2), f2.shape[1], names[1])
-    if method not in ("auto", "covariance", "lowrank"):
-        raise ValueError(f"unknown method {method!r}")
-    if method == "lowrank" or (method == "auto" and min(len(f1), len(f2)) <= f1.shape[1]):
+    algorithm = method  # the FID computation (not a sampling method)
+    if algorithm not in ("auto", "covariance", "lowrank"):
+        raise ValueError(f"unknown method {algorithm!r}")
+    if algorithm == "lowrank" or (algorithm == "auto" and min(len(f1), len(f2)) <= f1.shape[1]):
         return _frechet_lowrank(f1, f2)
     return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 from ldm.errors import UsageError
+from ldm.guidance import TrajectoryClock, reference_timesteps
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Settings:
     sample_size: Optional[Tuple[int, int]] = None
     size_conditioning: Dict[str, Sequence[int]] = field(default_factory=dict)
     freeu: Optional[Dict[str, float]] = None   # the preset's FreeU values, where it has them
+    reference_steps: Optional[int] = None      # the step count its per-step settings are written for (a preset's
+    #                                            ``steps``); None: the run's own --steps
     values: Dict[str, object] = field(default_factory=dict)
 
 
@@ -109,6 +112,14 @@ class Method:
     def prepare(self):
         """After loading, before anything is written: build or load what the run needs (errors surface here)."""
 
+    def reference_steps(self):
+        """The step count of the DDIM run the method's per-step settings are written for."""
+        return int(self.settings.reference_steps or self.info.steps)
+
+    def clock(self):
+        """The trajectory clock of this method's settings (``ldm/guidance.py``)."""
+        return TrajectoryClock(reference_timesteps(self.model.num_timesteps, self.reference_steps()))
+
     def sample_shape(self):
         h, w = self.settings.sample_size or self.settings.size
         return (self.info.channels, h // self.info.f, w // self.info.f)
@@ -154,7 +165,8 @@ class GuidanceMethod(Method):
     def sample(self, sampler, steps, cond, uncond, scale, *, batch_size, generator=None, x_T=None, jitter_seed=0,
                init_latent=None, start_step=0, callback=None):
         latent = sampler.run(steps, cond, uncond, scale, batch_size=batch_size, shape=self.sample_shape(), x_T=x_T,
-                             guidance=self.guidance(), generator=generator, start_step=start_step, callback=callback)
+                             guidance=self.clock().wrap(self.guidance()), generator=generator, start_step=start_step,
+                             callback=callback)
         return latent, []
 
     @classmethod

@@ -238,4 +238,6 @@ class DemoFusionMethod(CascadeMethod):
         return [tuple(s) for s in settings.values["stages"]]
 
     def describe(self):
-        return {"demofusion": {**self.runner.describe(), "restart_step": self.runner.settings.restart_step}}
+        restart = getattr(self.runner, "restart_run_step", None)  # img2img: the run's step
+        return {"demofusion": {**self.runner.describe(),
+                               "restart_step": self.runner.settings.restart_step if restart is None else restart}}

@@ -466,8 +466,9 @@ def _buckets(opt, preset, sdxl):
     return ("sdxl" if sdxl else "square") if b == "auto" else b
 
 
-def settings_from_args(opt, model, base_latent, image_hw, f):
-    """FouriScaleSettings from the command line, the preset and the release's defaults."""
+def settings_from_args(opt, model, base_latent, image_hw, f, steps=None):
+    """FouriScaleSettings from the command line, the preset and the release's defaults; ``steps``: the step count
+    the start/stop steps are for (default --steps; a preset's own count is scaled to it)."""
     preset = load_preset(opt.fouri_config) if opt.fouri_config else {}
     sdxl = hasattr(model, "conditioner")
     height, width = image_hw
@@ -475,7 +476,7 @@ def settings_from_args(opt, model, base_latent, image_hw, f):
     buckets = _buckets(opt, preset, sdxl)
     bh, bw, found = choose_base(height, width, base_px, buckets)
     dilation = opt.fouri_dilation or dilation_factor(height, width, bh, bw)
-    steps = opt.steps
+    steps = int(steps or opt.steps)
     start, stop = opt.fouri_start_step, opt.fouri_stop_step
     if start is None or stop is None:
         if preset.get("start_step") is not None and preset.get("stop_step") is not None:
@@ -558,11 +559,12 @@ class FouriScaleMethod(GuidanceMethod):
             bh, bw, _ = choose_base(size[0], size[1], info.base_px, _buckets(opt, preset, True))
             conditioning = {"original_size": [int(round(bh)), int(round(bw))],
                             "target_size": [int(round(bh)), int(round(bw))]}
-        return Settings(size=tuple(size), size_conditioning=conditioning, values={"opt": opt})
+        return Settings(size=tuple(size), size_conditioning=conditioning, values={"opt": opt},
+                        reference_steps=preset.get("steps") if preset.get("start_step") is not None else None)
 
     def make_guidance(self):
         settings = settings_from_args(self.settings.values["opt"], self.model, self.info.base_latent,
-                                      self.settings.size, self.info.f)
+                                      self.settings.size, self.info.f, steps=self.reference_steps())
         return FouriScaleGuidance(self.model.model.diffusion_model, settings)
 
     def describe(self):

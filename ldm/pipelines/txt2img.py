@@ -23,6 +23,7 @@ from ldm.inference import (InputWarning, UsageError, check_output_dir, check_siz
                            make_grid, next_free_index, pick_device, read_prompt_file, remove_stale_temp_files,
                            save_png, seed_arg, seed_everything, to_pil)
 from ldm import methods
+from ldm.lora import apply_loras, parse_lora_spec
 from ldm.methods.base import ModelInfo
 from ldm.pipelines import sweep as sweep_mode
 from ldm import samplers
@@ -63,7 +64,12 @@ def build_parser():
     p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
     p.add_argument("--config", type=str, default="configs/stable-diffusion/v2-inference.yaml",
                    help="the model's YAML config")
-    p.add_argument("--ckpt", type=str, required=False, help="the checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--ckpt", type=str, required=False,
+                   help="the checkpoint (.ckpt or .safetensors), or a diffusers model folder (model_index.json, unet/, "
+                        "vae/, text_encoder/...)")
+    p.add_argument("--lora", type=parse_lora_spec, action="append", default=None, metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (kohya or diffusers/PEFT .safetensors) into the weights after loading, with "
+                        "this weight (default 1); repeat for several")
     p.add_argument("--seed", type=seed_arg, default=42, help="the seed (for reproducible sampling)")
     p.add_argument("--precision", type=str, choices=["full", "autocast", "half"], default="autocast",
                    help="autocast: fp16/bf16 autocast on CUDA; half: also store the UNet and text encoder weights "
@@ -265,38 +271,34 @@ def run_settings(opt, config_path, method, sampler, freeu, tiling, use_autocast,
            "tiled_decoding": tiling or None, "method": method.name, **method.describe()}
     if conditioning is not None:
         out["size_conditioning"] = conditioning
+    if getattr(method.model, "merged_loras", None):  # --lora: name, sha256 prefix, weight (ldm/lora.py)
+        out["lora"] = method.model.merged_loras
+    from ldm.pipelines.content import content_keys  # the versions of the files and code (a sweep's fingerprint)
+    out["content"] = content_keys(opt, type(method))
     return out
 
 
-def run(opt, loader=None, wrap_sampler=None):
-    """The txt2img run of the options ``opt`` (``build_parser()``). Two seams for tools (the benchmark):
-    ``loader(config, ckpt, **kw)`` builds every model the run loads (default: ``load_model_from_config``), and
-    ``wrap_sampler(sampler)`` may wrap the sampler (e.g. to time its runs)."""
-    loader = loader or load_model_from_config
-    config_path, config, info, method_cls, settings = plan_run(opt)
-    if opt.ckpt is None:
-        raise UsageError("--ckpt is required: the checkpoint file matching --config (see checkpoints/README.md)")
-    batch_size = opt.n_samples
+def prompt_batches(opt):
+    """(prompts, batches of prompts) of --prompt / --from-file and --n_samples."""
     if opt.from_file:
         prompts = read_prompt_file(opt.from_file, opt.repeat)
     else:
         if opt.prompt is None:
             raise UsageError("give --prompt or --from-file")
         prompts = [opt.prompt]
-    data = [[p] * batch_size for p in prompts] if not opt.from_file else chunk(prompts, batch_size)
-    outdir = Path(opt.outdir)
-    sample_path = outdir / "samples"
-    for folder in (outdir, sample_path):  # before minutes of loading and sampling, not after
-        check_output_dir(folder)
+    data = [[p] * opt.n_samples for p in prompts] if not opt.from_file else chunk(prompts, opt.n_samples)
+    return prompts, data
 
-    sweeping = opt.sweep or sweep_mode.launched_by_torchrun()
-    if sweeping and not opt.sweep:
-        print("launched by torchrun: sweep mode on (--sweep; see docs/cluster.md)")
-    device = sweep_mode.rank_device(pick_device(opt.device))
+
+def load_run(opt, plan, device, loader, wrap_sampler=None):
+    """After planning: the model (loaded by ``loader``), its sampler and the prepared method.
+    Returns (model, sampler, method, tiling, freeu, conditioning)."""
+    config_path, config, info, method_cls, settings = plan
     t0 = time.time()
     model = loader(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load, use_ema=not opt.no_ema,
                    config_name=str(config_path), trust=opt.trust_config)
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
+    apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
     conditioning = prepare_model(opt, model, device, settings)
     sampler = samplers.from_options(opt, model)
     if wrap_sampler is not None:
@@ -306,6 +308,85 @@ def run(opt, loader=None, wrap_sampler=None):
     method.loader = loader
     method.prepare()
     freeu = freeu_settings(opt, info, settings)
+    return model, sampler, method, tiling, freeu, conditioning
+
+
+def freeu_scope_of(model, freeu):
+    if not freeu:
+        return nullcontext()
+    from ldm.unet_hooks.freeu import freeu as freeu_hooks
+    return freeu_hooks(model.model.diffusion_model, **freeu)
+
+
+def iter_images(opt, model, sampler, method, data, tiling, start_code, settings_meta, precision_scope, freeu_scope,
+                callback=None):
+    """The plain (not sweep) sampling loop: yields (PIL image, its PNG metadata, [PIL images of its earlier
+    stages]) per image, in order. ``callback(step)`` is called after every sampler step (raising stops the run)."""
+    with torch.no_grad(), precision_scope, freeu_scope, method.scope():
+        for n in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
+            for batch_idx, batch_prompts in enumerate(tqdm(data, desc="data", disable=len(data) == 1)):
+                uc = None
+                if opt.scale != 1.0:
+                    uc = model.get_learned_conditioning(len(batch_prompts) * [opt.negative_prompt])
+                c = model.get_learned_conditioning(list(batch_prompts))
+                samples, stages = method.sample(
+                    sampler, opt.steps, c, uc, opt.scale, batch_size=len(batch_prompts),
+                    x_T=start_code[:len(batch_prompts)] if start_code is not None else None,
+                    jitter_seed=opt.seed + 1000 * n + batch_idx, callback=callback)
+                x = model.decode_first_stage(samples, **tiling)
+                x = method.finish(x, batch_prompts)
+                stage_images = [model.decode_first_stage(z, **tiling) for z in stages]
+                for j, (img_t, prompt) in enumerate(zip(x, batch_prompts)):
+                    meta = {"prompt": prompt, "seed": str(opt.seed),
+                            "parameters": {**settings_meta, "iteration": n, "batch": batch_idx,
+                                           "position_in_batch": j}}
+                    yield to_pil(img_t), meta, [to_pil(stage[j]) for stage in stage_images]
+
+
+def generate(opt, loader=None, wrap_sampler=None, callback=None, plan=None):
+    """The images of the run ``opt`` in memory, nothing written (the web app, ``ldm/app/``): a list of
+    (PIL image, PNG metadata, [PIL images of its earlier stages]), the same images and metadata that ``run``
+    writes. ``callback(step)`` is called after every sampler step; an exception raised there stops the run.
+    ``plan``: the result of ``plan_run(opt)`` when the caller already has it."""
+    loader = loader or load_model_from_config
+    plan = plan or plan_run(opt)
+    if opt.ckpt is None:
+        raise UsageError("--ckpt is required: the checkpoint file matching --config (see checkpoints/README.md)")
+    _, data = prompt_batches(opt)
+    device = pick_device(opt.device)
+    model, sampler, method, tiling, freeu, conditioning = load_run(opt, plan, device, loader, wrap_sampler)
+    seed_everything(opt.seed)
+    start_code = None
+    if opt.fixed_code:  # in the sampler's parameterisation
+        start_code = sampler.start_latent(torch.randn([opt.n_samples, *method.sample_shape()], device=device),
+                                          opt.steps)
+    use_autocast, precision_scope = precision_scope_of(opt, device)
+    settings_meta = run_settings(opt, plan[0], method, sampler, freeu, tiling, use_autocast, device, conditioning)
+    return list(iter_images(opt, model, sampler, method, data, tiling, start_code, settings_meta, precision_scope,
+                            freeu_scope_of(model, freeu), callback=callback))
+
+
+def run(opt, loader=None, wrap_sampler=None):
+    """The txt2img run of the options ``opt`` (``build_parser()``). Two seams for tools (the benchmark):
+    ``loader(config, ckpt, **kw)`` builds every model the run loads (default: ``load_model_from_config``), and
+    ``wrap_sampler(sampler)`` may wrap the sampler (e.g. to time its runs)."""
+    loader = loader or load_model_from_config
+    plan = plan_run(opt)
+    config_path = plan[0]
+    if opt.ckpt is None:
+        raise UsageError("--ckpt is required: the checkpoint file matching --config (see checkpoints/README.md)")
+    batch_size = opt.n_samples
+    prompts, data = prompt_batches(opt)
+    outdir = Path(opt.outdir)
+    sample_path = outdir / "samples"
+    for folder in (outdir, sample_path):  # before minutes of loading and sampling, not after
+        check_output_dir(folder)
+
+    sweeping = opt.sweep or sweep_mode.launched_by_torchrun()
+    if sweeping and not opt.sweep:
+        print("launched by torchrun: sweep mode on (--sweep; see docs/cluster.md)")
+    device = sweep_mode.rank_device(pick_device(opt.device))
+    model, sampler, method, tiling, freeu, conditioning = load_run(opt, plan, device, loader, wrap_sampler)
 
     created = [d for d in (sample_path, outdir) if not d.exists()]
     if not sweeping:  # (sweep mode does the same in ldm/pipelines/sweep.py)
@@ -323,40 +404,19 @@ def run(opt, loader=None, wrap_sampler=None):
     use_autocast, precision_scope = precision_scope_of(opt, device)
     settings_meta = run_settings(opt, config_path, method, sampler, freeu, tiling, use_autocast, device, conditioning)
     all_images = []
-    freeu_scope = nullcontext()
-    if freeu:
-        from ldm.unet_hooks.freeu import freeu as freeu_hooks
-        freeu_scope = freeu_hooks(model.model.diffusion_model, **freeu)
+    freeu_scope = freeu_scope_of(model, freeu)
     if sweeping:
         run_sweep(opt, model, sampler, method, settings_meta, tiling, device, precision_scope, freeu_scope)
         return []
     total = opt.n_iter * sum(len(b) for b in data)
     try:
-        with torch.no_grad(), precision_scope, freeu_scope, method.scope():
-            for n in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
-                for batch_idx, batch_prompts in enumerate(tqdm(data, desc="data", disable=len(data) == 1)):
-                    uc = None
-                    if opt.scale != 1.0:
-                        uc = model.get_learned_conditioning(len(batch_prompts) * [opt.negative_prompt])
-                    c = model.get_learned_conditioning(list(batch_prompts))
-                    samples, stages = method.sample(
-                        sampler, opt.steps, c, uc, opt.scale, batch_size=len(batch_prompts),
-                        x_T=start_code[:len(batch_prompts)] if start_code is not None else None,
-                        jitter_seed=opt.seed + 1000 * n + batch_idx)
-                    x = model.decode_first_stage(samples, **tiling)
-                    x = method.finish(x, batch_prompts)
-                    stage_images = [model.decode_first_stage(z, **tiling) for z in stages]
-                    for j, (img_t, prompt) in enumerate(zip(x, batch_prompts)):
-                        img = to_pil(img_t)
-                        meta = {"prompt": prompt, "seed": str(opt.seed),
-                                "parameters": {**settings_meta, "iteration": n, "batch": batch_idx,
-                                               "position_in_batch": j}}
-                        for k, stage in enumerate(stage_images, start=1):
-                            save_png(to_pil(stage[j]), sample_path / f"{base_count:05}-stage{k}.png",
-                                     {**meta, "stage": k})
-                        save_png(img, sample_path / f"{base_count:05}.png", meta)
-                        base_count += 1
-                        all_images.append(img)
+        for img, meta, stages in iter_images(opt, model, sampler, method, data, tiling, start_code, settings_meta,
+                                               precision_scope, freeu_scope):
+            for k, stage in enumerate(stages, start=1):
+                save_png(stage, sample_path / f"{base_count:05}-stage{k}.png", {**meta, "stage": k})
+            save_png(img, sample_path / f"{base_count:05}.png", meta)
+            base_count += 1
+            all_images.append(img)
     except KeyboardInterrupt:
         for folder in created:  # nothing written yet: leave no empty folders behind
             try:

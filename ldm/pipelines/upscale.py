@@ -19,6 +19,7 @@ from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_fr
 from ldm.inference import (InputWarning, UsageError, check_output_dir, check_size, next_free_index,
                            numpy_seed_arg, pick_device, remove_stale_temp_files, save_png, seed_everything, to_pil)
 from ldm import methods, upscaler as upscaling
+from ldm.lora import apply_loras
 from ldm.methods.cascade import CascadeMethod, encode_image, read_image_tensor
 from ldm.pipelines import txt2img
 from ldm.pipelines.txt2img import HelpFormatter
@@ -184,7 +185,7 @@ COMMON_OPTIONS = {
     "help", "method", "image", "strength", "factor", "prompt", "negative_prompt", "outdir", "steps", "ddim_eta",
     "sampler", "spacing", "eta",
     "n_samples", "H", "W", "scale", "config", "ckpt", "seed", "precision", "autocast_dtype", "device",
-    "unsafe_load", "trust_config", "no_ema", "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2",
+    "unsafe_load", "trust_config", "no_ema", "lora", "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2",
     # tiled VAE, SDXL size conditioning
     "tiled_decoding", "tile_size", "overlap", "sync_gn", "original_size", "crop_coords_top_left", "target_size",
 }
@@ -347,7 +348,9 @@ def image_settings(opt, method, plan, tiling, freeu, use_autocast, device, confi
     return s
 
 
-def run_img2img(opt, parser):
+def plan_img2img(opt, parser):
+    """Everything before the model loads (checked; nothing written). Returns (config_path, config, info,
+    method class, per-image plans)."""
     check_img2img_options(opt, parser)
     config_path, config = txt2img.load_config(opt)
     if upscaling.is_upscaler_config(config):
@@ -372,34 +375,63 @@ def run_img2img(opt, parser):
     if opt.ckpt is None:
         raise UsageError("--ckpt is required: the base model's checkpoint matching --config (see "
                          "checkpoints/README.md)")
-    outdir = Path(opt.outdir)
-    check_output_dir(outdir)
+    return config_path, config, info, method_cls, plans
+
+
+def img2img_runs(opt, planned, loader=None, callback=None, wrap_sampler=None):
+    """Loads the model and yields, per input image, its results as [(PIL image, PNG metadata)].
+    ``callback(step)`` is called after every sampler step (raising stops the run); ``wrap_sampler(sampler)`` may
+    wrap the sampler."""
+    config_path, config, info, method_cls, plans = planned
+    loader = loader or load_model_from_config
     device = pick_device(opt.device)
     t0 = time.time()
-    model = load_model_from_config(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load,
-                                   use_ema=not opt.no_ema, config_name=str(config_path), trust=opt.trust_config)
+    model = loader(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load, use_ema=not opt.no_ema,
+                   config_name=str(config_path), trust=opt.trust_config)
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
+    apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
     sampler = samplers.from_options(opt, model)
+    if wrap_sampler is not None:
+        sampler = wrap_sampler(sampler)
     freeu = txt2img.freeu_settings(opt, info, plans[0]["settings"])
     use_autocast, precision_scope = txt2img.precision_scope_of(opt, device)
-    freeu_scope = nullcontext()
-    if freeu:
-        from ldm.unet_hooks.freeu import freeu as freeu_hooks
-        freeu_scope = freeu_hooks(model.model.diffusion_model, **freeu)
-    outdir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(outdir)
-    written = []
-    with torch.no_grad(), precision_scope, freeu_scope:
+    with torch.no_grad(), precision_scope, txt2img.freeu_scope_of(model, freeu):
         for plan in tqdm(plans, desc="images", disable=len(plans) == 1):
-            written += upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast,
-                                   config_path, outdir)
+            yield img2img_images(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast,
+                                 config_path, callback)
+
+
+def generate_img2img(opt, parser, loader=None, callback=None):
+    """img2img in memory, nothing written (the web app): [(PIL image, PNG metadata)] of every input image, the
+    same images and metadata ``run_img2img`` writes."""
+    return [item for results in img2img_runs(opt, plan_img2img(opt, parser), loader, callback) for item in results]
+
+
+def run_img2img(opt, parser):
+    planned = plan_img2img(opt, parser)
+    outdir = Path(opt.outdir)
+    check_output_dir(outdir)
+    written = []
+    for results in img2img_runs(opt, planned):
+        if not written:  # after loading: nothing written when the model does not load
+            outdir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(outdir)
+        for img, meta in results:
+            target = outdir / f"{next_free_index(outdir):05}.png"
+            save_png(img, target, meta)
+            written.append(target)
     for target in written:
         print(f"wrote {target}")
     return written
 
 
-def upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast, config_path, outdir):
-    """The n_samples results for one input image, written as PNGs."""
+def img2img_images(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast, config_path,
+                   callback=None):
+    """The n_samples results for one input image: [(PIL image, PNG metadata)]."""
+    def step(i, bar):
+        bar.update(1)
+        if callback is not None:
+            callback(i)
     n, steps, t_enc, (H, W) = opt.n_samples, opt.steps, plan["t_enc"], plan["size"]
     settings = plan["settings"]
     conditioning = txt2img.prepare_model(opt, model, device, settings)  # SDXL: the size conditioning of this size
@@ -435,33 +467,32 @@ def upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_
         bar = tqdm(total=t_enc, desc=f"{method.name} {name}", leave=False)
         try:
             latent, _ = method.sample(sampler, steps, c, uc, opt.scale, batch_size=n, generator=generators,
-                                      x_T=x_start, start_step=start, callback=lambda i: bar.update(1))
+                                      x_T=x_start, start_step=start, callback=lambda i: step(i, bar))
         finally:
             bar.close()
     else:  # the cascades: the image is the entry stage (encoded), later stages re-noised
         bar = tqdm(total=t_enc * (len(plan["stages"]) - 1), desc=f"{method.name} {name}", leave=False)
         try:
             latent, _ = method.sample(sampler, steps, c, uc, opt.scale, batch_size=n, generator=generators,
-                                      jitter_seed=opt.seed, callback=lambda i: bar.update(1))
+                                      jitter_seed=opt.seed, callback=lambda i: step(i, bar))
         finally:
             bar.close()
     images = model.decode_first_stage(latent, **tiling)
     meta = image_settings(opt, method, plan, tiling, freeu, use_autocast, device, config_path, start_t, sampler)
     if conditioning is not None:
         meta["size_conditioning"] = conditioning
-    written = []
-    for j, img_t in enumerate(images):
-        target = outdir / f"{next_free_index(outdir):05}.png"
-        save_png(to_pil(img_t), target, {"prompt": opt.prompt, "seed": str(opt.seed),
-                                         "parameters": {**meta, "position_in_batch": j, "image_seed": opt.seed + j}})
-        written.append(target)
-    return written
+    if getattr(model, "merged_loras", None):
+        meta["lora"] = model.merged_loras
+    return [(to_pil(img_t), {"prompt": opt.prompt, "seed": str(opt.seed),
+                             "parameters": {**meta, "position_in_batch": j, "image_seed": opt.seed + j}})
+            for j, img_t in enumerate(images)]
 
 
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", choices=method_names(), default="sr", help=method_help())
-    x4 = pre.parse_known_args(argv)[0].method == "sr"  # the x4 upscaler, else image-to-image with a method
+    chosen = pre.parse_known_args(argv)[0].method
+    x4 = chosen == "sr"  # the x4 upscaler (not a registered method), else image-to-image with a method
     parser = build_parser() if x4 else build_img2img_parser()
     opt = parser.parse_args(argv)
     with warnings.catch_warnings():

@@ -5,7 +5,7 @@ Three extension points keep the method code out of the sampler:
 * ``guidance``: any callable ``guidance(model, x, t, cond, uncond, scale, step) -> model_output``
   evaluated once per step (``step`` is the 0-based index in sampling order). The default is plain
   classifier-free guidance; ScaleCrafter supplies one that consults its per-step re-dilation plan
-  (``ldm/scalecrafter``), FreeScale one that installs its attention and convolution processors.
+  (``ldm/methods/scalecrafter``), FreeScale one that installs its attention and convolution processors.
 * ``start_step``: begin at step ``start_step`` of the S-step schedule with ``x_T`` as the latent at that
   step (img2img, and FreeScale's re-noised cascade stages);
 * ``pre_step``: ``pre_step(x, step, t) -> x`` applied to the latent before each step's model call

@@ -18,6 +18,12 @@ import torch.nn as nn
 from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
 
 
+def _is(layer, cls):
+    """isinstance, or an instance of a class of the same name: ComfyUI's copy of the CompVis UNet has the same
+    block classes and module paths (comfyui/, docs/comfyui.md), so the names resolve on it too."""
+    return isinstance(layer, cls) or type(layer).__name__ == cls.__name__
+
+
 def _resblock_convs(prefix, block):
     return {f"{prefix}.in_layers.2": block.in_layers[2], f"{prefix}.out_layers.3": block.out_layers[3]}
 
@@ -37,14 +43,14 @@ def conv_table(unet):
     for level in range(levels):
         for j in range(n_res[level]):
             block = unet.input_blocks[idx][0]
-            assert isinstance(block, ResBlock)
+            assert _is(block, ResBlock)
             for own, conv in _resblock_convs(f"input_blocks.{idx}.0", block).items():
                 which = "conv1" if own.endswith("in_layers.2") else "conv2"
                 rows.append((own, f"down_blocks.{level}.resnets.{j}.{which}", conv))
             idx += 1
         if level != levels - 1:
             down = unet.input_blocks[idx][0]
-            if isinstance(down, Downsample) and down.use_conv:
+            if _is(down, Downsample) and down.use_conv:
                 rows.append((f"input_blocks.{idx}.0.op", f"down_blocks.{level}.downsamplers.0.conv", down.op))
             idx += 1
     for k, j in ((0, 0), (2, 1)):
@@ -61,7 +67,7 @@ def conv_table(unet):
                 which = "conv1" if own.endswith("in_layers.2") else "conv2"
                 rows.append((own, f"up_blocks.{up_level}.resnets.{j}.{which}", conv))
             for pos, layer in enumerate(seq):
-                if isinstance(layer, Upsample) and layer.use_conv:
+                if _is(layer, Upsample) and layer.use_conv:
                     rows.append((f"output_blocks.{idx}.{pos}.conv", f"up_blocks.{up_level}.upsamplers.0.conv",
                                  layer.conv))
             idx += 1

@@ -62,7 +62,8 @@ class FreeScaleMethod(CascadeMethod):
         check_files(values, "init_image", "detail_mask")
         conditioning = {"target_size": list(fs.stages[0])} if info.sdxl else {}  # the release: the first stage's
         return Settings(size=tuple(size), sample_size=tuple(fs.stages[0]), size_conditioning=conditioning,
-                        freeu=(preset or {}).get("freeu"), values=values)
+                        freeu=(preset or {}).get("freeu"), values=values,
+                        reference_steps=(preset or {}).get("steps"))
 
     def make_cascade(self):
         import copy
@@ -92,5 +93,7 @@ class FreeScaleMethod(CascadeMethod):
 
     def describe(self):
         v = self.settings.values
+        restart = getattr(self.runner, "restart_run_step", None)  # img2img: the run's step
         return {"freescale": {"preset": v["preset"], **self.runner.settings.describe(),
+                              **({"restart_step": restart} if restart is not None else {}),
                               "init_image": v["init_image"], "detail_mask": v["detail_mask"]}}

@@ -35,8 +35,11 @@ class ScaleCrafter(GuidanceMethod):
                         help="leave the first K input blocks and the last K output blocks undilated")
         sc.add_argument("--progressive_dilate", action="store_true",
                         help="lower the factor stage by stage from ceil(D) down to 2 over the TAU steps")
-        sc.add_argument("--ndcfg_tau", type=int, default=None, help="override the preset's noise-damped CFG steps")
-        sc.add_argument("--disperse_tau", type=int, default=None, help="override the preset's dispersion steps")
+        sc.add_argument("--ndcfg_tau", type=int, default=None,
+                        help="override the preset's noise-damped CFG steps (counted in the preset's steps, like its "
+                             "own: docs/samplers.md)")
+        sc.add_argument("--disperse_tau", type=int, default=None,
+                        help="override the preset's dispersion steps (counted in the preset's steps)")
 
     @classmethod
     def check_img2img(cls, opt):
@@ -84,7 +87,8 @@ class ScaleCrafter(GuidanceMethod):
                      "progressive_dilate": opt.progressive_dilate}
         values = {"preset": preset, "path": opt.scalecrafter_config, "flags": flags,
                   "overrides": {"ndcfg_tau": opt.ndcfg_tau, "disperse_tau": opt.disperse_tau}}
-        return Settings(size=tuple(size), freeu=(preset or {}).get("freeu"), values=values)
+        return Settings(size=tuple(size), freeu=(preset or {}).get("freeu"), values=values,
+                        reference_steps=(preset or {}).get("steps"))
 
     def make_guidance(self):
         v, unet = self.settings.values, self.model.model.diffusion_model

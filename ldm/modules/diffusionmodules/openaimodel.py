@@ -3,7 +3,7 @@
 Module names and parameter shapes follow the original checkpoints exactly
 (``input_blocks.N.M...``, ``middle_block``, ``output_blocks``, ``time_embed``, ``label_emb``, ``out``).
 Nothing here knows about ScaleCrafter: re-dilation acts on the 3x3 ``nn.Conv2d`` modules from outside
-(see ``ldm/scalecrafter``).
+(see ``ldm/methods/scalecrafter``).
 """
 from abc import abstractmethod
 
