@@ -172,3 +172,20 @@ def test_sweep_started_before_content_keys_is_refused_with_the_reason(tmp_path):
     other = {**new, "content": {**new["content"], "code": {"ldm/methods/direct.py": "ff"}}}
     with pytest.raises(UsageError, match=r"the method's code changed \(ldm/methods/direct.py\)"):
         sweep.run_sweep(render, ["a"], 2, 2, 1, d, other, progress=False)
+
+
+def test_a_model_folder_is_keyed_by_every_file_in_it(tmp_path):
+    """--ckpt may be a diffusers-format folder: its key changes when any file in it changes or is added."""
+    from ldm.pipelines.content import file_fingerprint
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "w.safetensors").write_bytes(b"abc")
+    (folder / "model_index.json").write_text("{}")
+    first = file_fingerprint(folder)
+    assert first["folder"] and first["files"] == 2
+    (folder / "unet" / "w.safetensors").write_bytes(b"abd")
+    second = file_fingerprint(folder)
+    (folder / "vae").mkdir()
+    (folder / "vae" / "w.safetensors").write_bytes(b"x")
+    third = file_fingerprint(folder)
+    assert len({first["sha256"], second["sha256"], third["sha256"]}) == 3 and third["files"] == 3

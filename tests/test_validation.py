@@ -263,6 +263,26 @@ def test_overflowing_guidance_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_every_sampler_names_the_first_non_finite_step(name):
+    """The same check on the samplers over sigmas (ldm/samplers/kdiff.py): NaN from the guided prediction of step
+    index 2 on is reported as step 3, whatever the solver (Heun calls the model twice per step)."""
+    from ldm.samplers import make_sampler
+    model = _Schedule()
+    model.device = "cpu"
+    sampler = make_sampler(name, model)
+    steps, bad_from = 5, 2
+
+    def guidance(model, x, t, cond, uncond, scale, step):
+        out = torch.zeros_like(x)
+        return out + float("nan") if step >= bad_from else out
+    with pytest.raises(NonFiniteError) as info:
+        sampler.run(steps, None, None, 1.0, batch_size=1, shape=(4, 8, 8), guidance=guidance,
+                    generator=torch.Generator().manual_seed(0))
+    assert f"at sampling step {bad_from + 1} of {steps} (timestep {sampler.timesteps(steps)[bad_from]})" in \
+        str(info.value)
+
+
 def test_nan_decoded_images_are_refused():
     with pytest.raises(UsageError, match="decoded images hold NaN"):
         pipeline.check_decoded(torch.tensor([[0.0, float("nan")]]))

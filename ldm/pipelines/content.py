@@ -62,6 +62,12 @@ def file_fingerprint(path, base=None) -> Dict:
         st = os.stat(p)
     except OSError:
         return {"file": name, "missing": True}
+    if p.is_dir():  # a model folder (diffusers layout): every file in it, by its path inside the folder
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        parts = [(f.relative_to(p).as_posix(), file_fingerprint(f)) for f in files]
+        digest = hashlib.sha256(repr([(rel, {k: v for k, v in fp.items() if k != "file"}) for rel, fp in parts])
+                                .encode()).hexdigest()
+        return {"file": name, "folder": True, "files": len(parts), "sha256": digest}
     memo = (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: any write
     if memo not in _fingerprints:
         h = hashlib.sha256()

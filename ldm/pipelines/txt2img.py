@@ -27,7 +27,7 @@ from ldm import methods
 from ldm.lora import apply_loras, parse_lora_spec
 from ldm.methods.base import ModelInfo
 from ldm.pipelines import sweep as sweep_mode
-from ldm.samplers import make_sampler
+from ldm import samplers
 from ldm.upscaler import is_upscaler_config
 from ldm.util import check_config_targets, check_side, load_config_file, missing_file_reason
 
@@ -52,7 +52,7 @@ def build_parser():
                    help="the prompt to render")
     p.add_argument("--from-file", type=str, help="a text file with one prompt per line (overrides --prompt)")
     p.add_argument("--outdir", type=str, default="outputs/txt2img-samples", help="where to write results")
-    p.add_argument("--steps", type=int, default=50, help="number of DDIM sampling steps")
+    p.add_argument("--steps", type=int, default=50, help="number of sampling steps")
     p.add_argument("--ddim_eta", type=finite_float, default=0.0,
                    help="DDIM eta in [0, 1] (0: deterministic sampling, 1: DDPM-like ancestral sampling)")
     p.add_argument("--n_iter", type=int, default=1, help="how many times to sample each batch")
@@ -115,6 +115,7 @@ def build_parser():
                     help="the crop offset SDXL conditions on (default: 0 0)")
     sx.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                     help="the target size SDXL conditions on (default: --H --W)")
+    samplers.add_args(p)
     methods.add_args(p)
     sweep_mode.add_sweep_args(p)
     return p
@@ -223,6 +224,7 @@ def check_options(opt):
         raise UsageError(f"--ddim_eta {opt.ddim_eta} is outside [0, 1]: DDIM's sigma formula is defined for "
                          "0 <= eta <= 1 (0: deterministic DDIM, 1: DDPM-like ancestral sampling); a larger eta asks "
                          "for more noise than the step removes and the images come out black")
+    samplers.options_of(opt)  # --sampler/--spacing/--eta/--ddim_eta together
 
 
 def load_config(opt):
@@ -238,8 +240,9 @@ def load_config(opt):
         raise UsageError(f"--config {opt.config}: {err}") from None
     timesteps = int(config.model.params.get("timesteps", 1000)) if "model" in config else 1000
     if not 1 <= opt.steps <= timesteps:
-        raise UsageError(f"--steps {opt.steps}: the number of DDIM steps must be between 1 and {timesteps} (DDIM "
-                         f"takes its steps from the model's {timesteps} training timesteps; 50 is usual)")
+        raise UsageError(f"--steps {opt.steps}: the number of sampling steps must be between 1 and {timesteps} (the "
+                         f"sampler takes its steps from the model's {timesteps} training timesteps; 50 is usual)")
+    samplers.check_steps(opt, timesteps)
     return config_path, config
 
 
@@ -354,7 +357,7 @@ def load_run(opt, plan, device, loader, wrap_sampler=None):
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
     apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
     conditioning = prepare_model(opt, model, device, settings)
-    sampler = make_sampler("ddim", model, eta=opt.ddim_eta)
+    sampler = samplers.from_options(opt, model)
     if wrap_sampler is not None:
         sampler = wrap_sampler(sampler)
     tiling = tiling_of(opt, info)
@@ -411,7 +414,10 @@ def generate(opt, loader=None, wrap_sampler=None, callback=None, plan=None):
     check_memory_of(opt, plan, device)
     model, sampler, method, tiling, freeu, conditioning = load_run(opt, plan, device, loader, wrap_sampler)
     seed_everything(opt.seed)
-    start_code = torch.randn([opt.n_samples, *method.sample_shape()], device=device) if opt.fixed_code else None
+    start_code = None
+    if opt.fixed_code:  # in the sampler's parameterisation
+        start_code = sampler.start_latent(torch.randn([opt.n_samples, *method.sample_shape()], device=device),
+                                          opt.steps)
     use_autocast, precision_scope = precision_scope_of(opt, device)
     settings_meta = run_settings(opt, plan[0], method, sampler, freeu, tiling, use_autocast, device, conditioning)
     return list(iter_images(opt, model, sampler, method, data, tiling, start_code, settings_meta, precision_scope,
@@ -451,7 +457,9 @@ def run(opt, loader=None, wrap_sampler=None):
 
     seed_everything(opt.seed)
     shape = method.sample_shape()
-    start_code = torch.randn([batch_size, *shape], device=device) if opt.fixed_code else None
+    start_code = None
+    if opt.fixed_code:  # the same start latent for every batch, in the sampler's parameterisation
+        start_code = sampler.start_latent(torch.randn([batch_size, *shape], device=device), opt.steps)
     use_autocast, precision_scope = precision_scope_of(opt, device)
     settings_meta = run_settings(opt, config_path, method, sampler, freeu, tiling, use_autocast, device, conditioning)
     all_images = []

@@ -25,7 +25,7 @@ from ldm.lora import apply_loras
 from ldm.methods.cascade import CascadeMethod, encode_image, read_image_tensor
 from ldm.pipelines import txt2img
 from ldm.pipelines.txt2img import HelpFormatter
-from ldm.samplers import make_sampler
+from ldm import samplers
 
 
 def method_names():
@@ -184,6 +184,7 @@ def run(opt):
 # option is hidden and refused when given
 COMMON_OPTIONS = {
     "help", "method", "image", "strength", "factor", "prompt", "negative_prompt", "outdir", "steps", "ddim_eta",
+    "sampler", "spacing", "eta",
     "n_samples", "H", "W", "scale", "config", "ckpt", "seed", "precision", "autocast_dtype", "device",
     "unsafe_load", "trust_config", "no_ema", "lora", "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2",
     # tiled VAE, SDXL size conditioning
@@ -253,7 +254,7 @@ def check_img2img_options(opt, parser):
                 action.dest, "a scripts/txt2img.py option that upscale.py does not use")
             raise UsageError(f"{action.option_strings[0]}: {hint} (--method {opt.method})")
     if opt.strength is not None and not 0.0 <= opt.strength <= 1.0:
-        raise UsageError(f"--strength {opt.strength} is outside [0, 1]: the fraction of the {opt.steps} DDIM steps "
+        raise UsageError(f"--strength {opt.strength} is outside [0, 1]: the fraction of the {opt.steps} sampling steps "
                          "re-run from the noised image (0 keeps the image, 1 starts from the noisiest step)")
     if opt.factor is not None and not opt.factor > 0:
         raise UsageError(f"--scale {opt.factor}: the upscaling factor must be positive")
@@ -401,7 +402,7 @@ def img2img_runs(opt, planned, loader=None, callback=None, wrap_sampler=None):
                    config_name=str(config_path), trust=opt.trust_config)
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
     apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
-    sampler = make_sampler("ddim", model, eta=opt.ddim_eta)
+    sampler = samplers.from_options(opt, model)
     if wrap_sampler is not None:
         sampler = wrap_sampler(sampler)
     freeu = txt2img.freeu_settings(opt, info, plans[0]["settings"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .spec import BASE, PRESET_FLAGS, REPO_ROOT, SAFETY_FLAGS, Model, Row, Spec, SpecError, Table, _rel, _slug
+from .spec import BASE, PRESET_FLAGS, sampler_flags, REPO_ROOT, SAFETY_FLAGS, Model, Row, Spec, SpecError, Table, _rel, _slug
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
             if digest not in jobs:  # the same sampling for another row (or the base reference): the same job
                 argv = ["--sweep", "--from-file", str(pfile), "--config", str(_rel(m.config)), "--ckpt",
                         str(_rel(m.ckpt)), "--H", str(H), "--W", str(W), "--method", method,
-                        "--steps", str(s["steps"]), "--ddim_eta", repr(float(s["eta"])), "--scale", repr(float(s["scale"])),
+                        "--steps", str(s["steps"]), *sampler_flags(s), "--scale", repr(float(s["scale"])),
                         "--seed", str(spec.seed), "--n_samples", str(s["batch_size"]), "--n_iter", "1",
                         "--precision", s["precision"], "--negative_prompt", s["negative_prompt"],
                         "--device", device]

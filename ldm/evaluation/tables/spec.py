@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ldm.samplers import SAMPLERS as SAMPLER_NAMES, sampler_class
+
 from .. import shape_features
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -98,6 +100,7 @@ TIMING_MATCH_KEYS = {"role", "method", "model", "preset", "rows", "size"}
 # txt2img flags a row's options must not set: table-wide settings, or what the runner sets itself
 RESERVED_FLAGS = {
     "--steps": "sampler.steps", "--ddim_eta": "sampler.eta", "--scale": "sampler.scale", "--seed": "seed",
+    "--sampler": "sampler.name", "--eta": "sampler.eta",
     "--n_samples": "sampler.batch_size", "--precision": "sampler.precision",
     "--negative_prompt": "sampler.negative_prompt", "--n_iter": "images", "--repeat": "images",
     "--from-file": "prompts", "--prompt": "prompts", "--fixed_code": "seed", "--H": "size", "--W": "size",
@@ -205,7 +208,7 @@ class Spec:
 
     def describe_sampler(self) -> str:
         s = self.sampler
-        return (f"DDIM {s['steps']} steps, eta {s['eta']:g}, classifier-free guidance {s['scale']:g}, batch "
+        return (f"{s.get('name', 'ddim')} {s['steps']} steps, eta {s['eta']:g}, classifier-free guidance {s['scale']:g}, batch "
                 f"{s['batch_size']}, precision {s['precision']}" +
                 (f", negative prompt {s['negative_prompt']!r}" if s["negative_prompt"] else ""))
 
@@ -282,9 +285,16 @@ def _check_keys(d, known, where):
         raise SpecError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
 
 
+def sampler_flags(s) -> List[str]:
+    """txt2img's flags of a spec's sampler: DDIM's --ddim_eta, or --sampler NAME --eta (0 for the noiseless)."""
+    if "name" not in s:
+        return ["--ddim_eta", repr(float(s["eta"]))]
+    return ["--sampler", s["name"], "--eta", repr(float(s["eta"]))]
+
+
 def _sampler(value, where) -> Dict:
     value = dict(value or {})
-    _check_keys(value, SAMPLER_KEYS, where)
+    _check_keys(value, SAMPLER_KEYS + ("name",), where)  # name: ldm/samplers' registry (ddim if absent)
     missing = [k for k in SAMPLER_REQUIRED if k not in value]
     if missing:
         raise SpecError(f"{where}: missing {missing} (every table states its sampler settings)")
@@ -301,6 +311,12 @@ def _sampler(value, where) -> Dict:
         raise SpecError(f"{where}.eta: {out['eta']!r} is outside [0, 1] (DDIM's eta: 0 deterministic, 1 DDPM-like)")
     if not isinstance(out["negative_prompt"], str):
         raise SpecError(f"{where}.negative_prompt: text is required, got {out['negative_prompt']!r}")
+    if out.get("name", "ddim") == "ddim":  # DDIM's jobs keep their fingerprints
+        out.pop("name", None)
+    elif out["name"] not in SAMPLER_NAMES:
+        raise SpecError(f"{where}: name {out['name']!r} is not a sampler; known: {', '.join(SAMPLER_NAMES)}")
+    elif out["eta"] and not sampler_class(out["name"]).stochastic:
+        raise SpecError(f"{where}: eta {out['eta']:g} with {out['name']}, which draws no noise (make it 0)")
     if out["precision"] not in ("full", "autocast", "half"):
         raise SpecError(f"{where}: precision must be full, autocast or half, got {out['precision']!r}")
     return out
