@@ -60,10 +60,15 @@ class FreeScaleMethod(CascadeMethod):
         values = {"freescale": fs, "preset": opt.freescale_config, "detail_mask": opt.detail_mask,
                   "init_image": getattr(opt, "init_image", None), "save_stages": getattr(opt, "save_stages", False)}
         check_files(values, "init_image", "detail_mask")
+        sampler = (preset or {}).get("sampler")  # e.g. euler, as the release runs (when --sampler is not given)
+        if sampler is not None:
+            from ldm.samplers import SAMPLERS
+            if sampler not in SAMPLERS:
+                raise UsageError(f"{opt.freescale_config}: sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
         conditioning = {"target_size": list(fs.stages[0])} if info.sdxl else {}  # the release: the first stage's
         return Settings(size=tuple(size), sample_size=tuple(fs.stages[0]), size_conditioning=conditioning,
                         freeu=(preset or {}).get("freeu"), values=values,
-                        reference_steps=(preset or {}).get("steps"))
+                        reference_steps=(preset or {}).get("steps"), sampler=sampler)
 
     def make_cascade(self):
         import copy

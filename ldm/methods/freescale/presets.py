@@ -4,7 +4,8 @@ from ldm.util import load_yaml_preset
 
 PRESET_KEYS = {"method", "base_model", "height", "width", "base", "stages", "restart_step", "cosine_scale",
                "cosine_scale_bg", "dilate_tau", "dilation_from", "fast_mode", "fusion", "blur", "window", "resize",
-               "freeu", "steps", "scale", "eta", "negative_prompt", "notes", "dilate_up_blocks", "vae_tiling"}
+               "freeu", "steps", "scale", "eta", "negative_prompt", "notes", "dilate_up_blocks", "vae_tiling",
+               "sampler"}
 SETTING_KEYS = {"base", "restart_step", "cosine_scale", "cosine_scale_bg", "dilate_tau", "dilation_from",
                 "fast_mode", "fusion", "blur", "window", "resize", "dilate_up_blocks", "vae_tiling"}
 
