@@ -164,8 +164,8 @@ def _preset(tmp_path, source, name="p.yaml", drop=(), **values):
 def preset_copy(tmp_path):
     made = []
 
-    def make(source, **values):
-        path = _preset(tmp_path, source, name=f"{len(made)}.yaml", **values)
+    def make(source, drop=(), **values):
+        path = _preset(tmp_path, source, name=f"{len(made)}.yaml", drop=drop, **values)
         made.append(path)
         return path
     yield make
@@ -437,8 +437,8 @@ def test_parse_settings_file_checks_numbers_without_a_model(tmp_path):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["--method", "freescale", "--restart_step", "10"], ["--restart_step 10 must be below --steps 3"]),
-    (["--method", "freescale", "--restart_step", "3"], ["--restart_step 3 must be below --steps 3"]),
+    (["--method", "freescale", "--restart_step", "10"], ["--restart_step 10 must be below --steps (3)"]),
+    (["--method", "freescale", "--restart_step", "3"], ["--restart_step 3 must be below --steps (3)"]),
     (["--method", "fouriscale", "--fouri_layers", "no/such/list.txt"], ["--fouri_layers", "no such file"]),
     (["--method", "fouriscale", "--fouri_start_step", "5", "--fouri_stop_step", "2"], ["start_step <= stop_step"]),
 ])
@@ -449,10 +449,16 @@ def test_method_settings_checked_before_loading(tmp_path, capsys, no_loading, ar
 
 
 def test_freescale_preset_restart_step_against_the_run(tmp_path, capsys, no_loading, preset_copy):
-    path = preset_copy("configs/freescale/demo_64x64.yaml", restart_step="7")  # fine for its 25 steps, not for 3
+    """restart_step counts the steps a preset is written for (its steps:, placed on the run's trajectory); a preset
+    without steps: counts the run's --steps."""
+    path = preset_copy("configs/freescale/demo_64x64.yaml", drop=("steps",), restart_step="7")
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, demo_args(out, "--freescale_config", path))
-    assert_refused(code, err, out, f"--freescale_config {path}: restart_step: 7 must be below --steps 3")
+    assert_refused(code, err, out, f"--freescale_config {path}: restart_step: 7 must be below --steps (3)")
+    path = preset_copy("configs/freescale/demo_64x64.yaml", restart_step="7")  # 7 of its 25 steps: fine at --steps 3
+    settings = pipeline.plan_run(pipeline.build_parser().parse_args(
+        [str(a) for a in demo_args(out, "--freescale_config", path)]))[-1]
+    assert settings.values["freescale"].restart_step == 7 and settings.reference_steps == 25
 
 
 # ================================================================================================ item 9: aspect ratios

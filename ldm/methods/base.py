@@ -50,6 +50,7 @@ class Settings:
     freeu: Optional[Dict[str, float]] = None   # the preset's FreeU values, where it has them
     reference_steps: Optional[int] = None      # the step count its per-step settings are written for (a preset's
     #                                            ``steps``); None: the run's own --steps
+    sampler: Optional[str] = None              # the preset's sampler (``sampler:``), used when --sampler is not given
     values: Dict[str, object] = field(default_factory=dict)
 
 

@@ -224,7 +224,8 @@ def check_options(opt):
         raise UsageError(f"--ddim_eta {opt.ddim_eta} is outside [0, 1]: DDIM's sigma formula is defined for "
                          "0 <= eta <= 1 (0: deterministic DDIM, 1: DDPM-like ancestral sampling); a larger eta asks "
                          "for more noise than the step removes and the images come out black")
-    samplers.options_of(opt)  # --sampler/--spacing/--eta/--ddim_eta together
+    if opt.sampler is not None:
+        samplers.options_of(opt)  # --sampler/--spacing/--eta/--ddim_eta together (with a preset's: in plan_run)
 
 
 def load_config(opt):
@@ -242,7 +243,6 @@ def load_config(opt):
     if not 1 <= opt.steps <= timesteps:
         raise UsageError(f"--steps {opt.steps}: the number of sampling steps must be between 1 and {timesteps} (the "
                          f"sampler takes its steps from the model's {timesteps} training timesteps; 50 is usual)")
-    samplers.check_steps(opt, timesteps)
     return config_path, config
 
 
@@ -268,6 +268,8 @@ def plan_run(opt):
     if settings.sample_size is not None:
         check_size(*settings.sample_size, info.f, names=("the first stage's height", "width"),
                    source=f"--method {method_cls.name}")
+    samplers.options_of(opt, settings.sampler)  # the flags fit the sampler (--sampler, else the preset's)
+    samplers.check_steps(opt, int(config.model.params.get("timesteps", 1000)), settings.sampler)
     check_tiling(opt, info)
     return config_path, config, info, method_cls, settings
 
@@ -357,7 +359,7 @@ def load_run(opt, plan, device, loader, wrap_sampler=None):
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
     apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
     conditioning = prepare_model(opt, model, device, settings)
-    sampler = samplers.from_options(opt, model)
+    sampler = samplers.from_options(opt, model, settings.sampler)
     if wrap_sampler is not None:
         sampler = wrap_sampler(sampler)
     tiling = tiling_of(opt, info)

@@ -402,7 +402,7 @@ def img2img_runs(opt, planned, loader=None, callback=None, wrap_sampler=None):
                    config_name=str(config_path), trust=opt.trust_config)
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
     apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
-    sampler = samplers.from_options(opt, model)
+    sampler = samplers.from_options(opt, model, plans[0]["settings"].sampler)
     if wrap_sampler is not None:
         sampler = wrap_sampler(sampler)
     freeu = txt2img.freeu_settings(opt, info, plans[0]["settings"])

@@ -31,8 +31,8 @@ def make_sampler(name, model, **options):
 def add_args(parser):
     """--sampler, --spacing, --eta (DDIM keeps its --ddim_eta, defined by the pipeline)."""
     g = parser.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
-                   help="the sampler: ddim (default), euler, euler_a (ancestral), heun (2nd order, two model calls "
+    g.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="the sampler (default: the method preset's `sampler:`, else ddim): ddim, euler, euler_a (ancestral), heun (2nd order, two model calls "
                         "per step), dpmpp_2m (DPM-Solver++(2M)), dpmpp_2m_karras (on Karras sigmas), dpmpp_2m_sde, "
                         "unipc (docs: ldm/samplers/)")
     g.add_argument("--spacing", choices=SPACING_CHOICES, default=None,
@@ -44,9 +44,10 @@ def add_args(parser):
                         "DDIM's is --ddim_eta")
 
 
-def options_of(opt):
-    """(name, keyword options) of the sampler the flags ask for; UsageError for flags that do not fit it."""
-    name = getattr(opt, "sampler", "ddim")
+def options_of(opt, preferred=None):
+    """(name, keyword options) of the sampler the flags ask for (``preferred``, e.g. a method preset's ``sampler:``,
+    when --sampler is not given; else ddim); UsageError for flags that do not fit it."""
+    name = getattr(opt, "sampler", None) or preferred or "ddim"
     spacing, eta = getattr(opt, "spacing", None), getattr(opt, "eta", None)
     ddim_eta = float(getattr(opt, "ddim_eta", 0.0) or 0.0)
     if name == "ddim":
@@ -69,15 +70,15 @@ def options_of(opt):
     return name, options
 
 
-def from_options(opt, model):
+def from_options(opt, model, preferred=None):
     """The sampler of the pipeline flags (``options_of``) on ``model``."""
-    name, options = options_of(opt)
+    name, options = options_of(opt, preferred)
     return make_sampler(name, model, **options)
 
 
-def check_steps(opt, num_timesteps):
+def check_steps(opt, num_timesteps, preferred=None):
     """UsageError when the spacing of --sampler/--spacing cannot take --steps steps from the model's timesteps."""
-    name, options = options_of(opt)
+    name, options = options_of(opt, preferred)
     if name == "ddim":
         return
     from ldm.samplers.kdiff import spaced_timesteps

@@ -3,7 +3,8 @@ from ldm.methods.cascade import RESIZES
 from ldm.methods.freescale import release_tiling
 from ldm.methods.freescale.cascade import FreeScaleSettings, default_stages
 from ldm.methods.freescale.scale_fusion import BLURS, WINDOWS
-from ldm.util import PRESET_VALUE_RULES, bool_rule, choice_rule, load_yaml_preset, nonneg_float, nonneg_int
+from ldm.util import (PRESET_VALUE_RULES, bool_rule, choice_rule, load_yaml_preset, nonneg_float, nonneg_int,
+                      string_rule)
 
 # the schema of a FreeScale preset (configs/freescale/*.yaml): every key, its type and range
 SCHEMA = {
@@ -18,6 +19,7 @@ SCHEMA = {
     "window": choice_rule(*WINDOWS),
     "resize": choice_rule(*RESIZES),
     "vae_tiling": choice_rule(*release_tiling.MODES),
+    "sampler": string_rule(),  # one of ldm.samplers.SAMPLERS (FreeScaleMethod.settings names them)
 }
 PRESET_KEYS = SCHEMA  # (the name other modules use)
 SETTING_KEYS = {"base", "restart_step", "cosine_scale", "cosine_scale_bg", "dilate_tau", "dilation_from",
