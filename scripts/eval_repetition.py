@@ -35,6 +35,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from ldm import reports  # noqa: E402
 from ldm.pipelines import demo  # noqa: E402  (model loading, sampling, grid)
+from ldm.samplers import SAMPLERS, sampler_class  # noqa: E402
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation import repetition  # noqa: E402
 from ldm.inference import pick_device, seed_arg  # noqa: E402
@@ -136,7 +137,9 @@ def main(argv=None):
     p.add_argument("--custom", action="append", default=[],
                    help="extra setting 'SIDE LABEL=PRESET.yaml' (or 'SIDE LABEL' for direct), for experiments")
     p.add_argument("--steps", type=int, default=demo.STEPS)
-    p.add_argument("--ddim_eta", type=float, default=demo.ETA)
+    p.add_argument("--ddim_eta", type=float, default=demo.ETA, help="DDIM's eta, or the noise of --sampler euler_a / "
+                   "dpmpp_2m_sde (the other samplers draw none)")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="the sampler (ldm/samplers)")
     p.add_argument("--scale", type=float, default=demo.SCALE)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -152,6 +155,8 @@ def main(argv=None):
     if opt.write_docs and (opt.out or opt.grid or opt.no_docs):
         p.error("--write-docs writes the committed docs/ files: give it without --out, --grid and --no_docs")
     opt.out = opt.out or (DOCS_OUT if opt.write_docs else DEFAULT_OUT)
+    sampler_title = "DDIM" if opt.sampler == "ddim" else f"`{opt.sampler}`"
+    eta_used = opt.ddim_eta if opt.sampler == "ddim" or sampler_class(opt.sampler).stochastic else 0.0
     opt.grid = opt.grid or (DOCS_GRID if opt.write_docs else DEFAULT_GRID)
 
     torch.set_num_threads(opt.threads)
@@ -179,7 +184,7 @@ def main(argv=None):
             print(f"  {label}: {done}/{total} samples, {time.time() - t0:.0f}s", flush=True)
 
         imgs = demo.sample_images(model, captions, seeds, side, preset, steps=opt.steps, eta=opt.ddim_eta,
-                                  scale=opt.scale, batch_size=opt.batch_size, progress=progress)
+                                  scale=opt.scale, batch_size=opt.batch_size, progress=progress, sampler=opt.sampler)
         results = [repetition.count_objects(im) for im in imgs]
         summary = repetition.summarize_counts(results, image_area=side * side)
         summary["seconds"] = time.time() - t0
@@ -227,7 +232,7 @@ def main(argv=None):
         f"- **Checkpoint**: `{opt.ckpt}` (step {global_step}, sha256 {sha}…).",
         f"- **Machine**: {reports.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), device {device}.",
-        f"- **Sampling**: DDIM {opt.steps} steps, eta {opt.ddim_eta:g}, classifier-free guidance "
+        f"- **Sampling**: {sampler_title} {opt.steps} steps, eta {eta_used:g}, classifier-free guidance "
         f"{opt.scale:g}; n = {opt.n} samples per setting up to 64x64 and {opt.n_large} at 128x128 (CPU time), "
         f"caption i = the 12 captions in turn, seed {opt.seed} + i; the same initial noise for the direct and the ScaleCrafter setting of a size.",
         "- **Counter**: `ldm.evaluation.repetition.count_objects` with its defaults: blobs of saturated colour "
