@@ -154,8 +154,8 @@ def test_form_to_arguments(catalog):
     assert model.id == DEMO
     assert argv == ["--config", str(root / "configs/demo/shapes32.yaml"), "--ckpt", str(root / DEMO),
                     "--device", "cpu", "--method", "scalecrafter", "--prompt", "a red circle", "--negative_prompt",
-                    "", "--H", "64", "--W", "64", "--steps", "4", "--ddim_eta", "1.0", "--scale", "3.0",
-                    "--seed", "5", "--n_samples", "2", "--scalecrafter_config", str(root / SC64)]
+                    "", "--H", "64", "--W", "64", "--steps", "4", "--scale", "3.0", "--seed", "5", "--n_samples", "2",
+                    "--sampler", "ddim", "--ddim_eta", "1.0", "--scalecrafter_config", str(root / SC64)]
     # own options: empty ones left out, a flag, a toggle switched off, a list, a choice
     form = dict(FORM, method="hidiffusion", preset="", options={"hidiff_raunet": False, "hidiff_window_attn": True,
                                                                   "hidiff_T1_ratio": "0.3", "hidiff_T2_ratio": "",
@@ -445,3 +445,16 @@ def test_script_is_a_thin_cli():
     bad = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/app.py"), "--port", "0", "--checkpoints",
                           "/nonexistent"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --checkpoints /nonexistent: no such folder"
+
+
+def test_the_form_eta_goes_to_the_samplers_own_option(catalog):
+    """DDIM's noise is --ddim_eta, euler_a's --eta; a sampler that draws no noise gets none (the pipeline would refuse
+    an eta it does not use)."""
+    def tail(sampler):
+        _, argv = forms.txt2img_argv(dict(FORM, sampler=sampler), catalog, "cpu")
+        i = argv.index("--sampler")
+        return argv[i:i + 4]
+    assert tail("ddim") == ["--sampler", "ddim", "--ddim_eta", "1.0"]
+    assert tail("euler_a") == ["--sampler", "euler_a", "--eta", "1.0"]
+    assert tail("euler")[:2] == ["--sampler", "euler"] and "--eta" not in tail("euler")
+    assert "--ddim_eta" not in tail("euler")

@@ -11,10 +11,9 @@ from ldm.errors import UsageError
 
 # form field -> txt2img flag (the shared settings; a method's own options come from its argument group)
 TXT2IMG_FIELDS = (("prompt", "--prompt"), ("negative_prompt", "--negative_prompt"), ("H", "--H"), ("W", "--W"),
-                  ("steps", "--steps"), ("eta", "--ddim_eta"), ("scale", "--scale"), ("seed", "--seed"),
-                  ("batch", "--n_samples"))
+                  ("steps", "--steps"), ("scale", "--scale"), ("seed", "--seed"), ("batch", "--n_samples"))
 IMG2IMG_FIELDS = (("prompt", "--prompt"), ("negative_prompt", "--negative_prompt"), ("H", "--H"), ("W", "--W"),
-                  ("factor", "--scale"), ("strength", "--strength"), ("steps", "--steps"), ("eta", "--ddim_eta"),
+                  ("factor", "--scale"), ("strength", "--strength"), ("steps", "--steps"),
                   ("scale", "--scale_cfg"), ("seed", "--seed"), ("batch", "--n_samples"))
 TEXT_FIELDS = {"prompt", "negative_prompt"}  # kept as typed (an empty prompt is a prompt)
 MAX_BATCH = 16
@@ -102,7 +101,8 @@ def check_batch(form):
 
 
 def sampler_args(form, img2img=False):
-    """``--sampler NAME`` where the pipeline has that option (else only ddim, what it runs)."""
+    """``--sampler NAME`` where the pipeline has that option (else only ddim, what it runs), with the form's eta as
+    the sampler takes it: --ddim_eta for ddim, --eta for the samplers that draw noise, none for the others."""
     from ldm.app.choices import sampler_flag
     from ldm.samplers import SAMPLERS
     name = text(form.get("sampler")) or next(iter(SAMPLERS))
@@ -113,12 +113,18 @@ def sampler_args(form, img2img=False):
         from ldm.pipelines.upscale import img2img_options
         accepted = img2img_options()
         flag = flag if flag.lstrip("-") in accepted and accepted[flag.lstrip("-")] is None else None
+    eta = text(form.get("eta"))
+    if name == "ddim":
+        eta_args = ["--ddim_eta", eta] if eta else []
+    else:
+        from ldm.samplers import sampler_class
+        eta_args = ["--eta", eta] if eta and sampler_class(name).stochastic else []
     if flag:
-        return [flag, name]
+        return [flag, name] + eta_args
     if name != "ddim":
         raise UsageError(f"sampler {name}: the {'img2img' if img2img else 'txt2img'} pipeline samples with ddim only "
                          "(it has no --sampler option)")
-    return []
+    return eta_args
 
 
 def txt2img_argv(form, catalog, device="auto"):

@@ -19,7 +19,8 @@ and at the end of the phase re-standardises the latent to phase 1's mean and std
 The step is affine in the model output for a fixed latent, so fusing the per-path denoised latents (as the
 reference does) is fusing the model outputs, which is what ``DemoFusionGuidance`` returns to the DDIM sampler.
 
-Differences from the reference (``pipeline_demofusion_sdxl.py``): DDIM instead of SDXL's Euler scheduler; the
+Differences from the reference (``pipeline_demofusion_sdxl.py``): DDIM by default instead of SDXL's Euler scheduler
+(``--sampler euler`` runs the release's; the phases and the skip residual use only the sampler contract); the
 last phase is the requested size (the reference's K = int(max(H, W) / 1024) truncates, so 2560 comes out 2048):
 when max(H, W) is not a multiple of the base, one more phase at exactly H×W is added; the jitter is drawn from the
 run's seed; the final latent is decoded with this repository's tiled VAE (synchronized GroupNorm) instead of its
