@@ -99,6 +99,9 @@ def check_checkpoint_file(path):
     """Cheap check before anything is built: the file exists and looks like a checkpoint; returns its
     format (see :func:`sniff_checkpoint_format`) or raises :class:`CheckpointError`."""
     path = str(path)
+    if os.path.isdir(path):  # load_model_from_config takes diffusers folders; the callers of this check do not
+        raise CheckpointError(f"{path} is a folder: diffusers folders load as the base model (--ckpt of txt2img and "
+                              "upscale.py img2img), not here; give the .ckpt/.safetensors file")
     if not os.path.isfile(path):
         raise CheckpointError(missing_checkpoint_message(path))
     fmt = sniff_checkpoint_format(path)
@@ -249,8 +252,17 @@ def _swap_in_ema(sd):
 
 def load_checkpoint_into(model, ckpt, strict=True, use_ema=True, allow_unsafe=False, config_name="config",
                          ignore_keys=(), verbose=False):
-    """Load a checkpoint file into an already-built model; returns {'ema_tensors': n, 'global_step': ...}."""
-    sd, meta = load_state_dict_file(ckpt, allow_unsafe=allow_unsafe, return_meta=True)
+    """Load a checkpoint file (or a diffusers folder, converted by ``ldm.convert_diffusers``) into an
+    already-built model; returns {'ema_tensors': n, 'global_step': ..., 'notes': [...]}."""
+    notes = []
+    if os.path.isdir(str(ckpt)):
+        from ldm.convert_diffusers import load_folder
+        sd, notes = load_folder(ckpt, model, allow_unsafe=allow_unsafe)
+        meta = {"notes": notes}
+        if notes:  # parts of the model the folder does not hold and that are never used (zero-filled)
+            warnings.warn(f"{ckpt}: " + "; ".join(notes), InputWarning, stacklevel=2)
+    else:
+        sd, meta = load_state_dict_file(ckpt, allow_unsafe=allow_unsafe, return_meta=True)
     if ignore_keys:
         sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
     if use_ema:
@@ -274,9 +286,13 @@ def load_model_from_config(config, ckpt=None, device="cpu", strict=True, use_ema
     ``trust=True`` allows config targets outside this package (a config is code; see
     ``ldm.util.instantiate_from_config``). The whole config is checked with its interpolations resolved, and the
     model is built from that resolved copy (``ldm.util.checked_config``)."""
-    if ckpt is not None:
+    folder = ckpt is not None and os.path.isdir(str(ckpt))
+    if ckpt is not None and not folder:
         check_checkpoint_file(ckpt)  # before spending time on construction
     config = checked_config(config, trust=trust, where=config_name if config_name != "config" else None)
+    if folder:  # a diffusers folder: its components and family against the config, before building
+        from ldm.convert_diffusers import check_folder
+        check_folder(ckpt, config, config_name=config_name)
     model_config = config.model if "model" in config else config
     with trusted_configs(trust):
         if ckpt is not None and strict:

@@ -8,3 +8,8 @@ class UsageError(ValueError):
 class InputWarning(UserWarning):
     """Input that is used, but not entirely as given (a prompt cut to the encoder's length, an unsafe load);
     the scripts print these as one ``warning: ...`` line each."""
+
+
+class NonFiniteError(UsageError):
+    """Sampling produced NaN or infinite values (the images would be black); the message names the step where they
+    first appeared. Nothing is written for the batch."""

@@ -5,6 +5,7 @@ import random
 import re
 import secrets
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,10 @@ from PIL.PngImagePlugin import PngInfo
 
 
 from ldm.errors import InputWarning, UsageError  # noqa: F401  (re-exported: the scripts' import path)
-from ldm.util import cast_for_half_precision, check_size  # noqa: F401  (re-exported)
+from ldm.util import cast_for_half_precision, check_size, missing_file_reason  # noqa: F401  (re-exported)
+# the argparse types of the numeric flags (finite numbers in a range; NaN and infinities are refused)
+from ldm.util import (NumberRange, finite_float, float_range, nonneg_float, nonneg_int, positive_float,  # noqa: F401
+                      positive_int, unit_float)
 
 
 def pick_device(name="auto"):
@@ -23,6 +27,55 @@ def pick_device(name="auto"):
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
+
+
+def _gib(n):
+    return f"{n / 2 ** 30:.1f} GiB"
+
+
+def _read_int(path):
+    try:
+        text = Path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory(device):
+    """(bytes, where) a run can still allocate on ``device``, or None where it cannot be told. CUDA: the card's
+    free memory; CPU: /proc/meminfo's MemAvailable, lowered to what a cgroup memory limit (a container's) leaves."""
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+        except Exception:  # no driver (fake CUDA), or an old torch
+            return None
+        return int(free), f"free on {device}"
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append((int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        lim, use = _read_int(limit), _read_int(usage)
+        if lim is not None and use is not None and lim < 2 ** 60:
+            found.append((max(lim - use, 0), f"the container's memory limit ({limit})"))
+    return min(found) if found else None
+
+
+def check_memory(estimate, device):
+    """Refuse a run before anything is loaded when ``estimate`` = (bytes, what) of its largest single tensor
+    (``Method.memory_estimate``) exceeds what ``device`` has available (:func:`available_memory`): such a run is
+    killed by the kernel (CPU) or fails with out-of-memory (CUDA) after minutes, without a useful message."""
+    need, what = estimate
+    have = available_memory(device)
+    if have is None or need <= have[0]:
+        return
+    raise UsageError(f"this run would need more memory than is available: {what} alone is about {_gib(need)}, "
+                     f"and {_gib(have[0])} is available ({have[1]}); ask for a smaller size, aspect ratio or "
+                     "--n_samples, or run on a machine with more memory")
 
 
 # Seeds are 0 ... 2**63 - 1: torch takes seeds as 64-bit integers (it accepts -2**63 ... 2**64 - 1, but maps a
@@ -83,7 +136,7 @@ def seed_everything(seed):
 def read_prompt_file(path, repeat=1):
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--from-file {path}: no such file")
+        raise UsageError(f"--from-file {path}: {missing_file_reason(path)}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -137,6 +190,41 @@ def check_output_dir(folder, flag="--outdir"):
         else:
             msg = f"{flag} {folder} cannot be created: {existing} is not writable ({reason})"
         raise UsageError(msg + "; choose a folder you can write to")
+
+
+def check_output_file(path, flag="--out"):
+    """Fail early (before minutes of work) if the file ``path`` cannot be written: it is a folder, its folder cannot
+    be created or written (:func:`check_output_dir`), or it exists and refuses writes. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file path (e.g. {path / 'result.json'})")
+    check_output_dir(path.parent if str(path.parent) else Path("."), flag=f"{flag} {path}: its folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path} exists and is not writable; choose another file")
+
+
+@contextmanager
+def output_folder(folder):
+    """Create ``folder`` (and its parents) for the block; when the block fails (an error found while sampling, Ctrl-C),
+    remove the folders this call created that are still empty: a failed run leaves nothing behind."""
+    folder = Path(folder)
+    created = []
+    probe = folder
+    while not probe.exists():
+        created.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for f in created:  # deepest first
+            try:
+                f.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def remove_stale_temp_files(folder):
@@ -205,6 +293,14 @@ def fsync_directory(directory):
         os.close(fd)
 
 
+def png_info(metadata=None):
+    """PNG text chunks of ``metadata``: strings as they are, anything else as sorted JSON."""
+    info = PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+    return info
+
+
 def save_png(img, path, metadata=None, tmp_prefix=".tmp-"):
     """Write atomically (temp file + rename) with text metadata: an interrupted run leaves no partial file.
 
@@ -213,9 +309,7 @@ def save_png(img, path, metadata=None, tmp_prefix=".tmp-"):
     new file (0666 minus the umask, see :func:`create_temp_file`). ``tmp_prefix`` names the temporary file
     (``ldm.pipelines.sweep`` puts its job's id in it)."""
     path = Path(path)
-    info = PngInfo()
-    for k, v in (metadata or {}).items():
-        info.add_text(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+    info = png_info(metadata)
     fd, tmp = create_temp_file(path.parent, tmp_prefix, ".png")
     try:
         with os.fdopen(fd, "wb") as fh:

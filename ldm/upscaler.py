@@ -182,7 +182,9 @@ def load_upscaler_config(config_path, flag="--config", trust=False):
     from ldm.util import load_config_file
     path = Path(config_path)
     if not path.is_file():
-        raise UsageError(f"{flag} {config_path}: no such file (the upscaler's config is {UPSCALER_CONFIG})")
+        from ldm.util import missing_file_reason
+        raise UsageError(f"{flag} {config_path}: {missing_file_reason(path)} (the upscaler's config is "
+                         f"{UPSCALER_CONFIG})")
     config = load_config_file(path, trust=trust, flag=flag)
     if not is_upscaler_config(config):
         node = config.model if "model" in config else config
@@ -204,7 +206,8 @@ def add_args(group, prefix="", defaults=None):
                        help="noise augmentation level of the low-resolution image, 0..350 (the original demos use "
                             "20; the original README recommends about 100 for generated images)")
     group.add_argument(f"--{prefix}steps", type=int, default=d["steps"], help="upscaler DDIM steps")
-    group.add_argument(f"--{prefix}eta", type=float, default=d["eta"], help="upscaler DDIM eta in [0, 1]")
+    from ldm.util import finite_float
+    group.add_argument(f"--{prefix}eta", type=finite_float, default=d["eta"], help="upscaler DDIM eta in [0, 1]")
     group.add_argument(f"--{prefix}window", type=int, default=d["window"],
                        help="denoise the latent in overlapping windows of this side (low-resolution pixels; 0: "
                             "never; default: whole up to 512² low-resolution pixels, 128-pixel windows beyond)")

@@ -421,73 +421,243 @@ class no_weight_init:
         return False
 
 
-def _positive_int(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+# --------------------------------------------------------------------------------------------------
+# numbers: one test for every numeric input, where it enters (command-line flags, presets, table specs)
+# --------------------------------------------------------------------------------------------------
+def _fmt_bound(v):
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _non_negative_int(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+class NumberRange:
+    """A finite number (``kind`` float or int) in a range. Used as the argparse ``type=`` of a numeric flag (parses
+    the text, raises ``argparse.ArgumentTypeError`` with a message naming the range: argparse prints it with the
+    flag and exits with status 2 before anything is loaded) and as the value test of preset keys and spec
+    entries (:meth:`problem`). NaN and infinities are never in range: a NaN guidance scale, FreeU factor or
+    exponent gives NaN latents, i.e. black images."""
+
+    def __init__(self, kind=float, low=None, high=None, low_open=False, high_open=False, name=None):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.__name__ = name or "number"  # argparse's name for the type
+
+    def describe(self):
+        noun = "an integer" if self.kind is int else "a number"
+        lo, hi = self.low, self.high
+        if lo is None and hi is None:
+            return "a finite number" if self.kind is float else noun
+        if lo is not None and hi is not None:
+            return f"{noun} in {'(' if self.low_open else '['}{_fmt_bound(lo)}, {_fmt_bound(hi)}" \
+                   f"{')' if self.high_open else ']'}"
+        if lo is not None:
+            if self.kind is int and lo == 1 and not self.low_open:
+                return "a positive integer"
+            if lo == 0 and self.low_open:
+                return "a positive integer" if self.kind is int else "a positive number"
+            return f"{noun} {'>' if self.low_open else '>='} {_fmt_bound(lo)}"
+        return f"{noun} {'<' if self.high_open else '<='} {_fmt_bound(hi)}"
+
+    def problem(self, value):
+        """None when ``value`` (an already parsed value: YAML or Python) is in range, else why not."""
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind is int:
+            ok_type = isinstance(value, int) and not isinstance(value, bool)
+        if not ok_type or not math.isfinite(value):
+            return f"{_short(value)} is not {self.describe()}"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return f"{_fmt_bound(value)} is not {self.describe()}"
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return f"{_fmt_bound(value)} is not {self.describe()}"
+        return None
+
+    def ok(self, value):
+        return self.problem(value) is None
+
+    def __call__(self, text):
+        import argparse
+        try:
+            value = self.kind(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {self.describe()}") from None
+        why = self.problem(value)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    def __repr__(self):
+        return self.__name__
+
+    def check(self, value, what):
+        """``value`` if in range, else :class:`UsageError` "``what`` <why>"."""
+        why = self.problem(value)
+        if why:
+            raise UsageError(f"{what} {why}")
+        return value
 
 
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+# argparse types (and value tests) of the numeric flags; every float flag of the scripts uses one of these
+finite_float = NumberRange(name="finite_float")
+positive_float = NumberRange(low=0, low_open=True, name="positive_float")
+nonneg_float = NumberRange(low=0, name="nonneg_float")
+unit_float = NumberRange(low=0, high=1, name="unit_float")
+positive_int = NumberRange(int, low=1, name="positive_int")
+nonneg_int = NumberRange(int, low=0, name="nonneg_int")
+
+
+def float_range(low=None, high=None, low_open=False, high_open=False):
+    """A :class:`NumberRange` of floats (e.g. ``float_range(1)``: a finite number >= 1)."""
+    return NumberRange(float, low, high, low_open, high_open, name="float_range")
+
+
+# --------------------------------------------------------------------------------------------------
+# presets: a schema per method (next to its loader), one checker
+# --------------------------------------------------------------------------------------------------
+class Rule:
+    """The rule of one preset key: ``test(value) -> bool`` and what a good value is (``wanted``, for the
+    message); ``required``: the key must be given (not null)."""
+
+    def __init__(self, test, wanted, required=False):
+        self.test, self.wanted, self.required = test, wanted, required
+
+    def __repr__(self):
+        return f"Rule({self.wanted!r}{', required' if self.required else ''})"
+
+
+def number_rule(numbers, required=False):
+    """A :class:`Rule` from a :class:`NumberRange`."""
+    return Rule(numbers.ok, numbers.describe(), required)
+
+
+def choice_rule(*choices, required=False):
+    return Rule(lambda v: not isinstance(v, bool) and v in choices, f"one of {', '.join(map(str, choices))}",
+                required)
+
+
+def bool_rule(required=False):
+    # a string such as "no" or "false" is refused: only YAML's booleans (true/false, yes/no unquoted) are booleans
+    return Rule(lambda v: isinstance(v, bool), "true or false", required)
+
+
+def string_rule(required=False):
+    return Rule(lambda v: isinstance(v, str), "a string", required)
+
+
+def mapping_rule(keys, numbers, required=False):
+    """A mapping with exactly ``keys``, each value in ``numbers`` (e.g. FreeU's {b1, b2, s1, s2})."""
+    keys = tuple(keys)
+    return Rule(lambda v: isinstance(v, dict) and set(v) == set(keys) and all(numbers.ok(v[k]) for k in keys),
+                f"a mapping {{{', '.join(keys)}}} whose values are each {numbers.describe()}",
+                required)
+
+
+def nested_rule(schema, wanted, required=False):
+    """A mapping whose keys and values pass ``schema`` (:func:`check_schema`)."""
+    def test(v):
+        if not isinstance(v, dict):
+            return False
+        try:
+            check_schema(v, schema, "")
+        except PresetSchemaError:
+            return False
+        return True
+    return Rule(test, wanted, required)
 
 
 def _stage_list(v):
     return (isinstance(v, list) and len(v) >= 1
-            and all(isinstance(s, list) and len(s) == 2 and all(_positive_int(x) for x in s) for s in v))
+            and all(isinstance(s, list) and len(s) == 2 and all(positive_int.ok(x) for x in s) for s in v))
 
 
-# value rules for the keys the method presets share (ScaleCrafter, FreeScale, FouriScale): key -> (test, wanted);
-# None (a key written without a value, or ``null``) always passes: the loaders take it as "the default"
+BASE_MODELS = ("sd1", "sd2", "sdxl", "demo")  # ModelInfo.family: the models a preset can be made for
+
+# value rules for the keys the method presets share (ScaleCrafter, FreeScale, FouriScale): key -> Rule. None (a key
+# written without a value, or ``null``) passes unless the rule is required: the loaders take it as "the default"
 PRESET_VALUE_RULES = {
-    **{k: (_positive_int, "a positive integer") for k in ("height", "width", "base", "steps")},
-    **{k: (_non_negative_int, "an integer >= 0") for k in (
-        "dilate_tau", "ndcfg_tau", "disperse_tau", "inflate_tau", "restart_step", "start_step", "stop_step")},
-    **{k: (_number, "a number") for k in ("scale", "cosine_scale", "cosine_scale_bg", "stopband", "weak_dilation_div")},
-    "eta": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "stages": (_stage_list, "a list of [height, width] pairs of positive integers"),
-    **{k: (lambda v: isinstance(v, bool), "true or false") for k in ("progressive", "fast_mode")},
-    **{k: (lambda v: isinstance(v, str), "a string") for k in (
-        "method", "base_model", "dilate_settings", "ndcfg_dilate_settings", "disperse_settings", "notes")},
+    **{k: number_rule(positive_int) for k in ("height", "width", "base", "steps")},
+    **{k: number_rule(nonneg_int) for k in (
+        "dilate_tau", "ndcfg_tau", "disperse_tau", "restart_step", "start_step", "stop_step")},
+    "scale": number_rule(finite_float),
+    # exponents of the cosine factor in [0, 1]: a negative one divides by a factor that reaches ~1e-6
+    **{k: number_rule(nonneg_float) for k in ("cosine_scale", "cosine_scale_bg")},
+    "stopband": number_rule(unit_float),
+    "weak_dilation_div": number_rule(float_range(1)),
+    "eta": number_rule(unit_float),
+    "stages": Rule(_stage_list, "a list of [height, width] pairs of positive integers"),
+    **{k: bool_rule() for k in ("progressive", "fast_mode")},
+    "base_model": choice_rule(*BASE_MODELS, required=True),
+    **{k: string_rule() for k in ("method", "dilate_settings", "ndcfg_dilate_settings", "disperse_settings",
+                                  "notes", "negative_prompt")},
+    "freeu": mapping_rule(("b1", "b2", "s1", "s2"), nonneg_float),
 }
+
+
+class PresetSchemaError(ValueError):
+    pass
+
+
+def check_schema(cfg, schema, where, error=PresetSchemaError):
+    """Check the mapping ``cfg`` against ``schema`` ({key: Rule or None}): no unknown keys, every required key given,
+    every given value passing its rule. Raises ``error`` with a one-line message naming ``where`` (the file), the
+    key and what is allowed."""
+    unknown = {str(k) for k in cfg} - set(schema)
+    if unknown:
+        raise error(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(schema)}")
+    for key, rule in schema.items():
+        if rule is None:
+            continue
+        value = cfg.get(key)
+        if value is None:
+            if rule.required:
+                raise error(f"{where}: {key} is required ({rule.wanted})")
+            continue
+        if not rule.test(value):
+            raise error(f"{where}: {key}: {_short(value)} is not {rule.wanted}")
 
 
 def load_yaml_preset(path, known_keys, what, folder, error=ValueError):
     """A method preset (plain YAML data, no targets) as a dict with ``_path``.
 
-    A missing or unreadable file, a YAML error (syntax, duplicate key, ``!!python`` tag), a top level that is not a
-    mapping, an unknown key or a value of the wrong type or range (:data:`PRESET_VALUE_RULES`, e.g. ``base: 0``)
-    raises ``error`` with a one-line message naming the file (and the key, or the line)."""
+    ``known_keys``: the method's schema ({key: :class:`Rule` or None}), or a set of key names checked with the
+    shared rules (:data:`PRESET_VALUE_RULES`). A missing or unreadable file, a YAML error (syntax, duplicate key,
+    ``!!python`` tag), a top level that is not a mapping, an unknown key, a missing required key (``base_model``)
+    or a value of the wrong type or range (e.g. ``base: 0``, ``cosine_scale: -5``, ``scale: .nan``) raises
+    ``error`` with a one-line message naming the file (and the key, or the line)."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{what} preset not found: {path} (presets are in {folder})")
+        raise error(f"{what} preset {path}: {missing_file_reason(path)} (presets are in {folder})")
     try:
         cfg = resolve_yaml(read_yaml_mapping(path, f"{what} preset"), str(path))
     except ConfigError as err:
         raise error(str(err)) from None
-    unknown = {str(k) for k in cfg} - set(known_keys)
-    if unknown:
-        raise error(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(known_keys)}")
-    for key, value in cfg.items():
-        rule = PRESET_VALUE_RULES.get(key)
-        if rule is not None and value is not None and not rule[0](value):
-            raise error(f"{path}: {key}: {_short(value)} is not {rule[1]}")
+    schema = known_keys if isinstance(known_keys, Mapping) else {k: PRESET_VALUE_RULES.get(k) for k in known_keys}
+    check_schema(cfg, schema, path, error)
     cfg["_path"] = path
     return cfg
 
 
-def check_size(H, W, f):
-    """Image sides must be positive multiples of the first stage's downsampling factor f."""
-    for name, v in (("--H", H), ("--W", W)):
-        if v <= 0:
-            raise UsageError(f"{name} {v}: the image side must be a positive multiple of {f} (the latent "
-                             f"downsampling factor --f), e.g. 512")
-        if v % f:
-            lo = max(f, (v // f) * f)
-            hi = lo + f if v % f else lo
-            raise UsageError(f"{name} {v} is not a multiple of {f} (the latent downsampling factor --f); "
-                             f"nearest valid sizes: {lo} or {hi}")
+def missing_file_reason(path):
+    """Why ``path`` is not a file to read: "is a folder, not a file", or "no such file"."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder, not a file"
+    return "no such file"
+
+
+def check_side(v, f, name="--H", source=None):
+    """One image side must be a positive multiple of the first stage's downsampling factor f. ``name``: what to
+    call it in the message (the flag, or a preset's key); ``source``: where it came from (e.g. the preset file)."""
+    where = f"{source}: " if source else ""
+    if v <= 0:
+        raise UsageError(f"{where}{name} {v}: the image side must be a positive multiple of {f} (the latent "
+                         f"downsampling factor --f), e.g. 512")
+    if v % f:
+        lo = max(f, (v // f) * f)
+        raise UsageError(f"{where}{name} {v} is not a multiple of {f} (the latent downsampling factor --f); "
+                         f"nearest valid sizes: {lo} or {lo + f}")
+
+
+def check_size(H, W, f, names=("--H", "--W"), source=None):
+    """Both sides of an image (:func:`check_side`)."""
+    for name, v in zip(names, (H, W)):
+        check_side(v, f, name, source)
 
 
 def cast_for_half_precision(model, dtype=torch.float16, cast=None):

@@ -30,6 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from ldm.util import float_range, positive_float, positive_int  # noqa: E402  (argparse types: finite numbers in range)
+
 CONFIGS = {"sd2": REPO_ROOT / "configs/stable-diffusion/v2-inference.yaml",
            "sdxl": REPO_ROOT / "configs/stable-diffusion/sdxl-base-inference.yaml"}
 FAMILY_TITLES = {"sd2": "SD 2.1", "sdxl": "SDXL base"}
@@ -184,7 +186,7 @@ def add_pipeline_parser(sub):
                    help="the prompt (the demo model knows only its own words, e.g. 'a red circle')")
     q.add_argument("--ckpt", default=None,
                    help="load these weights instead of random ones (e.g. checkpoints/demo/shapes32.ckpt)")
-    q.add_argument("--cap_gib", type=float, default=None,
+    q.add_argument("--cap_gib", type=positive_float, default=None,
                    help="cap this process's CUDA memory (e.g. 24 on a larger GPU: a run that needs more fails)")
     q.add_argument("--write", type=str, default=None, help="update this markdown file")
     q.add_argument("--simulate", action="store_true",
@@ -596,7 +598,7 @@ def add_dispersion_layers_parser(sub):
                                                     "1280:8", "1280:16", "1280:32", "2560-1280:8", "2560-1280:16",
                                                     "1280s2:16"],
                    help="IN[-OUT][s2]:SIDE (s2 = stride-2 downsampling conv), e.g. 2560-1280:8")
-    d.add_argument("--factor", type=float, default=4.0, help="re-dilation factor (dispersed: dilation factor/2)")
+    d.add_argument("--factor", type=float_range(1), default=4.0, help="re-dilation factor (dispersed: dilation factor/2)")
     d.add_argument("--batch", type=int, default=2)
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--threads", type=int, default=None)
@@ -694,7 +696,7 @@ def add_methods_parser(sub):
     m.add_argument("--threads", type=int, default=None)
     m.add_argument("--prompt", default="a professional photograph of an astronaut riding a horse")
     m.add_argument("--flags", default="", help="more txt2img flags for every method, e.g. '--lowvram'")
-    m.add_argument("--cap_gib", type=float, default=None,
+    m.add_argument("--cap_gib", type=positive_float, default=None,
                    help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction)")
     m.add_argument("--write", default=None)
     m.add_argument("--key", default=None)
@@ -870,13 +872,13 @@ def add_targets_parser(sub):
                                        "whole GPU and with its memory capped; peak memory, time and the ratio")
     t.add_argument("--config", default=str(CONFIGS["sdxl"]))
     t.add_argument("--presets", nargs="+", required=True, help="ScaleCrafter / FreeScale preset YAMLs")
-    t.add_argument("--cap_gib", type=float, required=True)
-    t.add_argument("--steps", type=int, default=2)
+    t.add_argument("--cap_gib", type=positive_float, required=True)
+    t.add_argument("--steps", type=positive_int, default=2)
     t.add_argument("--precision", choices=["half", "autocast", "full"], default="half")
     t.add_argument("--lowvram", action="store_true")
     t.add_argument("--sequential_offload", action="store_true")
     t.add_argument("--freeu", action="store_true")
-    t.add_argument("--project_steps", type=int, default=50, help="steps of the projected ratio (a full run)")
+    t.add_argument("--project_steps", type=positive_int, default=50, help="steps of the projected ratio (a full run)")
     t.add_argument("--device", default="cuda", choices=["cuda"])
     t.add_argument("--prompt", default="a professional photograph of an astronaut riding a horse")
     t.add_argument("--write", default=None)
@@ -956,14 +958,14 @@ def add_rss_parser(sub):
     r.add_argument("--config", default=str(REPO_ROOT / "configs/demo/shapes32.yaml"))
     r.add_argument("--ckpt", default=None,
                    help="weights (default: random ones, written by scripts/make_random_checkpoint.py)")
-    r.add_argument("--size", type=int, default=128, help="image side in pixels")
-    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--size", type=positive_int, default=128, help="image side in pixels")
+    r.add_argument("--steps", type=positive_int, default=10)
     r.add_argument("--methods", nargs="+", default=None,
                    help="default: every --method (sdsr needs --sr_config/--sr_ckpt: give it with --flags)")
     r.add_argument("--flags", default="", help="more scripts/txt2img.py flags for every run")
     r.add_argument("--prompt", default="a red circle")
-    r.add_argument("--threads", type=int, default=2)
-    r.add_argument("--repeats", type=int, default=3, help="runs per case (the fastest is reported)")
+    r.add_argument("--threads", type=positive_int, default=2)
+    r.add_argument("--repeats", type=positive_int, default=3, help="runs per case (the fastest is reported)")
     r.add_argument("--lowvram", action="store_true",
                    help="each case also with --lowvram --sequential_offload: on a CPU nothing is copied, so the time "
                         "ratio is the cost of the offload's bookkeeping (hooks, parameter swaps) alone")
@@ -1109,11 +1111,11 @@ def add_compile_parser(sub):
     c = sub.add_parser("compile", help="torch.compile of a (tiny) UNet with ScaleCrafter's per-step processors: "
                                        "compilations per step (torch._dynamo counters) and step time vs eager")
     c.add_argument("--config", default=str(REPO_ROOT / "configs/tiny/tiny-sd2.yaml"))
-    c.add_argument("--size", type=int, default=32, help="latent side")
-    c.add_argument("--steps", type=int, default=6)
+    c.add_argument("--size", type=positive_int, default=32, help="latent side")
+    c.add_argument("--steps", type=positive_int, default=6)
     c.add_argument("--backend", default="inductor", help="torch.compile backend (eager: count graphs only)")
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: float16 weights under autocast")
-    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--threads", type=positive_int, default=2)
     c.add_argument("--write", default=None)
     c.add_argument("--key", default=None)
 
@@ -1235,7 +1237,7 @@ def main(argv=None):
     m.add_argument("--steps", type=int, default=1)
     m.add_argument("--precision", choices=["half", "autocast", "full"], default="half")
     m.add_argument("--freeu", action="store_true")
-    m.add_argument("--cap_gib", type=float, default=None, help="the card's memory (default 24)")
+    m.add_argument("--cap_gib", type=positive_float, default=None, help="the card's memory (default 24)")
     m.add_argument("--decode", choices=["tiled", "auto"], default="tiled",
                    help="tiled: tiles with synchronized GroupNorm, default placement; auto: the decoder's own plan "
                         "for the card (scripts/txt2img.py's default)")

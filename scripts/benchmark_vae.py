@@ -36,6 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from ldm.util import positive_float  # noqa: E402  (argparse type: a finite number > 0)
+
 CONFIG = REPO_ROOT / "configs/stable-diffusion/v2-inference.yaml"
 METHODS = {
     "full": "decode(z)",
@@ -325,9 +327,9 @@ def main(argv=None):
     p.add_argument("cmd", nargs="?", default="run", choices=["run", "simulate", "model", "_child"],
                    help="run: measure on --device; simulate: estimate CUDA fp16 memory without a GPU; model: the "
                         "memory model of ldm/modules/vae_memory.py against the simulation, and its plans per card")
-    p.add_argument("--cards", type=float, nargs="+", default=[8, 12, 24, 80],
+    p.add_argument("--cards", type=positive_float, nargs="+", default=[8, 12, 24, 80],
                    help="model: free memory in GiB for the plan table")
-    p.add_argument("--card_gib", type=float, default=24.0, help="simulate: the GPU's memory (sets the device budget)")
+    p.add_argument("--card_gib", type=positive_float, default=24.0, help="simulate: the GPU's memory (sets the device budget)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides in pixels (multiples of 8)")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))

@@ -26,7 +26,8 @@ from PIL import Image  # noqa: E402
 
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.evaluation.repetition import count_objects  # noqa: E402
-from ldm.inference import UsageError, check_seed, pick_device, save_png, seed_arg  # noqa: E402
+from ldm.inference import (UsageError, check_seed, finite_float, pick_device, save_png, seed_arg,  # noqa: E402
+                           unit_float)
 from ldm.pipelines.demo import (DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_CAPTIONS, ETA, SCALE, SETTINGS, STEPS,  # noqa: E402
                                 comparison_grid, load_demo_model, sample_images)
 
@@ -81,8 +82,8 @@ def build_parser():
     p.add_argument("--n", type=int, default=4, help="samples (columns) per setting")
     p.add_argument("--seed", type=seed_arg, default=0, help="first seed; sample i uses seed + i")
     p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--ddim_eta", type=float, default=ETA)
-    p.add_argument("--scale", type=float, default=SCALE)
+    p.add_argument("--ddim_eta", type=unit_float, default=ETA, help="DDIM eta in [0, 1]")
+    p.add_argument("--scale", type=finite_float, default=SCALE, help="classifier-free guidance scale")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--only", nargs="+", default=None, help="a subset of the settings: " +
                    ", ".join(k for k, *_ in SETTINGS))

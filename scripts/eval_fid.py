@@ -25,7 +25,7 @@ if _REPO_ROOT not in sys.path:
 from ldm.evaluation.evaluate import ALL_METRICS, evaluate_folders, format_table, parse_metrics  # noqa: E402
 from ldm.evaluation.inception import WEIGHTS_ENV, InceptionWeightsError  # noqa: E402
 from ldm.evaluation.metrics import EvalError  # noqa: E402
-from ldm.inference import UsageError, seed_arg  # noqa: E402
+from ldm.inference import UsageError, check_output_file, seed_arg  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +70,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = show
+            if args.out:  # before the features are computed (minutes), not after
+                check_output_file(args.out, "--out")
             metrics = parse_metrics(args.metrics)
             result = evaluate_folders(
                 args.gen, args.ref, metrics=metrics, inception_weights=args.inception_weights,

@@ -34,10 +34,13 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm import reports  # noqa: E402
+from ldm.evaluation import shape_features  # noqa: E402
+from ldm.evaluation.metrics import fid_from_features  # noqa: E402
 from ldm.pipelines import demo  # noqa: E402  (model loading, sampling, grid)
+from ldm.samplers import SAMPLERS, sampler_class  # noqa: E402
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation import repetition  # noqa: E402
-from ldm.inference import pick_device, seed_arg  # noqa: E402
+from ldm.inference import finite_float, nonneg_float, pick_device, seed_arg  # noqa: E402
 from ldm.util import read_yaml_mapping  # noqa: E402
 
 TARGETS = {"native_one": 0.90, "direct2x_multi": 0.50, "cure_factor": 0.5}
@@ -52,6 +55,19 @@ def parse_custom(spec):
     side = int(side_txt)
     label = label.strip() or f"{side}x{side} custom"
     return (label.replace(" ", "_"), f"{side}x{side} {label}", side, preset.strip() or None)
+
+
+def train_features():
+    """Shape descriptors of 512 training-distribution images (ldm.data.shapes at 32x32, seed 1: the demo table's
+    FD_r reference), computed once."""
+    if "train" not in _TRAIN:
+        from ldm.data.shapes import ShapesDataset
+        data = ShapesDataset(size=32, length=512, seed=1)
+        _TRAIN["train"] = shape_features.describe_images([data.render(i)[0] for i in range(512)])
+    return _TRAIN["train"]
+
+
+_TRAIN = {}
 
 
 def describe_preset(path):
@@ -136,8 +152,10 @@ def main(argv=None):
     p.add_argument("--custom", action="append", default=[],
                    help="extra setting 'SIDE LABEL=PRESET.yaml' (or 'SIDE LABEL' for direct), for experiments")
     p.add_argument("--steps", type=int, default=demo.STEPS)
-    p.add_argument("--ddim_eta", type=float, default=demo.ETA)
-    p.add_argument("--scale", type=float, default=demo.SCALE)
+    p.add_argument("--ddim_eta", type=nonneg_float, default=demo.ETA, help="DDIM's eta, or the noise of --sampler "
+                   "euler_a / dpmpp_2m_sde (the other samplers draw none)")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="the sampler (ldm/samplers)")
+    p.add_argument("--scale", type=finite_float, default=demo.SCALE)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -148,10 +166,16 @@ def main(argv=None):
                    help=f"write the committed report: {DOCS_OUT} and {DOCS_GRID} (overwrites them)")
     p.add_argument("--json", default=None, help="also write the raw counts as JSON here")
     p.add_argument("--no_docs", action="store_true", help="print the table only (no report, no grid)")
+    p.add_argument("--fd", action="store_true",
+                   help="also FD_r: the shape-descriptor Frechet distance (ldm/evaluation/shape_features.py) of each "
+                        "setting's samples to 512 training-distribution images (ldm.data.shapes, 32x32, seed 1), as "
+                        "the demo table's FD_r column")
     opt = p.parse_args(argv)
     if opt.write_docs and (opt.out or opt.grid or opt.no_docs):
         p.error("--write-docs writes the committed docs/ files: give it without --out, --grid and --no_docs")
     opt.out = opt.out or (DOCS_OUT if opt.write_docs else DEFAULT_OUT)
+    sampler_title = "DDIM" if opt.sampler == "ddim" else f"`{opt.sampler}`"
+    eta_used = opt.ddim_eta if opt.sampler == "ddim" or sampler_class(opt.sampler).stochastic else 0.0
     opt.grid = opt.grid or (DOCS_GRID if opt.write_docs else DEFAULT_GRID)
 
     torch.set_num_threads(opt.threads)
@@ -169,6 +193,7 @@ def main(argv=None):
     captions_all = [CAPTIONS[i % len(CAPTIONS)] for i in range(max(opt.n, opt.n_large))]
     seeds_all = [opt.seed + i for i in range(max(opt.n, opt.n_large))]
     summaries, rows, grid_rows, grid_counts, raw = [], [], [], [], {}
+    fd_r = {}
     t_all = time.time()
     for key, label, side, preset in settings:
         t0 = time.time()
@@ -179,8 +204,11 @@ def main(argv=None):
             print(f"  {label}: {done}/{total} samples, {time.time() - t0:.0f}s", flush=True)
 
         imgs = demo.sample_images(model, captions, seeds, side, preset, steps=opt.steps, eta=opt.ddim_eta,
-                                  scale=opt.scale, batch_size=opt.batch_size, progress=progress)
+                                  scale=opt.scale, batch_size=opt.batch_size, progress=progress, sampler=opt.sampler)
         results = [repetition.count_objects(im) for im in imgs]
+        if opt.fd:
+            fd_r[label] = fid_from_features(shape_features.describe_images(imgs), train_features(),
+                                            names=(label, "training images"))
         summary = repetition.summarize_counts(results, image_area=side * side)
         summary["seconds"] = time.time() - t0
         summaries.append((label, summary))
@@ -194,6 +222,10 @@ def main(argv=None):
               flush=True)
     total_s = time.time() - t_all
     table = repetition.format_table(summaries)
+    if opt.fd:
+        table += ("\n| setting | FD_r (shape descriptors) vs training data | s / image |\n|---|---:|---:|\n" +
+                  "".join(f"| {label} | {fd_r[label]:.2f} | {s['seconds'] / s['n']:.2f} |\n"
+                          for label, s in summaries))
     print()
     print(table)
     for line in verdicts(summaries):
@@ -227,7 +259,7 @@ def main(argv=None):
         f"- **Checkpoint**: `{opt.ckpt}` (step {global_step}, sha256 {sha}…).",
         f"- **Machine**: {reports.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), device {device}.",
-        f"- **Sampling**: DDIM {opt.steps} steps, eta {opt.ddim_eta:g}, classifier-free guidance "
+        f"- **Sampling**: {sampler_title} {opt.steps} steps, eta {eta_used:g}, classifier-free guidance "
         f"{opt.scale:g}; n = {opt.n} samples per setting up to 64x64 and {opt.n_large} at 128x128 (CPU time), "
         f"caption i = the 12 captions in turn, seed {opt.seed} + i; the same initial noise for the direct and the ScaleCrafter setting of a size.",
         "- **Counter**: `ldm.evaluation.repetition.count_objects` with its defaults: blobs of saturated colour "

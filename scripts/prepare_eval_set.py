@@ -37,7 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from ldm.image_io import ImageReadError, image_size, list_files, read_rgb  # noqa: E402
-from ldm.inference import seed_arg  # noqa: E402
+from ldm.inference import finite_float, seed_arg  # noqa: E402
 
 CAPTION_COLUMNS = ("caption", "text", "prompt", "TEXT", "captions")
 PATH_COLUMNS = ("path", "filepath", "file_path", "image_path", "local_path", "file", "filename", "image")
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width_col", default=None, help="width column (default: auto; sizes are re-checked on the image)")
     p.add_argument("--height_col", default=None, help="height column (default: auto)")
     p.add_argument("--aesthetic_col", default=None, help="optional score column, e.g. 'aesthetic'")
-    p.add_argument("--min_aesthetic", type=float, default=None, help="keep rows with score >= this (e.g. 6.5)")
+    p.add_argument("--min_aesthetic", type=finite_float, default=None, help="keep rows with score >= this (e.g. 6.5)")
     p.add_argument("--resolution", type=int, default=None, help="square target resolution (sets --H and --W)")
     p.add_argument("--H", type=int, default=None, help="target height")
     p.add_argument("--W", type=int, default=None, help="target width")

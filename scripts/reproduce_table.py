@@ -6,7 +6,7 @@
     python scripts/reproduce_table.py configs/tables/scalecrafter_sd21.yaml --rows '1024x1024/*' --workers 8
     python scripts/reproduce_table.py configs/tables/freescale_table1.yaml --slurm slurm/freescale   # SLURM arrays
 
-A spec (``configs/tables/*.yaml``; format in ``ldm/evaluation/tables.py`` and docs/evaluation.md) names rows
+A spec (``configs/tables/*.yaml``; format in ``ldm/evaluation/tables/spec.py`` and docs/evaluation.md) names rows
 (``--method`` of ``scripts/txt2img.py`` + preset + model) and columns (metric + reference set). Every row of
 a table samples the same prompts with the same seed and sampler settings. The script
 
@@ -28,18 +28,27 @@ rows on each metric, published vs ours.
 to direct sampling). ``--with-optional`` adds the spec's optional rows (variants beside the paper's protocol).
 ``--slurm DIR`` writes SLURM array job scripts (one task per sampling job, then the evaluation) instead of
 running anything.
+
+A spec cannot lower safety: ``--trust_config`` and ``--unsafe_load`` come from this command line only (passed to
+every job; ``--dry-run`` says which were given). Jobs are keyed by the content of their files and code
+(``ldm/pipelines/content.py``): a replaced checkpoint or an edited preset is sampled again, and the log says why.
+Ctrl-C, SIGTERM or SIGHUP stop every job process this runner started, and a job stops when its runner is killed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +61,10 @@ from ldm.inference import UsageError, seed_arg  # noqa: E402
 
 STOP_AFTER_ENV = "SCALECRAFTER_TABLE_STOP_AFTER"  # test hook: stop after N sampling jobs ran in this invocation
 RUN_ID_ENV = "SCALECRAFTER_TABLE_RUN_ID"           # shared by the processes of one launch (torchrun ranks)
-JOB_FILE = "job.json"
+RUNNER_ENV = "SCALECRAFTER_TABLE_RUNNER"           # host:pid of the runner that started a job process
+JOB_FILE = tables.JOB_FILE
+STOP_GRACE_S = 20.0   # how long a stopped job may take to end (its run record) before it is killed
+WATCH_S = 1.0         # how often a job process looks whether its runner is still there
 
 
 class TableInterrupted(Exception):
@@ -71,17 +83,64 @@ def txt2img():
     return pipeline
 
 
-def option_check(flags):
-    """ValueError when scripts/txt2img.py would not accept ``flags``."""
+@functools.lru_cache(maxsize=1)
+def job_parser():
+    """scripts/txt2img.py's parser as the table jobs use it: whole option names only (``--see`` is not ``--seed``),
+    and errors (or a help request) raise ValueError instead of exiting."""
     parser = txt2img().build_parser()
+    parser.allow_abbrev = False
 
     def error(message):
         raise ValueError(message)
 
-    parser.error = error
-    _, extra = parser.parse_known_args(list(flags))
+    def leave(status=0, message=None):
+        raise ValueError("a help request is not a sampling option" if not status else (message or "invalid options"))
+
+    parser.error, parser.exit = error, leave
+    return parser
+
+
+@functools.lru_cache(maxsize=1)
+def option_names():
+    """Every option string of scripts/txt2img.py (``--seed``, ``--no-hidiff_raunet``, ...)."""
+    return frozenset(s for a in job_parser()._actions for s in a.option_strings)
+
+
+def option_check(flags):
+    """ValueError when scripts/txt2img.py would not accept ``flags`` as whole option names."""
+    _, extra = job_parser().parse_known_args(list(flags))
     if extra:
-        raise ValueError(f"scripts/txt2img.py does not take {' '.join(extra)}")
+        near = sorted(n for n in option_names() if any(n.startswith(e.split("=", 1)[0]) for e in extra
+                                                        if e.startswith("--") and len(e) > 2))
+        raise ValueError(f"scripts/txt2img.py does not take {' '.join(extra)}"
+                         + (f" (options are matched by their whole name; did you mean {', '.join(near[:6])}?)"
+                            if near else ""))
+
+
+def check_jobs(p: tables.Plan):
+    """Each job's txt2img.py command as txt2img checks it before loading anything (``plan_run``: the config, the
+    steps against the model's timesteps, the size against the latent factor, the method's settings), so that a
+    spec that cannot run fails here and in --dry-run, not when its job starts. An error raises SpecError naming
+    the rows of the job; returns (missing files as lines: a dry run lists them, a run stops; warnings as notes)."""
+    from ldm.checkpoint import CheckpointError
+    pipeline, parser = txt2img(), job_parser()
+    missing, notes = [], []
+    for job in p.jobs:
+        where = (f"{p.spec.path}: " + (f"row {', '.join(repr(r) for r in job.rows)}" if job.rows else
+                                       f"table {job.table!r}: base-resolution reference") + f" (job {job.id})")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            try:
+                pipeline.plan_run(parser.parse_args(job.argv))
+            except CheckpointError as err:
+                missing.append(f"{where}: {str(err).splitlines()[0]}")
+            except ValueError as err:  # UsageError, the methods' settings errors, the parser's
+                raise tables.SpecError(f"{where}: {err}") from None
+        for w in seen:
+            line = f"{where}: {w.message}"
+            if line not in notes:
+                notes.append(line)
+    return missing, notes
 
 
 def methods_names():
@@ -124,7 +183,13 @@ def run_job(job_file) -> int:
     import resource
 
     import torch
+    watch_runner()
     info = json.loads(Path(job_file).read_text())
+    try:  # whole option names only (txt2img's own parser would also take abbreviations)
+        option_check(info["argv"])
+    except ValueError as err:
+        print(f"error: {job_file}: {err}", file=sys.stderr)
+        return 2
     outdir = Path(info["outdir"])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     threads = os.environ.get("SCALECRAFTER_TABLE_THREADS")
@@ -143,9 +208,12 @@ def run_job(job_file) -> int:
         torch.cuda.reset_peak_memory_stats()
     hwm_reset = _reset_hwm()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    from ldm.pipelines import sweep
+    sweep.last_result = None
     t0 = time.time()
     rc = txt2img().main(list(info["argv"]))
     wall = time.time() - t0
+    own = sweep.last_result  # what this process wrote (None when its sweep did not finish)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     used_cuda = cuda and torch.cuda.is_initialized() and torch.cuda.max_memory_allocated() > 0
@@ -158,24 +226,31 @@ def run_job(job_file) -> int:
                                                    "ru_maxrss")
         device_name = tables.machine_description("cpu").split(",")[0] + " (CPU)"
     after = present() if rank == 0 else 0
+    if own is not None:  # the images this process wrote, not those another job sharing the folder wrote meanwhile
+        generated, generated_by = int(own["generated"]), "process"
+    else:
+        generated, generated_by = (max(after - before, 0) if rank == 0 else None), "folder"
     record = {"run": os.environ.get(RUN_ID_ENV) or secrets.token_hex(6), "rank": rank, "world_size": world,
-              "rc": rc, "wall_s": wall, "cpu_s": cpu, "generated": max(after - before, 0) if rank == 0 else None,
-              "present": after if rank == 0 else None, "peak_memory_bytes": peak, "peak_memory_kind": kind,
+              "rc": rc, "wall_s": wall, "cpu_s": cpu, "generated": generated, "generated_by": generated_by,
+              "started_unix": t0, "present": after if rank == 0 else None, "peak_memory_bytes": peak,
+              "peak_memory_kind": kind,
               "device_name": device_name, "machine": tables.machine_description("cuda" if used_cuda else "cpu"),
               "host": socket.gethostname(), "threads": torch.get_num_threads(), "finished": tables.now_utc()}
     with open(outdir / tables.RUNS_FILE, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
     if rank == 0 and rc == 0 and after == len(expected):
         tables.write_text_atomic(outdir / tables.COMPLETE_FILE, json.dumps(
-            {"key": info["key"], "images": len(expected), "finished": tables.now_utc()}, indent=1) + "\n")
+            {"key": info["key"], "content": info.get("content"), "images": len(expected),
+             "finished": tables.now_utc()}, indent=1) + "\n")
     return rc
 
 
 def write_job_file(job: tables.Job) -> Path:
     job.outdir.mkdir(parents=True, exist_ok=True)
     path = job.outdir / JOB_FILE
-    data = {"id": job.id, "argv": job.argv, "outdir": str(job.outdir), "key": job.key,
-            "files": tables.expected_files(job), "device": job.argv[job.argv.index("--device") + 1],
+    data = {"id": job.id, "argv": job.argv, "outdir": str(job.outdir), "key": job.key, "content": job.content,
+            "identity": tables.identity(job.key), "files": tables.expected_files(job),
+            "device": job.argv[job.argv.index("--device") + 1],
             "rows": job.rows, "role": job.role,
             "command": "python scripts/txt2img.py " + " ".join(shlex.quote(a) for a in job.argv)}
     tables.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
@@ -201,6 +276,113 @@ def job_command(job: tables.Job, args):
     return prefix + [str(REPO_ROOT / "scripts" / "reproduce_table.py"), "--run-job", str(job_file)], env, job_file
 
 
+class JobProcesses:
+    """The job processes this runner started. Each starts in its own session, so that its process group holds
+    the job and what it starts (a launcher's processes), and :meth:`stop` ends them all: on an error, on Ctrl-C
+    and on SIGTERM/SIGHUP (:func:`signals_interrupt`). A job process also ends when this runner is killed
+    outright (SIGKILL): it watches for it (:func:`watch_runner`)."""
+
+    def __init__(self):
+        self.running = {}
+
+    def start(self, cmd, env, job) -> subprocess.Popen:
+        env = dict(env, **{RUNNER_ENV: f"{socket.gethostname()}:{os.getpid()}"})
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
+        self.running[proc] = job
+        return proc
+
+    def finished(self):
+        """(process, job) of the processes that ended, no longer tracked."""
+        done = [(proc, job) for proc, job in self.running.items() if proc.poll() is not None]
+        for proc, _ in done:
+            del self.running[proc]
+        return done
+
+    def stop(self, grace: float = STOP_GRACE_S):
+        """SIGTERM to the process group of every running job (a job stops as on Ctrl-C: its sweep keeps every
+        finished image and a re-run resumes), SIGKILL to those still there after ``grace`` seconds."""
+        procs = [proc for proc in self.running if proc.poll() is None]
+        for proc in procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for proc in list(self.running):  # what they started in their group, if still there
+            _signal_group(proc.pid, signal.SIGKILL)
+        self.running.clear()
+
+
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _process_alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (ended, not yet reaped) has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def watch_runner():
+    """In a job process started by a runner (RUNNER_ENV): end this process when the runner is gone (killed
+    outright, so that it could not stop its jobs). The main thread gets SIGTERM (a KeyboardInterrupt: the job
+    ends as on Ctrl-C); if it has not ended after STOP_GRACE_S, the process exits."""
+    import threading
+    host, _, pid = os.environ.get(RUNNER_ENV, "").rpartition(":")
+    if not pid.isdigit() or host != socket.gethostname():  # no runner, or one on another machine (a launcher's)
+        return
+    runner = int(pid)
+
+    def watch():
+        while _process_alive(runner):
+            time.sleep(WATCH_S)
+        print(f"[table] the runner (process {runner}) is gone: stopping this job", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="watch-runner", daemon=True).start()
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt (as Ctrl-C does) while the block runs, so that the clean-up of
+    an interruption runs: job processes stopped, run records written. The previous handlers are restored."""
+    if not threading_main():  # handlers can only be set in the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
 def launch(job: tables.Job, args) -> int:
     cmd, env, job_file = job_command(job, args)
     if cmd is None:  # in this process
@@ -210,7 +392,12 @@ def launch(job: tables.Job, args) -> int:
         finally:
             os.environ.pop(RUN_ID_ENV, None)
     log("$ " + " ".join(shlex.quote(c) for c in cmd))
-    return subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    procs = JobProcesses()
+    proc = procs.start(cmd, env, job)
+    try:
+        return proc.wait()
+    finally:
+        procs.stop()  # only if still running: Ctrl-C, SIGTERM
 
 
 def _finished(job: tables.Job, rc: int):
@@ -225,11 +412,27 @@ def _finished(job: tables.Job, rc: int):
                            f"({tables.images_present(job)} present) in {job.samples}")
 
 
+def resampled_because(job: tables.Job):
+    """Why a job that was sampled before (an earlier version of it in OUT) is sampled again, or None."""
+    from ldm.pipelines.content import describe_changes
+    earlier = tables.earlier_versions(job)
+    if not earlier:
+        return None
+    folder, content = earlier[0]
+    changes = describe_changes(content, job.content) or ["its folder holds another version"]
+    return (f"since {folder.name} was sampled, " + "; ".join(changes) + f". Its images stay in {folder} (delete it "
+            "to free the space)")
+
+
 def run_jobs(p: tables.Plan, args) -> list:
     done = [j for j in p.jobs if tables.job_complete(j)]
     todo = [j for j in p.jobs if j not in done]
     for j in done:
         log(f"job {j.id}: complete ({j.n_images} images), skipped")
+    for j in todo:
+        why = resampled_because(j)
+        if why:
+            log(f"job {j.id}: sampled again: {why}")
     stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
     executed = []
 
@@ -242,29 +445,26 @@ def run_jobs(p: tables.Plan, args) -> list:
         # a job without an estimate could be the longest: it goes first
         cost = {e["job"].id: (e["seconds_per_image"] or float("inf")) * e["remaining"] for e in tables.estimate(p)}
         pending = sorted(enumerate(todo, 1), key=lambda ij: -cost.get(ij[1].id, 0.0))
-        running, errors = {}, []
+        procs, errors = JobProcesses(), []
         try:
-            while pending or running:
-                while pending and len(running) < args.parallel and not errors and \
-                        not (stop_after and len(executed) + len(running) >= stop_after):
+            while pending or procs.running:
+                while pending and len(procs.running) < args.parallel and not errors and \
+                        not (stop_after and len(executed) + len(procs.running) >= stop_after):
                     i, job = pending.pop(0)
                     announce(i, job)
                     cmd, env, _ = job_command(job, args)
-                    running[subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)] = job
-                if not running:
+                    procs.start(cmd, env, job)
+                if not procs.running:
                     break
                 time.sleep(0.5)
-                for proc in [pr for pr in running if pr.poll() is not None]:
-                    job = running.pop(proc)
+                for proc, job in procs.finished():
                     try:
                         _finished(job, proc.returncode)
                         executed.append(job.id)
                     except (RuntimeError, TableInterrupted) as err:
                         errors.append(err)
         finally:
-            for proc in running:  # Ctrl-C or an error here: the other jobs stop too (and resume next time)
-                proc.terminate()
-                proc.wait()
+            procs.stop()  # Ctrl-C, SIGTERM or an error here: the other jobs stop too (and resume next time)
         if errors:
             raise errors[0]
         if stop_after and pending:
@@ -284,7 +484,7 @@ def run_jobs(p: tables.Plan, args) -> list:
 # --------------------------------------------------------------------------------------------------
 # dry run and SLURM
 # --------------------------------------------------------------------------------------------------
-def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None):
+def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None, missing_files=()):
     est = tables.estimate(p)
     spec = p.spec
     n_rows = sum(len(t.rows) for t in spec.tables)
@@ -292,6 +492,7 @@ def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None):
     print(f"{spec.path}: {spec.title}")
     print(f"{len(spec.tables)} table(s), {n_rows} row(s), {len(p.jobs)} sampling job(s) ({n_base} base-resolution "
           f"reference job(s) shared by the rows of their table and model); seed {spec.seed}; {spec.describe_sampler()}")
+    print(describe_safety(args))
     print()
     print("| job | used by | size | method | images | done | s / image | hours left | basis | estimate |")
     print("|---|---|---|---|---:|---:|---:|---:|---|---|")
@@ -381,7 +582,7 @@ def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None):
             print(f"  Inception weights: {resolve_weights_path((spec.features.get('inception') or {}).get('weights'))}")
         except InceptionWeightsError:
             print("  Inception weights: NOT FOUND (pt_inception-2015-12-05-6726825d.pth; see docs/evaluation.md)")
-    problems = []
+    problems = list(missing_files)
     for name, m in spec.models.items():
         if any(j.model.name == name for j in p.jobs) and not tables._rel(m.ckpt).is_file():
             problems.append(f"checkpoint {m.ckpt} ({name}) not found (checkpoints/README.md)")
@@ -392,7 +593,10 @@ def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None):
                 t.prompt_list()
             except tables.SpecError as err:
                 problems.append(str(err))
-    for title, lines in (("missing before a run:", problems), ("notes:", list(warnings_out))):
+    again = [f"{j.id}: {why}" for j in p.jobs if not tables.job_complete(j) for why in [resampled_because(j)] if why]
+    for title, lines in (("missing before a run:", problems),
+                         ("sampled again (its files or code changed since an earlier run in OUT):", again),
+                         ("notes:", list(warnings_out))):
         if lines:
             print()
             print(title)
@@ -532,8 +736,28 @@ def build_parser():
     p.add_argument("--metric_seed", type=seed_arg, default=0, help="seed of the KID subsets")
     p.add_argument("--write-docs", dest="write_docs", default=None, metavar="MD",
                    help="also write the table into MD between <!-- table:NAME --> markers (e.g. docs/tables.md)")
+    s = p.add_argument_group("safety (only here: a table spec cannot set these; given, every job gets them)")
+    s.add_argument("--trust_config", action="store_true",
+                   help="let the models' configs build classes outside this package (only for configs you trust)")
+    s.add_argument("--unsafe_load", action="store_true",
+                   help="allow checkpoints that need unsafe unpickling (only for files you trust)")
     p.add_argument("--run-job", dest="run_job", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def safety_flags(args):
+    """The flags that lower safety, from this command line only (passed to every job)."""
+    return [f for f in tables.SAFETY_FLAGS if getattr(args, f.lstrip("-"))]
+
+
+def describe_safety(args) -> str:
+    given = safety_flags(args)
+    if not given:
+        return ("safety: configs may build only this package's classes and checkpoints load without unpickling code "
+                "(a table spec cannot change this; --trust_config / --unsafe_load on this command line would)")
+    return (f"safety: {' '.join(given)} given on this command line: every job gets "
+            + ("it" if len(given) == 1 else "them") + " ("
+            + "; ".join(f"{f}: {tables.SAFETY_FLAGS[f]}" for f in given) + ")")
 
 
 def on_gpu(args) -> bool:
@@ -555,8 +779,17 @@ def apply_cpu_run(spec: tables.Spec, args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.run_job:
-        return run_job(args.run_job)
+    with signals_interrupt():
+        if args.run_job:
+            try:
+                return run_job(args.run_job)
+            except KeyboardInterrupt as err:  # before or after the sampling (which ends with its own message)
+                print(f"interrupted ({err or 'Ctrl-C'})", file=sys.stderr)
+                return 130
+        return run_table(args, argv)
+
+
+def run_table(args, argv) -> int:
     if (args.parallel or 1) > 1 and (args.workers or args.launcher):
         build_parser().error("--parallel runs several jobs as plain processes; it does not combine with --workers or "
                              "--launcher (those spread one job over several processes)")
@@ -570,15 +803,21 @@ def main(argv=None) -> int:
             import torch
             torch.set_num_threads(args.threads)
         sel = tables.select(spec, args.rows, args.columns, args.with_optional)
-        notes = tables.check_spec(spec, methods_names(), option_check, sel.rows(), preset_flags())
+        notes = tables.check_spec(spec, methods_names(), option_check, sel.rows(), preset_flags(), option_names())
         sel = tables.select(spec, args.rows, args.columns, args.with_optional)  # rows now carry their presets' sizes
         out = Path(args.out or REPO_ROOT / "outputs" / "tables" / tables._slug(spec.name))
-        p = tables.plan(sel, out, device=args.device)
+        p = tables.plan(sel, out, device=args.device, safety=safety_flags(args))
+        job_missing, job_notes = check_jobs(p)
+        notes = list(notes) + job_notes
         if args.dry_run:
-            print_dry_run(p, notes, args, spec)
+            print_dry_run(p, notes, args, spec, job_missing)
             return 0
         for line in notes:
             log(f"note: {line}")
+        if safety_flags(args):
+            log(describe_safety(args))
+        if job_missing and not args.evaluate_only and not args.slurm:
+            raise tables.SpecError("; ".join(job_missing))
         if args.slurm:
             write_slurm(p, args)
             return 0
@@ -661,8 +900,9 @@ def main(argv=None) -> int:
     except TableInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"interrupted ({err or 'Ctrl-C'}): sampling jobs stopped; run the same command again to resume",
+              file=sys.stderr)
         return 130
 
 

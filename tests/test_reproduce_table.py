@@ -636,3 +636,299 @@ def test_native_crop_sfid_features(tmp_path):
     key = ex.settings().key_for(tables.PATCH_SPATIAL)
     assert key["crop"] == 299 and key["seed"] == 3 and key["crops_per_image"] == 1
     assert tables.resolve_metric("sfid_native").kind == tables.PATCH_SPATIAL
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue #26 item 2: what lowers safety comes from the user's command line only, never from a spec
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["common", "row"])
+@pytest.mark.parametrize("flag", ["--trust_config", "--unsafe_load", "--unsafe_load=1", "--trust", "--unsafe_l"])
+def test_spec_cannot_switch_off_safety(tmp_path, capsys, where, flag):
+    """The flags (and their abbreviations, which argparse would take) are refused in common_options and in a row's
+    options, naming the spec, the row (or common_options) and the option; nothing is written."""
+    changes = {"common_options": [flag]} if where == "common" else {"rows": _rows(options=["--dilate", "2", flag])}
+    err = _error(tmp_path, capsys, **changes)
+    assert str(tmp_path / "bad.yaml") in err and flag.split("=")[0] in err and "lowers safety" in err
+    assert ("common_options" in err) if where == "common" else ("row 'dilated'" in err)
+    whole = "--trust_config" if flag.startswith("--t") else "--unsafe_load"
+    assert f"give {whole} to scripts/reproduce_table.py yourself" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _pickle_payload_ckpt(path, marker):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": Payload()}, path)
+    return path
+
+
+def test_issue_repro_pickle_payload_in_a_spec_does_not_run(tmp_path, capsys):
+    """The issue: a spec with --unsafe_load and a pickle payload as its checkpoint ran the payload and finished
+    with exit 0. Now the spec is refused; without the user's own --unsafe_load the job loads the checkpoint safely
+    and refuses the payload (exit 1, the job failed), and the payload never runs."""
+    marker = tmp_path / "payload-ran"
+    ckpt = _pickle_payload_ckpt(tmp_path / "evil.ckpt", marker)
+    models = {"demo": {"config": "configs/demo/shapes32.yaml", "ckpt": str(ckpt), "base_size": [32, 32]}}
+    columns = [{"id": "multi", "metric": "multi_object_rate"}]
+    rows = [{"id": "direct", "method": "direct", "size": [32, 32], "options": ["--unsafe_load"]}]
+    spec = write_spec(tmp_path / "evil.yaml", models=models, columns=columns, rows=rows, images=2)
+    assert run(spec, tmp_path / "out", tmp_path / "cache") == 2
+    assert "row 'direct'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    spec = write_spec(tmp_path / "evil.yaml", models=models, columns=columns, rows=[{**rows[0], "options": []}],
+                      images=2)
+    assert run(spec, tmp_path / "out", tmp_path / "cache") == 1
+    assert "--unsafe_load" in capsys.readouterr().err  # the loader's refusal says what would allow it
+    assert not marker.exists()
+
+
+def test_safety_flags_of_the_command_line_reach_every_job_and_the_dry_run_says_so(tmp_path, capsys):
+    spec_path = write_spec(tmp_path / "tiny.yaml")
+    assert run(spec_path, tmp_path / "out", tmp_path / "cache", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "safety: configs may build only this package's classes" in out and "given on this command line" not in out
+    assert run(spec_path, tmp_path / "out", tmp_path / "cache", "--dry-run", "--unsafe_load", "--trust_config") == 0
+    out = capsys.readouterr().out
+    assert "safety: --trust_config --unsafe_load given on this command line: every job gets them" in out
+    assert not (tmp_path / "out").exists()
+    spec = tables.load_spec(spec_path)
+    tables.check_spec(spec, rt.methods_names(), rt.option_check, option_names=rt.option_names())
+    plain = tables.plan(tables.select(spec), tmp_path / "out")
+    trusting = tables.plan(tables.select(spec), tmp_path / "out", safety=["--trust_config", "--unsafe_load"])
+    for a, b in zip(plain.jobs, trusting.jobs):
+        assert "--trust_config" not in a.argv and "--unsafe_load" not in a.argv
+        assert b.argv == a.argv[:-2] + ["--trust_config", "--unsafe_load"] + a.argv[-2:]  # before --outdir DIR
+        assert a.id == b.id  # the flags change no pixel: the same jobs
+    with pytest.raises(ValueError, match="not safety flags"):
+        tables.plan(tables.select(spec), tmp_path / "out", safety=["--seed"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue #26 item 10: whole option names only; values a job would refuse are refused by --dry-run
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options,named", [
+    (["--see", "7", "--ste", "2"], "--see (an abbreviation of --seed"),
+    (["--ste", "2"], "--ste (an abbreviation of --steps"),
+    (["--from", "prompts.txt"], "--from (an abbreviation of --from-file"),
+    (["--out=elsewhere"], "--out (an abbreviation of --outdir"),
+    (["--seed=7"], "option --seed is not a row option: --seed is set by seed"),
+    (["-h"], "option -h is not a row option"),
+    (["-hx"], "option -h is not a row option"),
+])
+def test_reserved_options_and_their_abbreviations_are_refused(tmp_path, capsys, options, named):
+    err = _error(tmp_path, capsys, rows=_rows(options=options))
+    assert "row 'dilated'" in err and named in err, err
+
+
+def test_options_are_whole_names_for_txt2img_too(tmp_path, capsys):
+    """An abbreviation of an ordinary option is not taken either (the job parser has allow_abbrev=False), and a
+    whole option that begins a reserved flag's name (--f, the latent factor) is not an abbreviation."""
+    err = _error(tmp_path, capsys, rows=_rows(options=["--dilate_t", "2", "--dilate", "2"]))
+    assert "row 'dilated'" in err and "does not take --dilate_t" in err and "--dilate_tau" in err
+    with pytest.raises(ValueError, match="does not take --se"):
+        rt.option_check(["--se", "7"])
+    with pytest.raises(ValueError, match="help"):
+        rt.option_check(["--help"])
+    spec = write_spec(tmp_path / "f.yaml", rows=_rows(options=["--dilate", "2", "--dilate_tau", "2", "--f", "1"]))
+    assert run(spec, tmp_path / "out", tmp_path / "cache", "--dry-run") == 0
+
+
+def test_a_job_file_with_an_abbreviation_does_not_run(tmp_path, capsys):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"argv": ["--sweep", "--see", "7", "--outdir", str(tmp_path / "o")],
+                               "outdir": str(tmp_path / "o"), "files": [], "key": {}}))
+    assert rt.main(["--run-job", str(job)]) == 2
+    assert "does not take --see" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"sampler": {**SPEC["sampler"], "steps": -1}}, "sampler.steps: -1"),
+    ({"sampler": {**SPEC["sampler"], "steps": 2.5}}, "sampler.steps: 2.5"),
+    ({"sampler": {**SPEC["sampler"], "batch_size": 0}}, "sampler.batch_size: 0"),
+    ({"sampler": {**SPEC["sampler"], "eta": 1.5}}, "sampler.eta: 1.5"),
+    ({"sampler": {**SPEC["sampler"], "scale": float("nan")}}, "sampler.scale: nan"),
+    ({"rows": _rows(size=[-64, 64])}, "row 'dilated': size [-64, 64]"),
+    ({"rows": _rows(size="64x0")}, "row 'dilated': size '64x0'"),
+    ({"rows": _rows(size=0)}, "row 'dilated': size 0"),
+    ({"models": {"demo": {**SPEC["models"]["demo"], "base_size": [0, 32]}}}, "models.demo: size [0, 32]"),
+    # found by the job's own checks (txt2img plan_run): the demo model has 1000 training timesteps
+    ({"sampler": {**SPEC["sampler"], "steps": 1001}}, "--steps 1001"),
+])
+def test_values_a_job_would_refuse_fail_the_dry_run(tmp_path, capsys, changes, named):
+    err = _error(tmp_path, capsys, **changes)
+    assert named in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue #26 item 10: a stopped or killed runner takes its job processes along; interrupted runs are not timed
+# ------------------------------------------------------------------------------------------------------
+def _children(pid):
+    """The live (not zombie) processes whose parent is ``pid``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid):
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopped_or_killed_runner_ends_its_parallel_jobs(tmp_path, how):
+    """--parallel 2: the runner is stopped (SIGTERM: it stops its jobs' process groups) or killed outright (SIGKILL:
+    each job sees its runner gone and stops). Either way no job process survives it to finish its job (before the
+    fix they ran on, and a re-run started beside them counted their images and time twice)."""
+    import signal
+    import time
+    spec = write_spec(tmp_path / "tiny.yaml", images=8, columns=[{"id": "multi", "metric": "multi_object_rate"},
+                                                                 {"id": "fd_b", "metric": "shape_fd", "reference": "base"}])
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "reproduce_table.py"), str(spec), "--out",
+                             str(out), "--cache_dir", str(tmp_path / "cache"), "--threads", "1", "--parallel", "2"],
+                            cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        children = []
+        while len(children) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            children = _children(proc.pid)
+        assert len(children) == 2, (children, proc.poll())
+        proc.send_signal(getattr(signal, how))
+        rc = proc.wait(60)
+        err = proc.stderr.read()
+        assert rc == (130 if how == "SIGTERM" else -9), err[-2000:]
+        if how == "SIGTERM":
+            assert "interrupted (SIGTERM)" in err
+        deadline = time.time() + 60
+        while any(_alive(c) for c in children) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(out.glob(f"jobs/*/{tables.COMPLETE_FILE}"))  # stopped, not finished
+    for runs in out.glob(f"jobs/*/{tables.RUNS_FILE}"):
+        assert all(json.loads(line)["rc"] != 0 for line in runs.read_text().splitlines())
+
+
+def test_interrupted_runs_are_not_summed_with_the_run_that_completes_the_job(tmp_path):
+    """s / image from the records of finished runs only, images counted per process; hand-made records."""
+    from types import SimpleNamespace
+
+    def rec(run, rc, wall, generated, rank=0, by="process"):
+        return {"run": run, "rc": rc, "wall_s": wall, "generated": generated, "generated_by": by, "rank": rank,
+                "cpu_s": 1.0, "peak_memory_bytes": 1, "peak_memory_kind": "rss_hwm"}
+
+    job = SimpleNamespace(outdir=tmp_path)
+    records = [rec("a", 130, 30.0, 3),                              # stopped after 3 images, 30 s
+               rec("b", 0, 4.0, 1)]                                 # the re-run: the last image, 4 s
+    (tmp_path / tables.RUNS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = tables.job_stats(job)
+    assert stats["seconds_per_image"] == 4.0 and stats["images_timed"] == 1  # not (30 + 4) / 4
+    assert stats["interrupted_seconds_per_image"] == 10.0 and stats["runs_interrupted"] == 1
+    assert stats["device_seconds"] == 34.0
+    # two processes of one finished run (torchrun): each wrote 2 images in 10 s -> 20 device-seconds / 4 images;
+    # with run b: (4 + 20) / 5
+    records += [rec("c", 0, 10.0, 2, rank=0), rec("c", 0, 10.0, 2, rank=1)]
+    # an older record (images counted in the folder by rank 0): 6 s for 2 images
+    records += [rec("d", 0, 6.0, 2, by=None), {**rec("d", 0, 6.0, None, rank=1), "generated_by": None}]
+    (tmp_path / tables.RUNS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = tables.job_stats(job)
+    assert stats["seconds_per_image"] == pytest.approx((4.0 + 20.0 + 12.0) / (1 + 4 + 2))
+
+
+def test_run_records_count_the_images_of_the_process(reference_run):
+    for runs in reference_run["out"].glob(f"jobs/*/{tables.RUNS_FILE}"):
+        (record,) = [json.loads(line) for line in runs.read_text().splitlines()]
+        assert record["rc"] == 0 and record["generated_by"] == "process" and record["generated"] == 4
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue #26 item 3: jobs keyed by the content of their files and code, not by their paths
+# ------------------------------------------------------------------------------------------------------
+def test_changed_checkpoint_or_preset_is_sampled_again(tmp_path, capsys):
+    """The issue: replacing the checkpoint (retraining) or editing a preset, then re-running, printed "complete,
+    skipped" and showed the old numbers. Now the jobs of the changed files are sampled again, into new folders, and
+    the log says which file changed; the old folders are kept and named."""
+    import shutil
+    ckpt = tmp_path / "demo.ckpt"
+    shutil.copy(REPO_ROOT / "checkpoints/demo/shapes32.ckpt", ckpt)
+    (tmp_path / "p/settings").mkdir(parents=True)
+    settings = tmp_path / "p/settings/inner_x2.txt"
+    shutil.copy(REPO_ROOT / "configs/scalecrafter/settings/demo/inner_x2.txt", settings)
+    preset = tmp_path / "p/sc64.yaml"
+    preset.write_text("base_model: demo\nheight: 64\nwidth: 64\nsteps: 3\ndilate_settings: settings/inner_x2.txt\n"
+                      "dilate_tau: 2\n")  # (base_model: required, issue #26 item 7)
+    spec = write_spec(tmp_path / "tiny.yaml", images=2,
+                      models={"demo": {"config": "configs/demo/shapes32.yaml", "ckpt": str(ckpt)}},
+                      columns=[{"id": "multi", "metric": "multi_object_rate"}],
+                      rows=[{"id": "direct", "method": "direct", "size": [64, 64]},
+                            {"id": "sc", "method": "scalecrafter", "preset": str(preset)}])
+    out = tmp_path / "out"
+
+    def jobs():
+        doc = json.loads((out / "table.json").read_text())
+        return {j["rows"][0]: (j["id"], j["run_now"]) for j in doc["jobs"]}
+
+    assert run(spec, out, tmp_path / "cache") == 0
+    first = jobs()
+    assert run(spec, out, tmp_path / "cache") == 0
+    assert jobs() == {r: (i, False) for r, (i, _) in first.items()}
+    capsys.readouterr()
+
+    settings.write_text(settings.read_text().replace(":2\n", ":3\n", 1))  # the preset's settings file edited
+    assert run(spec, out, tmp_path / "cache") == 0
+    log = capsys.readouterr().out
+    second = jobs()
+    assert second["direct"] == (first["direct"][0], False)
+    assert second["sc"][1] is True and second["sc"][0] != first["sc"][0]
+    assert (f"job {second['sc'][0]}: sampled again: since {first['sc'][0]} was sampled, preset file "
+            f"{settings.as_posix()} changed (content). Its images stay in {out / 'jobs' / first['sc'][0]}") in log
+    assert (out / "jobs" / first["sc"][0] / "samples").is_dir()  # kept
+
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)  # retrained: other weights at the same path
+    name = next(k for k, v in sd["state_dict"].items() if v.is_floating_point())
+    sd["state_dict"][name] = sd["state_dict"][name] * 0.5
+    torch.save(sd, ckpt)
+    assert run(spec, out, tmp_path / "cache", "--dry-run") == 0
+    dry = capsys.readouterr().out
+    assert "sampled again (its files or code changed since an earlier run in OUT):" in dry
+    assert dry.count(f"the checkpoint {ckpt.as_posix()} changed (") == 2
+    assert run(spec, out, tmp_path / "cache") == 0
+    third = jobs()
+    assert all(third[r][1] and third[r][0] not in (first[r][0], second[r][0]) for r in ("direct", "sc"))
+    assert "complete (2 images), skipped" not in capsys.readouterr().out
+
+
+def test_job_made_before_content_keys_is_sampled_again_with_the_reason(reference_run, tmp_path, capsys):
+    """A job folder of an older version (no content key: its job.json has only the key) is not taken as complete."""
+    import shutil
+    spec = write_spec(tmp_path / "tiny.yaml")
+    out = tmp_path / "out"
+    p = tables.plan(tables.select(tables.load_spec(spec)), out)
+    job = p.row_job["direct"]
+    old = out / "jobs" / (job.id.rsplit("-", 1)[0] + "-0123456789")  # an id computed from the key alone
+    shutil.copytree(reference_run["out"] / "jobs" / job.id, old)
+    info = json.loads((old / "job.json").read_text())
+    del info["content"]
+    (old / "job.json").write_text(json.dumps(info))
+    marker = json.loads((old / tables.COMPLETE_FILE).read_text())
+    del marker["content"]
+    (old / tables.COMPLETE_FILE).write_text(json.dumps(marker))
+    assert tables.earlier_versions(job) == [(old, None)]
+    assert not tables.job_complete(job)
+    assert run(spec, out, tmp_path / "cache", "--dry-run") == 0
+    assert (f"{job.id}: since {old.name} was sampled, it was made before content keys were recorded"
+            in capsys.readouterr().out)

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 from ldm.errors import UsageError
+from ldm.guidance import TrajectoryClock, reference_timesteps
 
 
 @dataclass
 class ModelInfo:
     """What a method may know of the model before it is loaded (from the config) and of the run."""
-    family: str            # "sd1" | "sd2" | "sdxl" (the demo model reads as "sd2": an SD-2-style config)
+    family: str            # "sd1" | "sd2" | "sdxl" | "demo" (what a preset's base_model names)
     f: int                 # latent downsampling factor (8 for SD, 1 for the demo model)
     channels: int          # latent channels
     base_latent: int       # latent side at the training size (64 for SD 1/2, 128 for SDXL, 32 for the demo)
@@ -25,6 +26,9 @@ class ModelInfo:
     steps: int = 50
     seed: int = 42
     config_name: str = ""
+    unet_channels: Tuple[int, ...] = ()  # the UNet's channels per level (model_channels x channel_mult)
+    decoder_channels: int = 0  # channels of the VAE decoder's full-resolution level (0: no VAE)
+    tiled_vae: bool = True     # the first stage can decode in tiles (False: the identity, the demo model)
 
     @property
     def base_px(self):
@@ -44,6 +48,9 @@ class Settings:
     sample_size: Optional[Tuple[int, int]] = None
     size_conditioning: Dict[str, Sequence[int]] = field(default_factory=dict)
     freeu: Optional[Dict[str, float]] = None   # the preset's FreeU values, where it has them
+    reference_steps: Optional[int] = None      # the step count its per-step settings are written for (a preset's
+    #                                            ``steps``); None: the run's own --steps
+    sampler: Optional[str] = None              # the preset's sampler (``sampler:``), used when --sampler is not given
     values: Dict[str, object] = field(default_factory=dict)
 
 
@@ -98,6 +105,32 @@ class Method:
         """Settings for an image of ``size`` = (H, W); UsageError naming the bad input. Must not change opt."""
         return Settings(size=tuple(size))
 
+    @classmethod
+    def memory_estimate(cls, settings, info, batch_size, scale=2.0, tiling=None, bytes_per_value=4):
+        """(bytes, what) of the largest single tensor the run will hold, from the sizes alone (before loading): a
+        rough lower bound of its peak memory, for refusing a run that cannot fit (``check_memory``). Default:
+        the UNet's full-resolution activation of the largest size sampled (both guidance branches), or the VAE
+        decoder's full-resolution activation when the image is decoded whole. The UNet's input is the whole
+        latent unless the method says otherwise (``unet_input``: windows)."""
+        h, w = settings.size
+        branches = 2 if scale != 1.0 else 1
+        c0 = info.unet_channels[0] if info.unet_channels else 320
+        n, lh, lw = cls.unet_input(settings, info)
+        unet = n * branches * batch_size * c0 * lh * lw * bytes_per_value
+        best = (unet, f"the UNet's {c0}-channel activation at {n} x {lh}x{lw} latent pixels")
+        if info.decoder_channels and not tiling:
+            vae = batch_size * info.decoder_channels * h * w * 4  # the decoder runs in float32
+            if vae > best[0]:
+                best = (vae, f"the VAE decoder's {info.decoder_channels}-channel activation at {h}x{w} (decoded "
+                             "whole: --tiled_decoding bounds it)")
+        return best
+
+    @classmethod
+    def unet_input(cls, settings, info):
+        """(inputs per UNet call, latent height, latent width) of the largest UNet call: the whole latent by
+        default; the window methods call it on batches of windows."""
+        return 1, settings.size[0] // info.f, settings.size[1] // info.f
+
     # -- after loading ---------------------------------------------------------------------------
 
     def __init__(self, model, settings, info, tiling=None, opt=None):
@@ -108,6 +141,14 @@ class Method:
 
     def prepare(self):
         """After loading, before anything is written: build or load what the run needs (errors surface here)."""
+
+    def reference_steps(self):
+        """The step count of the DDIM run the method's per-step settings are written for."""
+        return int(self.settings.reference_steps or self.info.steps)
+
+    def clock(self):
+        """The trajectory clock of this method's settings (``ldm/guidance.py``)."""
+        return TrajectoryClock(reference_timesteps(self.model.num_timesteps, self.reference_steps()))
 
     def sample_shape(self):
         h, w = self.settings.sample_size or self.settings.size
@@ -154,7 +195,8 @@ class GuidanceMethod(Method):
     def sample(self, sampler, steps, cond, uncond, scale, *, batch_size, generator=None, x_T=None, jitter_seed=0,
                init_latent=None, start_step=0, callback=None):
         latent = sampler.run(steps, cond, uncond, scale, batch_size=batch_size, shape=self.sample_shape(), x_T=x_T,
-                             guidance=self.guidance(), generator=generator, start_step=start_step, callback=callback)
+                             guidance=self.clock().wrap(self.guidance()), generator=generator, start_step=start_step,
+                             callback=callback)
         return latent, []
 
     @classmethod
@@ -173,9 +215,14 @@ def refuse(message):
     raise UsageError(message)
 
 
+PRESET_PATTERNS = {"sd1": "sd1.5_*.yaml", "sd2": "sd2.1_*.yaml", "sdxl": "sdxl_*.yaml", "demo": "demo_*.yaml"}
+
+
 def check_preset_family(flag, path, base, info, kind):
-    """A preset made for SDXL on an SD model (or the reverse) is an error naming the presets to use."""
-    if base in ("sd1", "sd2", "sdxl") and (base == "sdxl") != info.sdxl:
-        hint = "sdxl_*.yaml" if info.sdxl else "sd2.1_*.yaml / sd1.5_*.yaml"
-        raise UsageError(f"{flag} {path} is a preset for {base} but --config is a {info.family} model; use "
-                         f"configs/{kind}/{hint}")
+    """A preset's ``base_model`` must be the loaded config's family exactly (sd1, sd2, sdxl, demo: the schedules
+    and layer lists are made for one model); otherwise an error naming the presets to use."""
+    if base != info.family:
+        hint = PRESET_PATTERNS.get(info.family, "*.yaml")
+        config = f" ({info.config_name})" if info.config_name else ""
+        raise UsageError(f"{flag} {path} is a preset for {base} but --config{config} is a {info.family} model; use "
+                         f"a {info.family} preset, configs/{kind}/{hint}")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ldm.errors import UsageError
 from ldm.methods.base import Method, Settings
+from ldm.util import missing_file_reason
 
 RESIZES = ("pixel", "latent")
 
@@ -81,20 +82,29 @@ class Cascade:
                           align_corners=False).clamp(0, 1)
         return (m * settings.cosine_scale + (1 - m) * bg).to(latent.dtype)
 
-    def restart_of(self, steps):
-        restart = self.settings.restart_step
-        restart = int(0.3 * steps) if restart is None else int(restart)
-        if not 0 <= restart < steps:
-            raise ValueError(f"restart_step {restart} must be in [0, {steps})")
+    def restart_of(self, steps, timesteps=None, clock=None):
+        """The run step the later stages restart at: ``restart_step`` (None: 30 %) of the reference steps, placed on
+        this run's trajectory by ``clock``; an img2img start (``restart_run_step``) is a step of this run."""
+        if getattr(self, "restart_run_step", None) is not None:
+            restart, limit = int(self.restart_run_step), steps
+        else:
+            limit = len(clock.reference) if clock is not None else steps
+            restart = self.settings.restart_step
+            restart = int(0.3 * limit) if restart is None else int(restart)
+        if not 0 <= restart < limit:
+            raise ValueError(f"restart_step {restart} must be in [0, {limit})")
+        if clock is not None and getattr(self, "restart_run_step", None) is None:
+            restart = min(clock.run_step_of(restart, timesteps), steps - 1)
         return restart
 
     def sample(self, sampler, steps, cond, uncond, scale, batch_size, generator=None, x_T=None, init_latent=None,
-               mask=None, guidance=None, jitter_seed=0, disable_progress=True, callback=None):
+               mask=None, guidance=None, jitter_seed=0, disable_progress=True, callback=None, clock=None):
         """The whole cascade. Returns CascadeResult (final latent, one latent per stage).
 
         init_latent: start from this latent of the first stage size instead of sampling stage 1 (image to
         image: the user's image, encoded). guidance: what stage 1 uses (plain CFG by default).
-        jitter_seed: seeds the window jitter of the later stages."""
+        jitter_seed: seeds the window jitter of the later stages. clock: the ``TrajectoryClock`` of the settings'
+        reference steps (restart step, per-step stage settings); None: the settings are in this run's steps."""
         st = self.settings
         stage_latents = []
         run = dict(batch_size=batch_size, generator=generator, disable_progress=disable_progress, callback=callback)
@@ -106,9 +116,10 @@ class Cascade:
         stage_latents.append(latent)
         if self.stage_callback:
             self.stage_callback(0, st.stages[0], latent)
-        restart = self.restart_of(steps)
-        jitter = random.Random(int(jitter_seed))  # python ints only: also runs on fake tensors (benchmark)
         times = sampler.timesteps(steps)
+        restart = self.restart_of(steps, times, clock)
+        reference_steps = len(clock.reference) if clock is not None else steps
+        jitter = random.Random(int(jitter_seed))  # python ints only: also runs on fake tensors (benchmark)
         T = int(self.model.num_timesteps)
         for k, size in enumerate(st.stages[1:], start=1):
             z0 = self.upscale(latent, size, generator, sampler)
@@ -124,9 +135,10 @@ class Cascade:
                     return z
                 return z * (1 - c1) + noised(i) * c1
 
+            stage_guidance = self.stage_guidance(size, reference_steps, jitter.randint)
             latent = sampler.run(steps, cond, uncond, scale, shape=self.latent_shape(size), x_T=noised(restart),
-                                 guidance=self.stage_guidance(size, steps, jitter.randint), start_step=restart,
-                                 pre_step=skip_residual, **run)
+                                 guidance=clock.wrap(stage_guidance) if clock is not None else stage_guidance,
+                                 start_step=restart, pre_step=skip_residual, **run)
             stage_latents.append(latent)
             if self.stage_callback:
                 self.stage_callback(k, size, latent)
@@ -225,8 +237,9 @@ class CascadeMethod(Method):
                         size_conditioning=dict(settings.size_conditioning), freeu=settings.freeu, values=values)
 
     def restart_at(self, restart_step):
-        """Later stages restart at this step (img2img: steps - floor(strength x steps); None: the default)."""
-        self.runner.settings.restart_step = restart_step
+        """Later stages restart at this step of the run (img2img: steps - floor(strength x steps); None: the
+        settings' restart step)."""
+        self.runner.restart_run_step = restart_step
 
     def sample_shape(self):
         return self.runner.latent_shape(self.runner.settings.stages[0])
@@ -241,7 +254,7 @@ class CascadeMethod(Method):
                                        generator, sampler.noise)
         result = self.runner.sample(sampler, steps, cond, uncond, scale, batch_size, generator=generator, x_T=x_T,
                                     init_latent=init_latent, mask=self.mask, jitter_seed=jitter_seed,
-                                    callback=callback)
+                                    callback=callback, clock=self.clock())
         return result.latent, (result.stage_latents[:-1] if self.stage_images() else [])
 
 
@@ -249,4 +262,4 @@ def check_files(values, *keys):
     """--init_image / --detail_mask name existing files (before the model loads)."""
     for key in keys:
         if values.get(key) and not Path(values[key]).is_file():
-            raise UsageError(f"--{key} {values[key]}: no such file")
+            raise UsageError(f"--{key} {values[key]}: {missing_file_reason(values[key])}")

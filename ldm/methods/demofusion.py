@@ -19,7 +19,8 @@ and at the end of the phase re-standardises the latent to phase 1's mean and std
 The step is affine in the model output for a fixed latent, so fusing the per-path denoised latents (as the
 reference does) is fusing the model outputs, which is what ``DemoFusionGuidance`` returns to the DDIM sampler.
 
-Differences from the reference (``pipeline_demofusion_sdxl.py``): DDIM instead of SDXL's Euler scheduler; the
+Differences from the reference (``pipeline_demofusion_sdxl.py``): DDIM by default instead of SDXL's Euler scheduler
+(``--sampler euler`` runs the release's; the phases and the skip residual use only the sampler contract); the
 last phase is the requested size (the reference's K = int(max(H, W) / 1024) truncates, so 2560 comes out 2048):
 when max(H, W) is not a multiple of the base, one more phase at exactly H×W is added; the jitter is drawn from the
 run's seed; the final latent is decoded with this repository's tiled VAE (synchronized GroupNorm) instead of its
@@ -43,6 +44,7 @@ from ldm.guidance import classifier_free_guidance
 from ldm.errors import UsageError
 from ldm.methods.base import Settings
 from ldm.methods.cascade import Cascade, CascadeMethod, check_files, cosine_factor
+from ldm.util import nonneg_float, positive_float, positive_int
 from ldm.windows import SDXLWindowConditioning, fitting_window_batch, gaussian_1d, window_conditions, window_views
 
 
@@ -209,12 +211,12 @@ class DemoFusionMethod(CascadeMethod):
     @classmethod
     def add_args(cls, parser):
         g = parser.add_argument_group("DemoFusion (--method demofusion)")
-        g.add_argument("--df_stride", type=int, default=None,
+        g.add_argument("--df_stride", type=positive_int, default=None,
                        help="local window stride in latent pixels (default: half a window, 64 for SDXL)")
-        g.add_argument("--df_sigma", type=float, default=0.8, help="Gaussian sigma of the global paths")
-        g.add_argument("--df_cosine_scales", type=float, nargs=3, default=[3.0, 1.0, 1.0], metavar=("C1", "C2", "C3"),
-                       help="exponents of the skip residual, the local/global fusion and the blur")
-        g.add_argument("--df_view_batch", type=int, default=16, help="windows per UNet call")
+        g.add_argument("--df_sigma", type=positive_float, default=0.8, help="Gaussian sigma of the global paths")
+        g.add_argument("--df_cosine_scales", type=nonneg_float, nargs=3, default=[3.0, 1.0, 1.0], metavar=("C1", "C2", "C3"),
+                       help="exponents (>= 0) of the skip residual, the local/global fusion and the blur")
+        g.add_argument("--df_view_batch", type=positive_int, default=16, help="windows per UNet call")
 
     @classmethod
     def settings(cls, opt, info, size):
@@ -225,6 +227,12 @@ class DemoFusionMethod(CascadeMethod):
         stages = demofusion_stages(size[0], size[1], info.base_px)
         values["stages"] = stages
         return Settings(size=tuple(size), sample_size=tuple(stages[0]), values=values)
+
+    @classmethod
+    def unet_input(cls, settings, info):
+        """Local and global paths: batches of base-size windows (or sub-lattices)."""
+        h, w = settings.size[0] // info.f, settings.size[1] // info.f
+        return settings.values["view_batch"], min(info.base_latent, h), min(info.base_latent, w)
 
     def make_cascade(self):
         v = self.settings.values
@@ -241,4 +249,6 @@ class DemoFusionMethod(CascadeMethod):
         return [tuple(s) for s in settings.values["stages"]]
 
     def describe(self):
-        return {"demofusion": {**self.runner.describe(), "restart_step": self.runner.settings.restart_step}}
+        restart = getattr(self.runner, "restart_run_step", None)  # img2img: the run's step
+        return {"demofusion": {**self.runner.describe(),
+                               "restart_step": self.runner.settings.restart_step if restart is None else restart}}

@@ -36,6 +36,8 @@ from ldm.guidance import cat_cond as _cat_cond, classifier_free_guidance
 from ldm.methods.base import GuidanceMethod, Settings
 from ldm.unet_hooks.processors import installed, self_attention_layers
 from ldm.unet_hooks.redilation import dilated_conv
+from ldm.util import (PRESET_VALUE_RULES, Rule, choice_rule, float_range, nonneg_int, positive_float, positive_int,
+                      unit_float)
 
 FILTERS = ("release", "symmetric", "ideal")
 LAYER_STYLES = ("sd", "sdxl")
@@ -400,17 +402,41 @@ class FouriScaleGuidance:
 # ------------------------------------------------------------------------------------------------
 # presets and command line (scripts/txt2img.py --method fouriscale)
 
-PRESET_KEYS = {"base_model", "height", "width", "steps", "start_step", "stop_step", "progressive", "layers",
-               "filter", "stopband", "weak_dilation_div", "amp_guidance", "buckets", "size_cond", "notes"}
 FOLDER = "configs/fouriscale/"
+BUCKETS = ("auto", "sdxl", "square")
+SIZE_CONDS = ("auto", "base", "image")
+# the schema of a FouriScale preset (configs/fouriscale/*.yaml): every key, its type and range
+SCHEMA = {
+    **{k: PRESET_VALUE_RULES[k] for k in ("base_model", "height", "width", "steps", "start_step", "stop_step",
+                                          "stopband", "weak_dilation_div", "notes")},
+    "progressive": Rule(lambda v: isinstance(v, bool) or v in ("on", "off"), "true or false (on or off)"),
+    "layers": Rule(lambda v: isinstance(v, str) and bool(v), f"one of {', '.join(LAYER_STYLES + ('auto',))} or a "
+                                                             "file of layer names (relative to the preset)"),
+    "filter": choice_rule(*FILTERS),
+    "amp_guidance": Rule(lambda v: v is True or positive_float.ok(v), f"true ({AMP_GUIDANCE}) or a positive number"),
+    "buckets": choice_rule(*BUCKETS),
+    "size_cond": choice_rule(*SIZE_CONDS),
+}
+PRESET_KEYS = SCHEMA  # (the name other modules use)
 
 
 def load_preset(path):
+    """A FouriScale preset checked against :data:`SCHEMA` (start_step <= stop_step, a layer file that exists and
+    parses); ValueError naming the file and key otherwise."""
+    from ldm.unet_hooks.layers import SettingsError, parse_settings_file
     from ldm.util import load_yaml_preset
-    cfg = load_yaml_preset(path, PRESET_KEYS, "FouriScale", FOLDER)
+    cfg = load_yaml_preset(path, SCHEMA, "FouriScale", FOLDER)
+    where = cfg["_path"]
+    if cfg.get("start_step") is not None and cfg.get("stop_step") is not None and cfg["start_step"] > cfg["stop_step"]:
+        raise ValueError(f"{where}: start_step {cfg['start_step']} is after stop_step {cfg['stop_step']}; the "
+                         "dilation decreases from the start step and ends at the stop step")
     layers = cfg.get("layers")
     if layers is not None and layers not in LAYER_STYLES + ("auto",):
         cfg["layers"] = str(Path(cfg["_path"]).parent / layers)
+        try:
+            parse_settings_file(cfg["layers"], with_factor=False)
+        except SettingsError as err:
+            raise ValueError(f"{where}: layers: {err}") from None
     return cfg
 
 
@@ -419,25 +445,25 @@ def add_args(parser):
     g.add_argument("--fouri_config", type=str, default=None,
                    help="a preset YAML, e.g. configs/fouriscale/sd2.1_2048x2048.yaml (its height/width become the "
                         "defaults for --H/--W)")
-    g.add_argument("--fouri_start_step", type=int, default=None,
+    g.add_argument("--fouri_start_step", type=nonneg_int, default=None,
                    help="first step of the progressive decrease of the dilation (default: the preset's, else "
                         "20%% of --steps for SD up to 2.5x the base side, 40%% otherwise: 10 or 20 of 50)")
-    g.add_argument("--fouri_stop_step", type=int, default=None,
+    g.add_argument("--fouri_stop_step", type=nonneg_int, default=None,
                    help="from this step on the UNet is the original (default: the preset's, else 60%% / 70%% of "
                         "--steps: 30 or 35 of 50)")
     g.add_argument("--fouri_progressive", choices=("on", "off"), default=None,
                    help="lower the dilation linearly from start to stop step (default: on, as released)")
-    g.add_argument("--fouri_dilation", type=int, default=None,
+    g.add_argument("--fouri_dilation", type=positive_int, default=None,
                    help="the integer dilation (default: max(ceil(H/h_base), ceil(W/w_base)))")
     g.add_argument("--fouri_filter", choices=FILTERS, default=None,
                    help="low-pass mask: the release's ramp (release), the same ramp exactly symmetric about DC "
                         "(symmetric), or a brick wall at the subsampled Nyquist frequency (ideal) (default: release)")
-    g.add_argument("--fouri_stopband", type=float, default=None,
+    g.add_argument("--fouri_stopband", type=unit_float, default=None,
                    help="mask value above the cut-off (default: 0 for SD, 0.6 for SDXL, as released)")
-    g.add_argument("--fouri_weak_dilation_div", type=float, default=None,
+    g.add_argument("--fouri_weak_dilation_div", type=float_range(1), default=None,
                    help="the weak (guidance) branch convolves at dilation ceil(d / DIV) (default: 1 for SD, 1.5 for "
                         "SDXL, as released)")
-    g.add_argument("--fouri_amp_guidance", type=float, nargs="?", const=AMP_GUIDANCE, default=None, metavar="FACTOR",
+    g.add_argument("--fouri_amp_guidance", type=positive_float, nargs="?", const=AMP_GUIDANCE, default=None, metavar="FACTOR",
                    help=f"multiply the guidance scale by FACTOR before the start step (the release's SDXL "
                         f"--amp_guidance; {AMP_GUIDANCE} when given without a value; default: off)")
     g.add_argument("--fouri_buckets", choices=("auto", "sdxl", "square"), default=None,
@@ -466,16 +492,18 @@ def _buckets(opt, preset, sdxl):
     return ("sdxl" if sdxl else "square") if b == "auto" else b
 
 
-def settings_from_args(opt, model, base_latent, image_hw, f):
-    """FouriScaleSettings from the command line, the preset and the release's defaults."""
-    preset = load_preset(opt.fouri_config) if opt.fouri_config else {}
-    sdxl = hasattr(model, "conditioner")
+def settings_from_args(opt, sdxl, base_latent, image_hw, f, preset=None, steps=None):
+    """FouriScaleSettings from the command line, the preset and the release's defaults (``sdxl``: the model is SDXL;
+    before loading, from the config); ``steps``: the step count the start/stop steps are for (default --steps; a
+    preset's own count is scaled to it). ValueError for a setting out of range."""
+    if preset is None:
+        preset = load_preset(opt.fouri_config) if opt.fouri_config else {}
     height, width = image_hw
     base_px = base_latent * f
     buckets = _buckets(opt, preset, sdxl)
     bh, bw, found = choose_base(height, width, base_px, buckets)
     dilation = opt.fouri_dilation or dilation_factor(height, width, bh, bw)
-    steps = opt.steps
+    steps = int(steps or opt.steps)
     start, stop = opt.fouri_start_step, opt.fouri_stop_step
     if start is None or stop is None:
         if preset.get("start_step") is not None and preset.get("stop_step") is not None:
@@ -533,14 +561,13 @@ class FouriScaleMethod(GuidanceMethod):
 
     @classmethod
     def _preset(cls, opt, info):
+        from ldm.methods.base import check_preset_family
         try:
             preset = load_preset(opt.fouri_config) if opt.fouri_config else {}
         except ValueError as err:
             raise UsageError(str(err)) from None
-        base_model = preset.get("base_model")
-        if base_model in ("sd1", "sd2", "sdxl") and (base_model == "sdxl") != info.sdxl:
-            raise UsageError(f"--fouri_config {opt.fouri_config} is a preset for {base_model} but the model is "
-                             f"{info.family}")
+        if preset:
+            check_preset_family("--fouri_config", opt.fouri_config, preset.get("base_model"), info, "fouriscale")
         return preset
 
     @classmethod
@@ -552,18 +579,58 @@ class FouriScaleMethod(GuidanceMethod):
     def settings(cls, opt, info, size):
         """SDXL (size_cond base, as the release): original and target size = the base (bucket) size."""
         preset = cls._preset(opt, info)
+        if opt.fouri_layers is not None and opt.fouri_layers not in LAYER_STYLES + ("auto",):
+            from ldm.unet_hooks.layers import SettingsError, parse_settings_file
+            try:
+                parse_settings_file(opt.fouri_layers, with_factor=False)
+            except SettingsError as err:
+                raise UsageError(f"--fouri_layers: {err}") from None
+        reference = preset.get("steps") if preset.get("start_step") is not None else None
+        try:  # every value checked now, before the model loads
+            fs = settings_from_args(opt, info.sdxl, info.base_latent, tuple(size), info.f, preset, steps=reference)
+        except ValueError as err:
+            raise UsageError(f"FouriScale: {err}") from None
         conditioning = {}
         size_cond = _value(opt, preset, "size_cond", "auto")
         if info.sdxl and size_cond in ("auto", "base") and opt.original_size is None and opt.target_size is None:
             bh, bw, _ = choose_base(size[0], size[1], info.base_px, _buckets(opt, preset, True))
             conditioning = {"original_size": [int(round(bh)), int(round(bw))],
                             "target_size": [int(round(bh)), int(round(bw))]}
-        return Settings(size=tuple(size), size_conditioning=conditioning, values={"opt": opt})
+        return Settings(size=tuple(size), size_conditioning=conditioning, values={"opt": opt, "fouriscale": fs},
+                        reference_steps=reference)
+
+    @classmethod
+    def memory_estimate(cls, settings, info, batch_size, scale=2.0, tiling=None, bytes_per_value=4):
+        """The largest low-pass filter: at every filtered level the input is zero-padded to r times the level's
+        base size (r = the larger of the two side ratios, so an extreme aspect ratio pads to a large square, as
+        the release does) and filtered in float32. One filter call holds about 5 tensors of the padded size
+        (the padded input, the rfft2 spectrum and the FFT's working copies, the masked spectrum, the output:
+        measured 5.1 on CPU), each branches x batch x channels x padded area x 4 bytes; the widest filtered
+        input of a level is an up-path ResBlock's, its channels plus the skip connection's."""
+        best = super().memory_estimate(settings, info, batch_size, scale, tiling, bytes_per_value)
+        fs = settings.values["fouriscale"]
+        if fs.dilation <= 1 or not info.unet_channels:
+            return best
+        chans = info.unet_channels
+        levels = len(chans)
+        h, w = settings.size[0] // info.f, settings.size[1] // info.f
+        branches = 3 if scale != 1.0 else 2
+        for level in range(max(levels - 2, 0), levels):  # the inner levels (both layer styles of the release)
+            lh, lw = h, w
+            for _ in range(level):
+                lh, lw = (lh + 1) // 2, (lw + 1) // 2
+            ph, pw = padded_size(lh, lw, fs.base_hw[0] / 2 ** level, fs.base_hw[1] / 2 ** level)
+            c = chans[level] + chans[min(level + 1, levels - 1)]
+            need = 5 * branches * batch_size * c * ph * pw * 4
+            if need > best[0]:
+                best = (need, f"FouriScale's low-pass filter at {settings.size[0]}x{settings.size[1]} (it zero-pads "
+                              f"the {lh}x{lw} feature maps of UNet level {level} to {ph}x{pw} and filters them in "
+                              f"float32: up to {c} channels x {branches} branches x {batch_size} image(s), about 5 "
+                              "copies)")
+        return best
 
     def make_guidance(self):
-        settings = settings_from_args(self.settings.values["opt"], self.model, self.info.base_latent,
-                                      self.settings.size, self.info.f)
-        return FouriScaleGuidance(self.model.model.diffusion_model, settings)
+        return FouriScaleGuidance(self.model.model.diffusion_model, self.settings.values["fouriscale"])
 
     def describe(self):
         return {"fouriscale": self.guidance().describe()}

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from ldm.errors import InputWarning, UsageError
 from ldm.methods.base import GuidanceMethod, Settings
 from ldm.guidance import classifier_free_guidance
+from ldm.util import unit_float
 from ldm.unet_hooks.processors import call_original, installed
 
 # (T1_ratio, T2_ratio) per preset, as the release's switching_threshold_ratio_dict
@@ -404,10 +405,10 @@ class HiDiffusionMethod(GuidanceMethod):
         g.add_argument("--hidiff_window_attn", action=argparse.BooleanOptionalAction, default=True,
                        help="MSW-MSA shifted-window self-attention in the top level (the release's "
                             "apply_window_attn, on by default)")
-        g.add_argument("--hidiff_T1_ratio", type=float, default=None, metavar="R",
+        g.add_argument("--hidiff_T1_ratio", type=unit_float, default=None, metavar="R",
                        help="T1 = int(steps * R) (default by latent size as the release: 0.4 below 4x the "
                             "training side, else 0.7)")
-        g.add_argument("--hidiff_T2_ratio", type=float, default=None, metavar="R",
+        g.add_argument("--hidiff_T2_ratio", type=unit_float, default=None, metavar="R",
                        help="T2 = int(steps * R) (default: 0 below 4x the training side, else 0.3)")
         g.add_argument("--hidiff_aggressive", choices=("auto", "on", "off"), default="auto",
                        help="SDXL's aggressive RAU-Net schedule (auto: below the 4096 preset, as the release)")

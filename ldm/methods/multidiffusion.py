@@ -18,6 +18,7 @@ Differences from the reference implementation (omerbt/MultiDiffusion, diffusers'
 """
 from ldm.errors import UsageError
 from ldm.methods.base import GuidanceMethod, Settings
+from ldm.util import positive_int
 from ldm.windows import (MultiDiffusionGuidance, SDXLWindowConditioning, views, window_conditions,  # noqa: F401
                          window_starts)
 
@@ -32,10 +33,10 @@ class MultiDiffusion(GuidanceMethod):
     @classmethod
     def add_args(cls, parser):
         g = parser.add_argument_group("MultiDiffusion (--method multidiffusion)")
-        g.add_argument("--md_window", type=int, nargs="+", default=None, metavar="LATENT",
+        g.add_argument("--md_window", type=positive_int, nargs="+", default=None, metavar="LATENT",
                        help="window side(s) in latent pixels (default: the model's base latent size)")
-        g.add_argument("--md_stride", type=int, default=8, help="window stride in latent pixels")
-        g.add_argument("--md_batch", type=int, default=8, help="windows per UNet call")
+        g.add_argument("--md_stride", type=positive_int, default=8, help="window stride in latent pixels")
+        g.add_argument("--md_batch", type=positive_int, default=8, help="windows per UNet call")
 
     @classmethod
     def settings(cls, opt, info, size):
@@ -44,6 +45,12 @@ class MultiDiffusion(GuidanceMethod):
         if min(window) < 1 or opt.md_stride < 1 or opt.md_batch < 1:
             raise UsageError("--md_window, --md_stride and --md_batch must be positive")
         return Settings(size=tuple(size), values={"window": window, "stride": opt.md_stride, "batch": opt.md_batch})
+
+    @classmethod
+    def unet_input(cls, settings, info):
+        v = settings.values
+        h, w = settings.size[0] // info.f, settings.size[1] // info.f
+        return v["batch"], min(v["window"][0], h), min(v["window"][1], w)
 
     def make_guidance(self):
         v = self.settings.values

@@ -2,14 +2,15 @@
 area, then the SD 2.x x4 upscaler (``ldm/upscaler.py``) takes the decoded images to the requested size with the
 same prompts (resized when the request is not exactly 4x the base size)."""
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
-from ldm.errors import UsageError
+from ldm.errors import InputWarning, UsageError
 from ldm.methods.base import GuidanceMethod, Settings
 from ldm.upscaler import UPSCALER_CONFIG, add_args, check_args, load_upscaler, load_upscaler_config, upscaler_from_args
-from ldm.util import cast_for_half_precision, check_size
+from ldm.util import cast_for_half_precision, check_size, finite_float
 
 SDSR_OPTIONS = ("sr_ckpt", "sr_config", "sr_scale", "sr_noise_level", "sr_steps", "sr_eta", "sr_window",
                 "sr_window_overlap", "sr_window_batch")
@@ -63,7 +64,7 @@ class SDSR(GuidanceMethod):
                                       "upscaler (docs/upscaling.md)")
         g.add_argument("--sr_ckpt", type=str, default=None, help="the upscaler checkpoint (x4-upscaler-ema.ckpt)")
         g.add_argument("--sr_config", type=str, default=UPSCALER_CONFIG, help="the upscaler's YAML config")
-        g.add_argument("--sr_scale", type=float, default=9.0, help="the upscaler's classifier-free guidance scale")
+        g.add_argument("--sr_scale", type=finite_float, default=9.0, help="the upscaler's classifier-free guidance scale")
         add_args(g, prefix="sr_", defaults={"noise_level": 100})
 
     @classmethod
@@ -81,8 +82,22 @@ class SDSR(GuidanceMethod):
         except ValueError as err:
             raise UsageError(f"--method sdsr: {err}") from None
         check_size(*base, info.f)
+        if size[0] * size[1] <= info.base_px ** 2:  # sdsr_base_size samples at the requested size itself
+            warnings.warn(f"--method sdsr at {size[0]}x{size[1]}: that is not above the base model's "
+                          f"{info.base_px}x{info.base_px} area, so the base model samples {base[0]}x{base[1]} and "
+                          f"the x4 upscaler's {4 * base[0]}x{4 * base[1]} result is shrunk to "
+                          f"{size[0]}x{size[1]}; SD+SR is "
+                          "meant for larger sizes (--method direct gives this size without the upscaler)",
+                          InputWarning, stacklevel=2)
         conditioning = {"target_size": list(base)} if info.sdxl else {}  # SDXL conditions on the size it samples at
         return Settings(size=tuple(size), sample_size=tuple(base), size_conditioning=conditioning)
+
+    @classmethod
+    def memory_estimate(cls, settings, info, batch_size, scale=2.0, tiling=None, bytes_per_value=4):
+        """The base model's run at its base size (the x4 upscaler decodes in tiles above 1024x1024 by default)."""
+        from dataclasses import replace
+        return super().memory_estimate(replace(settings, size=settings.sample_size), info, batch_size, scale,
+                                       tiling, bytes_per_value)
 
     def prepare(self):
         """Load the upscaler named by --sr_config/--sr_ckpt (the base model's tiled-decoding settings are used for

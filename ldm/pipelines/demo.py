@@ -14,8 +14,8 @@ from ldm.checkpoint import load_model_from_config
 from ldm.inference import UsageError
 from ldm import methods
 from ldm.pipelines import txt2img
-from ldm.samplers import make_sampler
-from ldm.util import load_config_file, read_yaml_mapping
+from ldm.samplers import make_sampler, sampler_class
+from ldm.util import load_config_file, missing_file_reason, read_yaml_mapping
 
 DEFAULT_CONFIG = "configs/demo/shapes32.yaml"
 DEFAULT_CKPT = "checkpoints/demo/shapes32.ckpt"
@@ -58,7 +58,7 @@ def repo_path(p):
 def load_demo_model(config=DEFAULT_CONFIG, ckpt=DEFAULT_CKPT, device="cpu", trust=False):
     config_path, ckpt_path = repo_path(config), repo_path(ckpt)
     if not config_path.is_file():
-        raise UsageError(f"config not found: {config_path}")
+        raise UsageError(f"--config {config_path}: {missing_file_reason(config_path)}")
     cfg = load_config_file(config_path, trust=trust)
     return load_model_from_config(cfg, str(ckpt_path), device=device, config_name=str(config), trust=trust)
 
@@ -85,11 +85,18 @@ def setting_argv(preset, side):
     return ["--method", kind, flag, str(repo_path(preset))]
 
 
-def demo_method(model, preset, side, steps, eta, scale):
+def sampler_argv(sampler, eta):
+    """txt2img's flags of a sampler and its eta (DDIM: --ddim_eta; euler_a/dpmpp_2m_sde: --eta; others: none)."""
+    if sampler == "ddim":
+        return ["--ddim_eta", str(eta)]
+    return ["--sampler", sampler] + (["--eta", str(eta)] if sampler_class(sampler).stochastic else [])
+
+
+def demo_method(model, preset, side, steps, eta, scale, sampler="ddim"):
     """The registry's method of a demo setting on the loaded demo model (settings checked, guidance built)."""
     opt = txt2img.build_parser().parse_args(
-        setting_argv(preset, side) + ["--H", str(side), "--W", str(side), "--steps", str(steps), "--ddim_eta",
-                                      str(eta), "--scale", str(scale), "--seed", "0"])
+        setting_argv(preset, side) + ["--H", str(side), "--W", str(side), "--steps", str(steps), "--scale",
+                                      str(scale), "--seed", "0"] + sampler_argv(sampler, eta))
     info = txt2img.model_info(opt, OmegaConf.create(read_yaml_mapping(repo_path(DEFAULT_CONFIG), "config")),
                               DEFAULT_CONFIG)
     info.channels, info.base_latent = model.channels, int(model.image_size)
@@ -109,18 +116,21 @@ def initial_noise(seeds, channels, side, device):
 
 @torch.no_grad()
 def sample_images(model, captions, seeds, side, preset=None, steps=STEPS, eta=ETA, scale=SCALE, batch_size=16,
-                  progress=None):
-    """uint8 HxWx3 arrays, one per (caption, seed); ``progress(done, total)`` is called after each batch."""
+                  progress=None, sampler="ddim"):
+    """uint8 HxWx3 arrays, one per (caption, seed); ``progress(done, total)`` is called after each batch.
+    ``sampler``: a registry name (``ldm/samplers``); ``eta`` is DDIM's, or the noise of euler_a/dpmpp_2m_sde."""
     device = model.betas.device
-    method = demo_method(model, preset, side, steps, eta, scale)
+    method = demo_method(model, preset, side, steps, eta, scale, sampler)
     first_side = method.sample_shape()[-1]  # a cascade starts at the base size
-    sampler = make_sampler("ddim", model, eta=eta)
+    name = sampler
+    sampler = make_sampler(name, model, eta=eta) if name == "ddim" or sampler_class(name).stochastic else \
+        make_sampler(name, model)
     out = []
     for start in range(0, len(seeds), batch_size):
         caps, sds = captions[start:start + batch_size], seeds[start:start + batch_size]
         c = model.get_learned_conditioning(list(caps))
         uc = model.get_learned_conditioning([""] * len(caps)) if scale != 1.0 else None
-        x_t = initial_noise(sds, model.channels, first_side, device)
+        x_t = sampler.start_latent(initial_noise(sds, model.channels, first_side, device), steps)
         # per-step noise: a generator seeded by the batch's first seed and the size, shared by all methods
         gen = torch.Generator().manual_seed((1_000_003 * int(sds[0]) + side) % 2 ** 64)  # torch takes < 2**64
         z, _ = method.sample(sampler, steps, c, uc, scale, batch_size=len(caps), generator=gen, x_T=x_t,

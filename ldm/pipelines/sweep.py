@@ -64,7 +64,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from ldm.inference import UsageError, create_temp_file, fsync_directory, save_png
+from ldm.inference import UsageError, create_temp_file, fsync_directory, positive_float, save_png
 
 try:
     import fcntl
@@ -100,7 +100,7 @@ def add_sweep_args(parser):
                         "batch size. No grid")
     g.add_argument("--dist_backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
-    g.add_argument("--dist_timeout", type=float, default=720.0,
+    g.add_argument("--dist_timeout", type=positive_float, default=720.0,
                    help="minutes a process may wait for the others (model loading, the final barrier)")
     return g
 
@@ -191,12 +191,30 @@ def fingerprint(settings: Dict, prompts: Sequence[str], samples_per_prompt: int,
 
 
 def _diff(old, new, prefix=""):
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
+    if isinstance(old, dict) or isinstance(new, dict):
+        if (old is None or isinstance(old, dict)) and (new is None or isinstance(new, dict)):
+            old, new = old or {}, new or {}
+            out = []
+            for k in sorted(set(old) | set(new)):
+                out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+            return out
     return [] if old == new else [f"{prefix[:-1]}: {old!r} before, {new!r} now"]
+
+
+def _describe_changes(old: Dict, new: Dict) -> str:
+    """What differs between two fingerprints: the files and code first (ldm.pipelines.content), then settings."""
+    from ldm.pipelines.content import describe_changes
+    o_set, n_set = old.get("settings") or {}, new.get("settings") or {}
+    parts = []
+    if "content" in n_set and o_set.get("content") != n_set["content"]:
+        parts = describe_changes(o_set.get("content"), n_set["content"])
+        if "content" not in o_set:
+            parts = ["the sweep was started before the versions of its files and code were recorded, so images "
+                     "of another checkpoint, config, preset or method code could be mixed in"]
+    rest = _diff({**old, "settings": {k: v for k, v in o_set.items() if k != "content"}},
+                 {**new, "settings": {k: v for k, v in n_set.items() if k != "content"}})
+    parts += rest[:6] + (["..."] if len(rest) > 6 else [])
+    return "; ".join(parts)
 
 
 def _write_atomic(path: Path, text: str, tmp_prefix: str = ".tmp-"):
@@ -543,11 +561,11 @@ def _plan(outdir: Path, batches: List[List[WorkItem]], fp: Dict, job: str, job_f
             old = json.loads(settings_file.read_text(encoding="utf-8"))
             changes = _diff(old, fp)
             if changes:
-                shown = "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
+                shown = _describe_changes(old, fp)
                 running = "".join(f"; a job is rendering it now ({_describe_job(info)})" for info in live.values())
-                raise UsageError(f"{outdir} holds a sweep made with other settings ({shown}){running}. Resume it "
-                                 f"with the original settings, or give a new --outdir (or delete {settings_file} "
-                                 "and its samples to start over)")
+                raise UsageError(f"{outdir} holds a sweep made with other settings ({shown}){running}. "
+                                 "Resume it with the original settings and files, or give a new --outdir (or delete "
+                                 f"{settings_file} and its samples to start over)")
         else:
             _write_atomic(settings_file, json.dumps(fp, indent=1, sort_keys=True) + "\n", f".tmp-{job}-")
         job_file.create(world_size)
@@ -612,6 +630,11 @@ def png_metadata(item: WorkItem, settings: Dict, samples_per_prompt: int) -> Dic
                                                  "sample_index": item.sample_index,
                                                  "samples_per_prompt": samples_per_prompt,
                                                  "seed_derivation": SWEEP_FORMAT}}}
+
+
+# the counts of the last sweep this process finished (run_sweep's result): the table runner's run records take the
+# images a process wrote from here (another job sharing the folder writes images too); None until one finishes
+last_result: Optional[Dict] = None
 
 
 def run_sweep(render: Callable[[List[WorkItem]], List], prompts: Sequence[str], samples_per_prompt: int,
@@ -682,8 +705,10 @@ def run_sweep(render: Callable[[List[WorkItem]], List], prompts: Sequence[str], 
     finally:
         if job_file is not None:
             job_file.close(remove=rank == 0)
-    return {"generated": generated, "batches": rendered, "skipped": plan["complete"],
-            "damaged": len(plan["damaged"]), "total": len(items)}
+    global last_result
+    last_result = {"generated": generated, "batches": rendered, "skipped": plan["complete"],
+                   "damaged": len(plan["damaged"]), "total": len(items)}
+    return dict(last_result)
 
 
 def _render_share(render, plan, batches, rank, world, outdir, job, settings, samples_per_prompt, log,

@@ -16,14 +16,16 @@ import torch
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, check_checkpoint_file, load_model_from_config
-from ldm.inference import (InputWarning, UsageError, add_memory_args, check_output_dir, check_size, memory_scope,
-                           next_free_index, numpy_seed_arg, pick_device, remove_stale_temp_files, save_png,
-                           seed_everything, to_pil)
+from ldm.inference import (InputWarning, UsageError, add_memory_args, check_memory, check_output_dir, check_size,
+                           finite_float, memory_scope, next_free_index, numpy_seed_arg, output_folder, pick_device,
+                           positive_float, remove_stale_temp_files, save_png, seed_everything, to_pil)
+from ldm.util import missing_file_reason
 from ldm import methods, upscaler as upscaling
+from ldm.lora import apply_loras
 from ldm.methods.cascade import CascadeMethod, encode_image, read_image_tensor
 from ldm.pipelines import txt2img
 from ldm.pipelines.txt2img import HelpFormatter
-from ldm.samplers import make_sampler
+from ldm import samplers
 
 
 def method_names():
@@ -41,11 +43,11 @@ def build_parser():
     p.add_argument("--image", type=str, nargs="+", required=True, help="the low-resolution image(s)")
     p.add_argument("--prompt", type=str, default="", help="what the image shows (the upscaler is text-guided)")
     p.add_argument("--negative_prompt", type=str, default="", help="the unconditional prompt for guidance")
-    p.add_argument("--scale", type=float, default=4.0,
+    p.add_argument("--scale", type=positive_float, default=4.0,
                    help="upscaling factor, at most 4 (the model's; smaller factors resize its x4 output)")
     p.add_argument("--H", type=int, default=None, help="output height in pixels (instead of --scale)")
     p.add_argument("--W", type=int, default=None, help="output width in pixels (instead of --scale)")
-    p.add_argument("--scale_cfg", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--scale_cfg", type=finite_float, default=9.0, help="classifier-free guidance scale")
     p.add_argument("--config", type=str, default=upscaling.UPSCALER_CONFIG, help="the upscaler's YAML config")
     p.add_argument("--ckpt", type=str, default=None, help="the upscaler checkpoint (x4-upscaler-ema.ckpt)")
     p.add_argument("--outdir", type=str, default="outputs/upscale-samples", help="where to write results")
@@ -86,7 +88,7 @@ def check_options(opt):
     upscaling.check_args(opt)
     for path in opt.image:
         if not Path(path).is_file():
-            raise UsageError(f"--image {path}: no such file")
+            raise UsageError(f"--image {path}: {missing_file_reason(path)}")
 
 
 def output_size(opt, h, w, factor):
@@ -140,12 +142,11 @@ def run(opt):
     use_autocast = opt.precision == "autocast" and device.type == "cuda"
     precision_scope = (torch.autocast("cuda", dtype=getattr(torch, opt.autocast_dtype)) if use_autocast
                        else nullcontext())
-    outdir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(outdir)
     written = []
     h0, w0 = images[0][1].shape[-2:]
     low_memory = memory_scope(opt, model, device, up.latent_shape(h0, w0)[1:], opt.n_samples)
-    with torch.no_grad(), precision_scope, low_memory:
+    with output_folder(outdir), torch.no_grad(), precision_scope, low_memory:  # a failed run leaves no empty folder
+        remove_stale_temp_files(outdir)
         for path, x in tqdm(images, desc="images", disable=len(images) == 1):
             h, w = x.shape[-2:]
             H, W = output_size(opt, h, w, up.factor)
@@ -186,8 +187,9 @@ def run(opt):
 # option is hidden and refused when given
 COMMON_OPTIONS = {
     "help", "method", "image", "strength", "factor", "prompt", "negative_prompt", "outdir", "steps", "ddim_eta",
+    "sampler", "spacing", "eta",
     "n_samples", "H", "W", "scale", "config", "ckpt", "seed", "precision", "autocast_dtype", "device",
-    "unsafe_load", "trust_config", "no_ema", "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2",
+    "unsafe_load", "trust_config", "no_ema", "lora", "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2",
     # tiled VAE, SDXL size conditioning, memory
     "tiled_decoding", "tile_size", "overlap", "sync_gn", "original_size", "crop_coords_top_left", "target_size",
     "lowvram", "sequential_offload",
@@ -223,7 +225,7 @@ def build_img2img_parser():
     p.add_argument("-h", "--help", action="help", help="show this help message and exit")
     p.add_argument("--method", choices=method_names(), required=True, help=method_help())
     p.add_argument("--image", type=str, nargs="+", required=True, help="the image(s) to upscale")
-    p.add_argument("--strength", type=float, default=None,
+    p.add_argument("--strength", type=finite_float, default=None,
                    help="how much of the schedule is re-run, in [0, 1]: the image is noised to step "
                         "t_enc = floor(strength x steps) from the end and the last t_enc steps are denoised (0: the "
                         "image, encoded and decoded; 1: from the noisiest step). Default: 0.75 for "
@@ -233,10 +235,11 @@ def build_img2img_parser():
                    help="output height in pixels, a multiple of the latent factor (default: from --W and the "
                         "image's aspect, else --scale, else the method preset's)")
     p.add_argument("--W", type=int, default=None, help="output width in pixels (as --H)")
-    p.add_argument("--scale", dest="factor", type=float, default=None,
+    p.add_argument("--scale", dest="factor", type=positive_float, default=None,
                    help="output size = the image's size x this factor, rounded to multiples of the latent factor "
                         "(instead of --H/--W)")
-    p.add_argument("--scale_cfg", dest="scale", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--scale_cfg", dest="scale", type=finite_float, default=9.0,
+                   help="classifier-free guidance scale")
     p.add_argument("--prompt", type=str, default="", help="what the image shows")
     p.add_argument("--outdir", type=str, default="outputs/upscale-samples", help="where to write results")
     return p
@@ -255,13 +258,13 @@ def check_img2img_options(opt, parser):
                 action.dest, "a scripts/txt2img.py option that upscale.py does not use")
             raise UsageError(f"{action.option_strings[0]}: {hint} (--method {opt.method})")
     if opt.strength is not None and not 0.0 <= opt.strength <= 1.0:
-        raise UsageError(f"--strength {opt.strength} is outside [0, 1]: the fraction of the {opt.steps} DDIM steps "
+        raise UsageError(f"--strength {opt.strength} is outside [0, 1]: the fraction of the {opt.steps} sampling steps "
                          "re-run from the noised image (0 keeps the image, 1 starts from the noisiest step)")
     if opt.factor is not None and not opt.factor > 0:
         raise UsageError(f"--scale {opt.factor}: the upscaling factor must be positive")
     for path in opt.image:
         if not Path(path).is_file():
-            raise UsageError(f"--image {path}: no such file")
+            raise UsageError(f"--image {path}: {missing_file_reason(path)}")
     txt2img.check_options(opt)
 
 
@@ -273,9 +276,10 @@ def read_image_info(path):
     return h, w, hashlib.sha256(data).hexdigest()
 
 
-def target_size(given, preset_hw, factor, h, w, f):
+def target_size(given, preset_hw, factor, h, w, f, preset_source=None):
     """(H, W) for an h x w image: --H/--W (one of them: the other from the aspect), else --scale, else the
-    preset's size. Derived sides are rounded to multiples of f; given ones are checked."""
+    preset's size. Derived sides are rounded to multiples of f; given ones are checked (the preset's named by
+    ``preset_source``, e.g. "--freescale_config FILE", and its keys)."""
     def rounded(v):
         return max(f, int(round(v / f)) * f)
     H, W = given
@@ -287,6 +291,7 @@ def target_size(given, preset_hw, factor, h, w, f):
             if H is None or W is None:
                 raise UsageError("give the output size: --H and/or --W, --scale FACTOR, or a preset "
                                  "(--scalecrafter_config / --freescale_config) with a size")
+            check_size(H, W, f, names=("height", "width"), source=preset_source)
     elif H is None:
         H = rounded(h * W / w)
     elif W is None:
@@ -311,7 +316,9 @@ def plan_image(opt, method_cls, info, settings_of, given_hw, preset_hw, path):
     """Everything about one image that does not need the model: sizes, strength, the method's settings (a cascade's
     from the stage the image enters at)."""
     h, w, digest = read_image_info(path)
-    H, W = target_size(given_hw, preset_hw, opt.factor, h, w, info.f)
+    source = (f"{method_cls.preset_flag} {getattr(opt, method_cls.preset_flag.lstrip('-'), None)}"
+              if method_cls.preset_flag else None)
+    H, W = target_size(given_hw, preset_hw, opt.factor, h, w, info.f, source)
     settings = settings_of((H, W))
     plan = {"path": path, "input_size": (h, w), "sha256": digest, "size": (H, W), "entry": None, "stages": None,
             "factor": opt.factor if given_hw == (None, None) and opt.factor is not None else None}
@@ -351,7 +358,9 @@ def image_settings(opt, method, plan, tiling, freeu, use_autocast, device, confi
     return s
 
 
-def run_img2img(opt, parser):
+def plan_img2img(opt, parser):
+    """Everything before the model loads (checked; nothing written). Returns (config_path, config, info,
+    method class, per-image plans)."""
     check_img2img_options(opt, parser)
     config_path, config = txt2img.load_config(opt)
     if upscaling.is_upscaler_config(config):
@@ -373,48 +382,92 @@ def run_img2img(opt, parser):
         except ValueError as err:
             raise UsageError(str(err)) from None
     plans = [plan_image(opt, method_cls, info, settings_of, given_hw, preset_hw, path) for path in opt.image]
+    txt2img.check_tiling(opt, info)
     if opt.ckpt is None:
         raise UsageError("--ckpt is required: the base model's checkpoint matching --config (see "
                          "checkpoints/README.md)")
-    outdir = Path(opt.outdir)
-    check_output_dir(outdir)
+    return config_path, config, info, method_cls, plans
+
+
+def img2img_runs(opt, planned, loader=None, callback=None, wrap_sampler=None):
+    """Loads the model and yields, per input image, its results as [(PIL image, PNG metadata)].
+    ``callback(step)`` is called after every sampler step (raising stops the run); ``wrap_sampler(sampler)`` may
+    wrap the sampler."""
+    config_path, config, info, method_cls, plans = planned
+    loader = loader or load_model_from_config
     device = pick_device(opt.device)
+    use_autocast = opt.precision in ("autocast", "half") and device.type == "cuda"
+    for plan in plans:  # before loading: a run that cannot fit is refused now, not killed later
+        # (without tiling options the decoder still tiles when one piece would not fit: AutoencoderKL.decode_auto)
+        check_memory(method_cls.memory_estimate(plan["settings"], info, opt.n_samples, scale=opt.scale,
+                                                tiling=img2img_tiling(opt, info, *plan["size"]) or (
+                                                    {"planned": True} if info.tiled_vae else {}),
+                                                bytes_per_value=2 if use_autocast else 4), device)
     t0 = time.time()
-    model = load_model_from_config(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load,
-                                   use_ema=not opt.no_ema, config_name=str(config_path), trust=opt.trust_config)
+    model = loader(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load, use_ema=not opt.no_ema,
+                   config_name=str(config_path), trust=opt.trust_config)
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
-    sampler = make_sampler("ddim", model, eta=opt.ddim_eta)
+    apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
+    sampler = samplers.from_options(opt, model, plans[0]["settings"].sampler)
+    if wrap_sampler is not None:
+        sampler = wrap_sampler(sampler)
     freeu = txt2img.freeu_settings(opt, info, plans[0]["settings"])
     use_autocast, precision_scope = txt2img.precision_scope_of(opt, device)
-    freeu_scope = nullcontext()
-    if freeu:
-        from ldm.unet_hooks.freeu import freeu as freeu_hooks
-        freeu_scope = freeu_hooks(model.model.diffusion_model, **freeu)
-    outdir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(outdir)
-    written = []
     H, W = max((p["size"] for p in plans), key=lambda hw: hw[0] * hw[1])
     txt2img.prepare_model(opt, model, device, plans[0]["settings"])  # weights cast before any offload
     low_memory = memory_scope(opt, model, device, (H // info.f, W // info.f), opt.n_samples)
-    with torch.no_grad(), precision_scope, freeu_scope, low_memory:
+    with torch.no_grad(), precision_scope, txt2img.freeu_scope_of(model, freeu), low_memory:
         for plan in tqdm(plans, desc="images", disable=len(plans) == 1):
-            written += upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast,
-                                   config_path, outdir)
+            yield img2img_images(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast,
+                                 config_path, callback)
+
+
+def generate_img2img(opt, parser, loader=None, callback=None):
+    """img2img in memory, nothing written (the web app): [(PIL image, PNG metadata)] of every input image, the
+    same images and metadata ``run_img2img`` writes."""
+    return [item for results in img2img_runs(opt, plan_img2img(opt, parser), loader, callback) for item in results]
+
+
+def run_img2img(opt, parser):
+    planned = plan_img2img(opt, parser)
+    outdir = Path(opt.outdir)
+    check_output_dir(outdir)
+    written = []
+    for results in img2img_runs(opt, planned):
+        if not written:  # after loading: nothing written when the model does not load
+            outdir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(outdir)
+        for img, meta in results:
+            target = outdir / f"{next_free_index(outdir):05}.png"
+            save_png(img, target, meta)
+            written.append(target)
     for target in written:
         print(f"wrote {target}")
     return written
 
 
-def upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast, config_path, outdir):
-    """The n_samples results for one input image, written as PNGs."""
-    n, steps, t_enc, (H, W) = opt.n_samples, opt.steps, plan["t_enc"], plan["size"]
-    settings = plan["settings"]
-    conditioning = txt2img.prepare_model(opt, model, device, settings)  # SDXL: the size conditioning of this size
+def img2img_tiling(opt, info, H, W):
+    """The tiled VAE options of an H x W result: asked for, or automatic above 1024x1024; none for a model without
+    a VAE (the demo model's first stage is the identity)."""
     tiling = {}
-    if opt.tiled_decoding or opt.tile_size is not None or H * W > AUTO_TILING_PIXELS:
+    if info.tiled_vae and (opt.tiled_decoding or opt.tile_size is not None or H * W > AUTO_TILING_PIXELS):
         tiling = {"overlap": opt.overlap, "sync_gn": opt.sync_gn or not opt.tiled_decoding}
         if opt.tile_size is not None:
             tiling["tile_size"] = opt.tile_size
+    return tiling
+
+
+def img2img_images(opt, method_cls, model, sampler, freeu, plan, info, device, use_autocast, config_path,
+                   callback=None):
+    """The n_samples results for one input image: [(PIL image, PNG metadata)]."""
+    def step(i, bar):
+        bar.update(1)
+        if callback is not None:
+            callback(i)
+    n, steps, t_enc, (H, W) = opt.n_samples, opt.steps, plan["t_enc"], plan["size"]
+    settings = plan["settings"]
+    conditioning = txt2img.prepare_model(opt, model, device, settings)  # SDXL: the size conditioning of this size
+    tiling = img2img_tiling(opt, info, H, W)
     method = method_cls(model, settings, info, tiling, opt)
     method.prepare()
     cascade = isinstance(method, CascadeMethod)
@@ -442,27 +495,25 @@ def upscale_one(opt, method_cls, model, sampler, freeu, plan, info, device, use_
         bar = tqdm(total=t_enc, desc=f"{method.name} {name}", leave=False)
         try:
             latent, _ = method.sample(sampler, steps, c, uc, opt.scale, batch_size=n, generator=generators,
-                                      x_T=x_start, start_step=start, callback=lambda i: bar.update(1))
+                                      x_T=x_start, start_step=start, callback=lambda i: step(i, bar))
         finally:
             bar.close()
     else:  # the cascades: the image is the entry stage (encoded), later stages re-noised
         bar = tqdm(total=t_enc * (len(plan["stages"]) - 1), desc=f"{method.name} {name}", leave=False)
         try:
             latent, _ = method.sample(sampler, steps, c, uc, opt.scale, batch_size=n, generator=generators,
-                                      jitter_seed=opt.seed, callback=lambda i: bar.update(1))
+                                      jitter_seed=opt.seed, callback=lambda i: step(i, bar))
         finally:
             bar.close()
     images = model.decode_first_stage(latent, **tiling)
     meta = image_settings(opt, method, plan, tiling, freeu, use_autocast, device, config_path, start_t, sampler)
     if conditioning is not None:
         meta["size_conditioning"] = conditioning
-    written = []
-    for j, img_t in enumerate(images):
-        target = outdir / f"{next_free_index(outdir):05}.png"
-        save_png(to_pil(img_t), target, {"prompt": opt.prompt, "seed": str(opt.seed),
-                                         "parameters": {**meta, "position_in_batch": j, "image_seed": opt.seed + j}})
-        written.append(target)
-    return written
+    if getattr(model, "merged_loras", None):
+        meta["lora"] = model.merged_loras
+    return [(to_pil(img_t), {"prompt": opt.prompt, "seed": str(opt.seed),
+                             "parameters": {**meta, "position_in_batch": j, "image_seed": opt.seed + j}})
+            for j, img_t in enumerate(images)]
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ldm.guidance import classifier_free_guidance
 from ldm.modules.diffusionmodules.util import (gaussian_noise, make_ddim_sampling_parameters, make_ddim_timesteps,
                                                noise_like)
-from ldm.samplers.base import Sampler
+from ldm.samplers.base import Sampler, check_finite_run
 
 
 class DDIMSampler(Sampler):
@@ -49,12 +49,14 @@ class DDIMSampler(Sampler):
 
     def run(self, steps, cond, uncond, scale, *, batch_size, shape=None, x_T=None, guidance=None, start_step=0,
             pre_step=None, generator=None, callback=None, disable_progress=True):
+        flags = []  # per step: was the latent finite (NonFiniteError names the first step that was not)
         samples, _ = self.sample(S=steps, conditioning=cond, batch_size=batch_size, shape=shape,
                                  verbose=not disable_progress,
                                  unconditional_guidance_scale=scale, unconditional_conditioning=uncond, eta=self.eta,
                                  guidance=guidance, generator=generator, x_T=x_T, start_step=start_step,
-                                 pre_step=pre_step, callback=callback, disable_progress=disable_progress)
-        return samples
+                                 pre_step=pre_step, callback=callback, disable_progress=disable_progress,
+                                 finite_flags=flags)
+        return check_finite_run(samples, flags, steps, self.timesteps(steps), int(start_step))
 
     def describe(self):
         return {"sampler": "DDIM", "eta": self.eta}
@@ -94,7 +96,7 @@ class DDIMSampler(Sampler):
     def sample(self, S, batch_size, shape, conditioning=None, callback=None, img_callback=None, eta=0.0,
                temperature=1.0, noise_dropout=0.0, verbose=True, x_T=None, log_every_t=100,
                unconditional_guidance_scale=1.0, unconditional_conditioning=None, guidance=None,
-               generator=None, disable_progress=False, start_step=0, pre_step=None, **ignored):
+               generator=None, disable_progress=False, start_step=0, pre_step=None, finite_flags=None, **ignored):
         """Sample ``batch_size`` latents of ``shape`` (C, H, W) in S DDIM steps.
 
         Returns (samples, intermediates) like the original. ``generator`` (optional) makes the noise
@@ -118,13 +120,13 @@ class DDIMSampler(Sampler):
                                   unconditional_guidance_scale=unconditional_guidance_scale,
                                   unconditional_conditioning=unconditional_conditioning, guidance=guidance,
                                   generator=generator, disable_progress=disable_progress or not verbose,
-                                  start_step=int(start_step), pre_step=pre_step)
+                                  start_step=int(start_step), pre_step=pre_step, finite_flags=finite_flags)
 
     @torch.no_grad()
     def ddim_sampling(self, cond, shape, x_T=None, callback=None, img_callback=None, log_every_t=100,
                       temperature=1.0, noise_dropout=0.0, unconditional_guidance_scale=1.0,
                       unconditional_conditioning=None, guidance=None, generator=None, disable_progress=False,
-                      start_step=0, pre_step=None):
+                      start_step=0, pre_step=None, finite_flags=None):
         device = self.model.betas.device
         b = shape[0]
         img = self._randn(shape, device, generator) if x_T is None else x_T.to(device)
@@ -142,6 +144,8 @@ class DDIMSampler(Sampler):
                                               unconditional_guidance_scale=unconditional_guidance_scale,
                                               unconditional_conditioning=unconditional_conditioning,
                                               guidance=guidance, generator=generator)
+            if finite_flags is not None:
+                finite_flags.append(torch.isfinite(img).all())
             if callback:
                 callback(i)
             if img_callback:

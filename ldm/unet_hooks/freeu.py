@@ -15,6 +15,7 @@ FREEU_DEFAULTS = {
     "sd1": dict(b1=1.2, b2=1.4, s1=0.9, s2=0.2),
     "sd2": dict(b1=1.1, b2=1.2, s1=0.9, s2=0.2),
     "sdxl": dict(b1=1.1, b2=1.2, s1=0.6, s2=0.4),
+    "demo": dict(b1=1.1, b2=1.2, s1=0.9, s2=0.2),  # no released values: SD 2.1's (what it got as an "sd2" config)
 }
 
 

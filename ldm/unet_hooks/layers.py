@@ -10,12 +10,19 @@ The mapping is derived from the UNet's structure (levels, residual blocks per le
 SD 1.x/2.x (4 levels) and SDXL (3 levels) alike.
 """
 import difflib
+import math
 import warnings
 from pathlib import Path
 
 import torch.nn as nn
 
 from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
+
+
+def _is(layer, cls):
+    """isinstance, or an instance of a class of the same name: ComfyUI's copy of the CompVis UNet has the same
+    block classes and module paths (comfyui/, docs/comfyui.md), so the names resolve on it too."""
+    return isinstance(layer, cls) or type(layer).__name__ == cls.__name__
 
 
 def _resblock_convs(prefix, block):
@@ -37,14 +44,14 @@ def conv_table(unet):
     for level in range(levels):
         for j in range(n_res[level]):
             block = unet.input_blocks[idx][0]
-            assert isinstance(block, ResBlock)
+            assert _is(block, ResBlock)
             for own, conv in _resblock_convs(f"input_blocks.{idx}.0", block).items():
                 which = "conv1" if own.endswith("in_layers.2") else "conv2"
                 rows.append((own, f"down_blocks.{level}.resnets.{j}.{which}", conv))
             idx += 1
         if level != levels - 1:
             down = unet.input_blocks[idx][0]
-            if isinstance(down, Downsample) and down.use_conv:
+            if _is(down, Downsample) and down.use_conv:
                 rows.append((f"input_blocks.{idx}.0.op", f"down_blocks.{level}.downsamplers.0.conv", down.op))
             idx += 1
     for k, j in ((0, 0), (2, 1)):
@@ -61,7 +68,7 @@ def conv_table(unet):
                 which = "conv1" if own.endswith("in_layers.2") else "conv2"
                 rows.append((own, f"up_blocks.{up_level}.resnets.{j}.{which}", conv))
             for pos, layer in enumerate(seq):
-                if isinstance(layer, Upsample) and layer.use_conv:
+                if _is(layer, Upsample) and layer.use_conv:
                     rows.append((f"output_blocks.{idx}.{pos}.conv", f"up_blocks.{up_level}.upsamplers.0.conv",
                                  layer.conv))
             idx += 1
@@ -147,14 +154,21 @@ def _is_sd_name(name):
     return name in SD_LAYOUT_NAMES
 
 
-def read_settings_file(path, names, with_factor=True, dead_names="error"):
-    """Parse a settings file into {own_name: factor} (or a set of own names when ``with_factor`` is False)."""
+def parse_settings_file(path, with_factor=True):
+    """The lines of a settings file as [(line number, name, factor)] (factor None when ``with_factor`` is False),
+    checked without a model: the file exists, every line is ``name:factor`` with a finite factor >= 1 (a NaN factor
+    would pass ``>= 1`` tests as False and re-dilate by NaN mid-sampling). Names are resolved against a UNet by
+    :func:`read_settings_file`."""
     path = Path(path)
     if not path.is_file():
-        raise SettingsError(f"settings file not found: {path}")
-    out = {}
-    dead = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        raise SettingsError(f"settings file {path}: "
+                            f"{'is a folder, not a file' if path.is_dir() else 'no such file'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"settings file {path} cannot be read as UTF-8 text ({err})") from None
+    rows = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -166,10 +180,21 @@ def read_settings_file(path, names, with_factor=True, dead_names="error"):
                 factor = float(value)
             except ValueError:
                 raise SettingsError(f"{path}:{lineno}: factor {value!r} is not a number") from None
-            if factor < 1:
-                raise SettingsError(f"{path}:{lineno}: factor {factor:g} must be >= 1")
+            if not math.isfinite(factor) or factor < 1:
+                raise SettingsError(f"{path}:{lineno}: factor {value} must be a finite number >= 1 (1: the layer "
+                                    "as trained)")
         else:
             name, factor = line.split(":")[0].strip(), None
+        rows.append((lineno, name, factor))
+    return rows
+
+
+def read_settings_file(path, names, with_factor=True, dead_names="error"):
+    """Parse a settings file into {own_name: factor} (or a set of own names when ``with_factor`` is False)."""
+    path = Path(path)
+    out = {}
+    dead = []
+    for lineno, name, factor in parse_settings_file(path, with_factor):
         own = names.resolve(name)
         if own is None:
             if dead_names == "warn" and _is_sd_name(name):

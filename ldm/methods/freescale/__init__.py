@@ -57,12 +57,26 @@ class FreeScaleMethod(CascadeMethod):
         for h, w in fs.stages:
             if h % info.f or w % info.f:
                 raise UsageError(f"FreeScale: stage size {h}x{w} is not a multiple of {info.f}")
+        # restart_step counts the steps the preset is written for (its steps:), else the run's (--steps)
+        limit, of = ((preset or {}).get("steps"), "the preset's steps") if (preset or {}).get("steps") else \
+            (info.steps, "--steps")
+        if fs.restart_step is not None and not fs.restart_step < limit:
+            source = (f"--restart_step {opt.restart_step}" if opt.restart_step is not None else
+                      f"--freescale_config {opt.freescale_config}: restart_step: {fs.restart_step}")
+            raise UsageError(f"{source} must be below {of} ({limit}): every later stage restarts at that step "
+                             f"(0 ... {limit - 1}; default 30% of the steps)")
         values = {"freescale": fs, "preset": opt.freescale_config, "detail_mask": opt.detail_mask,
                   "init_image": getattr(opt, "init_image", None), "save_stages": getattr(opt, "save_stages", False)}
         check_files(values, "init_image", "detail_mask")
+        sampler = (preset or {}).get("sampler")  # e.g. euler, as the release runs (when --sampler is not given)
+        if sampler is not None:
+            from ldm.samplers import SAMPLERS
+            if sampler not in SAMPLERS:
+                raise UsageError(f"{opt.freescale_config}: sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
         conditioning = {"target_size": list(fs.stages[0])} if info.sdxl else {}  # the release: the first stage's
         return Settings(size=tuple(size), sample_size=tuple(fs.stages[0]), size_conditioning=conditioning,
-                        freeu=(preset or {}).get("freeu"), values=values)
+                        freeu=(preset or {}).get("freeu"), values=values,
+                        reference_steps=(preset or {}).get("steps"), sampler=sampler)
 
     def make_cascade(self):
         import copy
@@ -92,5 +106,7 @@ class FreeScaleMethod(CascadeMethod):
 
     def describe(self):
         v = self.settings.values
+        restart = getattr(self.runner, "restart_run_step", None)  # img2img: the run's step
         return {"freescale": {"preset": v["preset"], **self.runner.settings.describe(),
+                              **({"restart_step": restart} if restart is not None else {}),
                               "init_image": v["init_image"], "detail_mask": v["detail_mask"]}}

@@ -15,8 +15,9 @@ Stage 1 samples at the model's base size. Each later stage
    (an ordinary re-dilation schedule, ``restrained_dilation``) for steps i < dilate_tau.
 
 Differences from the authors' release (``pipeline_freescale.py``), all deliberate:
-* the sampler is this repository's DDIM (the release uses SDXL's default Euler scheduler), so the stage
-  restarts at DDIM step ``restart_step`` with q_sample noise; the skip residual and c₁ are the same formulas;
+* the sampler is DDIM by default (the release uses SDXL's default Euler scheduler: ``--sampler euler`` or the preset
+  key ``sampler: euler`` runs that), so the stage restarts at the sampler's step ``restart_step`` with its own
+  noising; the skip residual and c₁ are the same formulas;
 * the dilation factor is max(H, W) // base side (the release divides the *width* by 1024, which gives 1 for
   a tall 2048×1024 stage); ``dilation_from="width"`` restores theirs;
 * the jitter of the attention windows comes from a generator seeded from the run's seed (the release uses

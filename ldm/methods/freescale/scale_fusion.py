@@ -60,7 +60,7 @@ def window_geometry(grid_hw, scale_hw, window="release"):
 
     ``release``: the authors' arithmetic (windows sized from 128-token tiles at their 1024-px scale, which
     works out to the level grid over max(s_h, s_w) on both axes, floored); ``base``: grid // (s_h, s_w).
-    Strides are half a window, jitter ranges an eighth.
+    Strides are half a window, jitter ranges an eighth. Windows are at least one token on each axis.
     """
     h, w = grid_hw
     s_h, s_w = scale_hw
@@ -72,7 +72,9 @@ def window_geometry(grid_hw, scale_hw, window="release"):
     ratio = s_h / s_w
     sub_h, sub_w = (128, int(128 / ratio)) if ratio > 1 else (int(128 * ratio), 128)
     factor = 128 * s_h / h  # tokens of the 128-tile per token of this level
-    wh, ww = int(sub_h / factor), int(sub_w / factor)
+    # at least one token: at extreme aspect ratios the short axis of a deep level is thinner than a tile's share
+    # (e.g. 64x512 on SD: a 1-token-high level, int(16 / 128) = 0), where the release's windows would be empty
+    wh, ww = max(int(sub_h / factor), 1), max(int(sub_w / factor), 1)
     sh, sw = int((sub_h // 2) / factor), int((sub_w // 2) / factor)
     return wh, ww, max(sh, 1), max(sw, 1), wh // 8, ww // 8
 

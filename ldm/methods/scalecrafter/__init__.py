@@ -11,6 +11,7 @@ from ldm.errors import UsageError
 from ldm.methods.base import GuidanceMethod, Settings, check_preset_family
 from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance
 from ldm.methods.scalecrafter.presets import SettingsError, load_preset, plan_from_flags, plan_from_preset
+from ldm.util import float_range, nonneg_int, positive_int
 
 
 class ScaleCrafter(GuidanceMethod):
@@ -28,15 +29,19 @@ class ScaleCrafter(GuidanceMethod):
         sc = parser.add_argument_group("ScaleCrafter (tuning-free higher resolution)")
         sc.add_argument("--scalecrafter_config", type=str, default=None,
                         help="a preset YAML, e.g. configs/scalecrafter/sd2.1_2048x2048.yaml")
-        sc.add_argument("--dilate", type=float, default=None,
-                        help="command-line form: dilation factor for every 3x3 conv outside the skipped blocks")
-        sc.add_argument("--dilate_tau", type=int, default=None, help="re-dilate during the first TAU sampling steps")
-        sc.add_argument("--dilate_skip", type=int, default=0,
+        sc.add_argument("--dilate", type=float_range(1), default=None,
+                        help="command-line form: dilation factor (> 1) for every 3x3 conv outside the skipped blocks")
+        sc.add_argument("--dilate_tau", type=positive_int, default=None,
+                        help="re-dilate during the first TAU sampling steps")
+        sc.add_argument("--dilate_skip", type=nonneg_int, default=0,
                         help="leave the first K input blocks and the last K output blocks undilated")
         sc.add_argument("--progressive_dilate", action="store_true",
                         help="lower the factor stage by stage from ceil(D) down to 2 over the TAU steps")
-        sc.add_argument("--ndcfg_tau", type=int, default=None, help="override the preset's noise-damped CFG steps")
-        sc.add_argument("--disperse_tau", type=int, default=None, help="override the preset's dispersion steps")
+        sc.add_argument("--ndcfg_tau", type=nonneg_int, default=None,
+                        help="override the preset's noise-damped CFG steps (0: off; counted in the preset's steps, "
+                             "like its own: docs/samplers.md)")
+        sc.add_argument("--disperse_tau", type=nonneg_int, default=None,
+                        help="override the preset's dispersion steps (0: off; counted in the preset's steps)")
 
     @classmethod
     def check_img2img(cls, opt):
@@ -67,24 +72,48 @@ class ScaleCrafter(GuidanceMethod):
 
     @classmethod
     def settings(cls, opt, info, size):
+        """Checked here, before the model loads: the preset (schema, its settings files) or the command-line form;
+        options that would be ignored (the command-line form's with a preset, a preset's overrides without one, an
+        override for a part the preset does not have) are errors."""
         if opt.scalecrafter_config and opt.dilate is not None:
             raise UsageError("give either --scalecrafter_config or --dilate, not both")
+        cls.check_img2img(opt)  # one of them: without, --method scalecrafter would sample as --method direct
         preset = cls._preset(opt, info)
         if preset is not None:
+            flag_form = [f for f, v in (("--dilate_tau", opt.dilate_tau), ("--dilate_skip", opt.dilate_skip),
+                                        ("--progressive_dilate", opt.progressive_dilate)) if v]
+            if flag_form:
+                raise UsageError(f"{', '.join(flag_form)}: options of the command-line form (--dilate); with "
+                                 f"--scalecrafter_config the preset {opt.scalecrafter_config} sets them "
+                                 "(dilate_tau, progressive); leave them out or use --dilate instead of the preset")
             preset = dict(preset)
-            if opt.ndcfg_tau is not None:
-                preset["ndcfg_tau"] = opt.ndcfg_tau
-            if opt.disperse_tau is not None:
-                preset["disperse_tau"] = opt.disperse_tau
-        elif opt.dilate is not None and opt.dilate_tau is None:
-            raise UsageError("--dilate needs --dilate_tau (the number of steps to re-dilate)")
+            for key, files in (("ndcfg_tau", "ndcfg_dilate_settings"), ("disperse_tau", "disperse_settings")):
+                value = getattr(opt, key)
+                if value is None:
+                    continue
+                if value > 0 and not preset.get(files):
+                    raise UsageError(f"--{key} {value}: the preset {opt.scalecrafter_config} has no {files}, so "
+                                     f"there is nothing to run for {value} steps")
+                preset[key] = value
+        else:
+            overrides = [f"--{k}" for k in ("ndcfg_tau", "disperse_tau") if getattr(opt, k) is not None]
+            if overrides:
+                raise UsageError(f"{', '.join(overrides)}: override(s) of a preset's value; give "
+                                 "--scalecrafter_config (the command-line form --dilate has no noise-damped "
+                                 "guidance or dispersion)")
+            if opt.dilate_tau is None:
+                raise UsageError("--dilate needs --dilate_tau (the number of steps to re-dilate)")
+            if opt.dilate == 1:
+                raise UsageError("--dilate 1 dilates nothing (1: the convolutions as trained), which is --method "
+                                 "direct; give a factor above 1, e.g. the image side over the training side")
         flags = None
         if opt.dilate is not None:
             flags = {"dilate": opt.dilate, "dilate_tau": opt.dilate_tau, "dilate_skip": opt.dilate_skip,
                      "progressive_dilate": opt.progressive_dilate}
         values = {"preset": preset, "path": opt.scalecrafter_config, "flags": flags,
                   "overrides": {"ndcfg_tau": opt.ndcfg_tau, "disperse_tau": opt.disperse_tau}}
-        return Settings(size=tuple(size), freeu=(preset or {}).get("freeu"), values=values)
+        return Settings(size=tuple(size), freeu=(preset or {}).get("freeu"), values=values,
+                        reference_steps=(preset or {}).get("steps"))
 
     def make_guidance(self):
         v, unet = self.settings.values, self.model.model.diffusion_model
