@@ -538,7 +538,8 @@ def test_every_attention_path_goes_through_scaled_dot_product_attention(monkeypa
     monkeypatch.setattr(torch.Tensor, "softmax", refused)
     for method, extra in (("freescale", ["--freescale_stages", "64x64", "128x128"]),
                           ("attn_scale", []), ("hidiffusion", []), ("multidiffusion", ["--md_stride", "8"]),
-                          ("demofusion", []), ("fouriscale", []), ("scalecrafter", [])):
+                          ("demofusion", []), ("fouriscale", []),
+                          ("scalecrafter", ["--scalecrafter_config", REPO_ROOT / "configs/scalecrafter/sd2.1_1024x1024.yaml"])):
         calls["sdpa"] = 0
         argv = ["--config", config, "--ckpt", ckpt, "--outdir", f"{tmp}/{method}", "--steps", "2", "--H", "128",
                 "--W", "128", "--method", method, "--skip_grid", *extra]
