@@ -96,9 +96,24 @@ class Method:
         """scripts/upscale.py --method NAME: the options it needs there (UsageError)."""
 
     @classmethod
+    def preset(cls, opt, info):
+        """The preset named by the method's ``preset_flag`` (read by ``read_preset``, checked against the model
+        family), or None when the flag is not given; UsageError for a bad file."""
+        path = getattr(opt, cls.preset_flag[2:], None) if cls.preset_flag else None
+        if not path:
+            return None
+        try:
+            preset = cls.read_preset(path)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        check_preset_family(cls.preset_flag, path, preset.get("base_model"), info, cls.preset_dir)
+        return preset
+
+    @classmethod
     def preset_size(cls, opt, info):
         """(H, W) of the method's preset, the defaults of --H/--W, or None."""
-        return None
+        preset = cls.preset(opt, info)
+        return (preset.get("height"), preset.get("width")) if preset else None
 
     @classmethod
     def settings(cls, opt, info, size):

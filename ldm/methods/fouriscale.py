@@ -560,25 +560,9 @@ class FouriScaleMethod(GuidanceMethod):
         return load_preset(path)
 
     @classmethod
-    def _preset(cls, opt, info):
-        from ldm.methods.base import check_preset_family
-        try:
-            preset = load_preset(opt.fouri_config) if opt.fouri_config else {}
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        if preset:
-            check_preset_family("--fouri_config", opt.fouri_config, preset.get("base_model"), info, "fouriscale")
-        return preset
-
-    @classmethod
-    def preset_size(cls, opt, info):
-        preset = cls._preset(opt, info)
-        return (preset.get("height"), preset.get("width")) if preset else None
-
-    @classmethod
     def settings(cls, opt, info, size):
         """SDXL (size_cond base, as the release): original and target size = the base (bucket) size."""
-        preset = cls._preset(opt, info)
+        preset = cls.preset(opt, info) or {}
         if opt.fouri_layers is not None and opt.fouri_layers not in LAYER_STYLES + ("auto",):
             from ldm.unet_hooks.layers import SettingsError, parse_settings_file
             try:

@@ -6,7 +6,7 @@
 * ``presets.py``: the YAML presets in ``configs/freescale/``.
 """
 from ldm.errors import UsageError
-from ldm.methods.base import Settings, check_preset_family
+from ldm.methods.base import Settings
 from ldm.methods.cascade import CascadeMethod, check_files
 from ldm.methods.freescale import presets
 from ldm.methods.freescale.cascade import FreeScale, FreeScaleSettings, default_stages  # noqa: F401
@@ -32,24 +32,8 @@ class FreeScaleMethod(CascadeMethod):
         return presets.load_preset(path)
 
     @classmethod
-    def _preset(cls, opt, info):
-        if not opt.freescale_config:
-            return None
-        try:
-            preset = presets.load_preset(opt.freescale_config)
-        except presets.PresetError as err:
-            raise UsageError(str(err)) from None
-        check_preset_family("--freescale_config", opt.freescale_config, preset.get("base_model"), info, "freescale")
-        return preset
-
-    @classmethod
-    def preset_size(cls, opt, info):
-        preset = cls._preset(opt, info)
-        return (preset.get("height"), preset.get("width")) if preset else None
-
-    @classmethod
     def settings(cls, opt, info, size):
-        preset = cls._preset(opt, info)
+        preset = cls.preset(opt, info)
         try:
             fs = presets.settings_from_args(opt, preset, size[0], size[1], info.base_px)
         except (presets.PresetError, ValueError) as err:

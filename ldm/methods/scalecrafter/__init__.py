@@ -8,7 +8,7 @@ The convolutions themselves (re-dilated, dispersed) and the layer names are shar
 ``ldm/unet_hooks/``.
 """
 from ldm.errors import UsageError
-from ldm.methods.base import GuidanceMethod, Settings, check_preset_family
+from ldm.methods.base import GuidanceMethod, Settings
 from ldm.methods.scalecrafter.guidance import ScaleCrafterGuidance
 from ldm.methods.scalecrafter.presets import SettingsError, load_preset, plan_from_flags, plan_from_preset
 from ldm.util import float_range, nonneg_int, positive_int
@@ -54,23 +54,6 @@ class ScaleCrafter(GuidanceMethod):
         return load_preset(path)
 
     @classmethod
-    def _preset(cls, opt, info):
-        if not opt.scalecrafter_config:
-            return None
-        try:
-            preset = load_preset(opt.scalecrafter_config)
-        except SettingsError as err:
-            raise UsageError(str(err)) from None
-        check_preset_family("--scalecrafter_config", opt.scalecrafter_config, preset.get("base_model"), info,
-                            "scalecrafter")
-        return preset
-
-    @classmethod
-    def preset_size(cls, opt, info):
-        preset = cls._preset(opt, info)
-        return (preset.get("height"), preset.get("width")) if preset else None
-
-    @classmethod
     def settings(cls, opt, info, size):
         """Checked here, before the model loads: the preset (schema, its settings files) or the command-line form;
         options that would be ignored (the command-line form's with a preset, a preset's overrides without one, an
@@ -78,7 +61,7 @@ class ScaleCrafter(GuidanceMethod):
         if opt.scalecrafter_config and opt.dilate is not None:
             raise UsageError("give either --scalecrafter_config or --dilate, not both")
         cls.check_img2img(opt)  # one of them: without, --method scalecrafter would sample as --method direct
-        preset = cls._preset(opt, info)
+        preset = cls.preset(opt, info)
         if preset is not None:
             flag_form = [f for f, v in (("--dilate_tau", opt.dilate_tau), ("--dilate_skip", opt.dilate_skip),
                                         ("--progressive_dilate", opt.progressive_dilate)) if v]
