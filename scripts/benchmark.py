@@ -964,7 +964,9 @@ def add_rss_parser(sub):
                    help="default: every --method (sdsr needs --sr_config/--sr_ckpt: give it with --flags)")
     r.add_argument("--flags", default="", help="more scripts/txt2img.py flags for every run")
     r.add_argument("--prompt", default="a red circle")
-    r.add_argument("--threads", type=positive_int, default=2)
+    r.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads per run (1: on a shared machine OpenMP threads spin while a sibling is "
+                        "descheduled, which inflates CPU time as well as wall time)")
     r.add_argument("--repeats", type=positive_int, default=3, help="runs per case (the fastest is reported)")
     r.add_argument("--lowvram", action="store_true",
                    help="each case also with --lowvram --sequential_offload: on a CPU nothing is copied, so the time "
@@ -1077,8 +1079,8 @@ def rss_table(args):
     lines = [f"### Host memory of whole runs: {Path(args.config).name}, {args.size}x{args.size}, cpu", "",
              f"Machine: {machine}. `scripts/benchmark.py rss`: one `scripts/txt2img.py` run per method in its own "
              f"process, {args.steps} DDIM steps, one image, the fastest of {args.repeats} runs (interleaved; "
-             "*sampling CPU s*: the CPU time of all threads while sampling, which a busy machine disturbs far less "
-             "than the wall time), "
+             f"{args.threads} thread(s); *sampling CPU s*: the process's CPU time while sampling, which a busy "
+             "machine disturbs far less than the wall time), "
              f"{'weights ' + str(args.ckpt) if args.ckpt else 'random weights'}; max RSS = the process's peak "
              "resident memory (Python, torch, the weights and the run). Total time includes loading and writing.", "",
              *head, "|---|---|---|---|---|---|---|" + ("---|---|---|" if args.lowvram else "")]
