@@ -491,7 +491,9 @@ def print_dry_run(p: tables.Plan, warnings_out, args, full_spec=None, missing_fi
     n_base = sum(1 for j in p.jobs if j.role == tables.BASE)
     print(f"{spec.path}: {spec.title}")
     print(f"{len(spec.tables)} table(s), {n_rows} row(s), {len(p.jobs)} sampling job(s) ({n_base} base-resolution "
-          f"reference job(s) shared by the rows of their table and model); seed {spec.seed}; {spec.describe_sampler()}")
+          f"reference job(s) shared by the rows of their table and model); seed {spec.seed}; "
+          + ("; ".join(f"table {t.id}: {spec.describe_sampler(t)}" for t in spec.tables) if spec.samplers_differ()
+             else spec.describe_sampler()))
     print(describe_safety(args))
     print()
     print("| job | used by | size | method | images | done | s / image | hours left | basis | estimate |")
@@ -866,7 +868,7 @@ def run_table(args, argv) -> int:
                "selection": {"rows": args.rows, "columns": args.columns}, **meta,
                "evaluation_s": time.time() - t_eval, "seed": spec.seed, "sampler": spec.sampler,
                "common_options": spec.common_options,
-               "tables": [{"id": t.id, "title": t.title, "images": t.images, "prompts": t.prompts,
+               "tables": [{"id": t.id, "title": t.title, "images": t.images, "prompts": t.prompts, "sampler": t.sampler,
                            "prompt_file": str(p.prompt_files[t.id][0]),
                            "columns": [{"id": c.id, "name": c.name, "metric": c.metric.name,
                                         "reference": c.reference,

@@ -260,9 +260,90 @@ def test_row_options_that_set_table_settings_are_refused(tmp_path, capsys):
     assert "row 'dilated'" in err and "--no_such_flag" in err
 
 
-def test_preset_made_for_another_step_count_names_the_row(tmp_path, capsys):
-    err = _error(tmp_path, capsys, rows=_rows(options=[], preset="configs/scalecrafter/demo_64x64.yaml"))
-    assert "row 'dilated'" in err and "steps 25" in err
+def test_preset_made_for_another_step_count_is_placed_by_trajectory_fraction(tmp_path, capsys):
+    """A preset's schedules count its own steps; at the table's step count txt2img places them by trajectory
+    fraction (ldm.guidance.TrajectoryClock), so the table runs the row and the dry run says so, naming it."""
+    spec = write_spec(tmp_path / "tiny.yaml", rows=_rows(options=[], preset="configs/scalecrafter/demo_64x64.yaml"))
+    assert run(spec, tmp_path / "out", tmp_path / "cache", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "row 'dilated'" in out and "made for 25 steps, the table samples 3" in out and "trajectory fraction" in out
+
+
+def _two_sampler_spec(tmp_path, second, rows2=None):
+    """The tiny spec as two tables: ``ddim`` (the spec's DDIM sampler) and ``other`` (its own ``sampler:``)."""
+    t = {"rows": [{"id": "direct", "method": "direct", "size": [64, 64]}]}
+    return write_spec(tmp_path / "two.yaml", rows=None, tables=[
+        {"id": "ddim", **t}, {"id": "other", "sampler": second, "rows": rows2 or t["rows"]}])
+
+
+def _job_argv(plan, qid):
+    argv = plan.row_job[qid].argv
+    return {k: argv[argv.index(k) + 1] for k in ("--steps", "--sampler", "--ddim_eta", "--eta") if k in argv}
+
+
+def test_tables_with_their_own_sampler(tmp_path, capsys):
+    """A table's ``sampler:`` keys go over the spec's: its rows and its base reference sample with them (their own
+    jobs), the other tables keep the spec's; the row check and the eta rule use the table's settings."""
+    spec_path = _two_sampler_spec(tmp_path, {"name": "euler_a", "steps": 4})
+    raw = yaml.safe_load(spec_path.read_text())
+    del raw["rows"]
+    spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    spec = tables.load_spec(spec_path)
+    ddim, other = spec.tables
+    assert ddim.sampler == spec.sampler and "name" not in ddim.sampler
+    assert other.sampler == {**spec.sampler, "name": "euler_a", "steps": 4}  # eta 1.0, scale 3.0 inherited
+    p = tables.plan(spec, tmp_path / "out")
+    assert _job_argv(p, "ddim/direct") == {"--steps": "3", "--ddim_eta": "1.0"}
+    assert _job_argv(p, "other/direct") == {"--steps": "4", "--sampler": "euler_a", "--eta": "1.0"}
+    assert p.base_job[("ddim", "demo")] is not p.base_job[("other", "demo")]
+    assert "--sampler" in p.base_job[("other", "demo")].argv
+    assert len(p.jobs) == 4  # two rows, two base references: nothing shared across samplers
+    assert spec.samplers_differ() and "euler_a 4 steps" in spec.describe_sampler(other)
+    # a row of the other table may repeat the table's steps, not the spec's
+    for steps, ok in ((4, True), (3, False)):
+        path = _two_sampler_spec(tmp_path, {"name": "euler_a", "steps": 4},
+                                 [{"id": "direct", "method": "direct", "size": [64, 64], "steps": steps}])
+        raw = yaml.safe_load(path.read_text())
+        del raw["rows"]
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        if ok:
+            tables.load_spec(path)
+        else:
+            with pytest.raises(tables.SpecError, match="row 'direct': steps 3 differs from the table's 4"):
+                tables.load_spec(path)
+    # the spec's eta 1.0 reaches a noiseless sampler unless the table sets eta 0
+    for second, needle in (({"name": "heun", "steps": 4}, "draws no noise"), ({"name": "heun", "eta": "x"}, "eta")):
+        path = _two_sampler_spec(tmp_path, second)
+        raw = yaml.safe_load(path.read_text())
+        del raw["rows"]
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        with pytest.raises(tables.SpecError, match=f"table 'other': sampler.*{needle}"):
+            tables.load_spec(path)
+
+
+def test_table_sampler_end_to_end(tmp_path):
+    """Two tables, DDIM and Euler a, through the runner: each image's PNG metadata names its table's sampler and
+    step count, and the rendered table states each table's sampler."""
+    from PIL import Image
+    path = _two_sampler_spec(tmp_path, {"name": "euler_a", "steps": 4})
+    raw = yaml.safe_load(path.read_text())
+    del raw["rows"]
+    raw["images"] = 2
+    raw["columns"] = [{"id": "multi", "metric": "multi_object_rate"}]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert run(path, tmp_path / "out", tmp_path / "cache") == 0
+    rows = read_table(tmp_path / "out")
+    assert set(rows) == {"ddim/direct", "other/direct"}
+    for qid, rec in rows.items():
+        name, label, steps = {"ddim/direct": ("ddim", "DDIM", 3), "other/direct": ("euler_a", "Euler a", 4)}[qid]
+        assert (rec["sampler"], int(rec["steps"])) == (name, steps)
+        pngs = sorted((tmp_path / "out" / "jobs" / rec["job"] / "samples").glob("*.png"))
+        assert len(pngs) == 2
+        for png in pngs:
+            meta = json.loads(Image.open(png).text["parameters"])
+            assert (meta["sampler"], meta["steps"]) == (label, steps)
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "Sampler**: per table" in md and "Sampler: euler_a 4 steps" in md and "Sampler: ddim 3 steps" in md
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -386,3 +386,28 @@ def test_txt2img_with_a_sampler(tmp_path, name):
     meta = json.loads(Image.open(tmp_path / "samples" / "00000.png").text["parameters"])
     assert meta["sampler"] == sampler_class(name).label and meta["spacing"] == "leading" and meta["steps"] == 4
     assert ("eta" in meta) == (name == "euler_a")
+
+
+def test_demo_script_with_a_sampler(tmp_path, monkeypatch, capsys):
+    """scripts/demo.py --sampler: the samples record the sampler, they differ from DDIM's from the same noise, and
+    the sampler flags that do not fit are refused before the model loads."""
+    import json
+    import numpy as np
+    from PIL import Image
+    from conftest import load_script
+    demo = load_script("demo")
+    common = ["--n", "1", "--only", "32_direct", "--steps", "3", "--threads", "1", "--device", "cpu"]
+    imgs = {}
+    for name in ("ddim", "dpmpp_2m_karras"):
+        assert demo.main(common + ["--sampler", name, "--outdir", str(tmp_path / name)]) == 0
+        png = next((tmp_path / name / "32_direct").glob("*.png"))
+        meta = json.loads(Image.open(png).text["parameters"])
+        assert meta["sampler"] == ("DDIM" if name == "ddim" else sampler_class(name).label) and meta["steps"] == 3
+        assert (meta["eta"] is None) == (name != "ddim")  # DPM++ 2M draws no noise: no eta recorded
+        imgs[name] = np.asarray(Image.open(png), dtype=np.int16)
+    assert np.abs(imgs["ddim"] - imgs["dpmpp_2m_karras"]).max() > 0
+    monkeypatch.setattr(demo, "load_demo_model", lambda *a, **k: pytest.fail("model loaded"))
+    for bad, needle in ((["--sampler", "heun", "--eta", "0.5"], "draws no noise"),
+                        (["--sampler", "euler", "--ddim_eta", "0.5"], "--ddim_eta 0.5 is DDIM's")):
+        assert demo.main(common + bad + ["--outdir", str(tmp_path / "bad")]) == 2
+        assert needle in capsys.readouterr().err

@@ -116,15 +116,18 @@ def initial_noise(seeds, channels, side, device):
 
 @torch.no_grad()
 def sample_images(model, captions, seeds, side, preset=None, steps=STEPS, eta=ETA, scale=SCALE, batch_size=16,
-                  progress=None, sampler="ddim"):
+                  progress=None, sampler="ddim", spacing=None):
     """uint8 HxWx3 arrays, one per (caption, seed); ``progress(done, total)`` is called after each batch.
-    ``sampler``: a registry name (``ldm/samplers``); ``eta`` is DDIM's, or the noise of euler_a/dpmpp_2m_sde."""
+    ``sampler``: a registry name (``ldm/samplers``); ``eta`` is DDIM's, or the noise of euler_a/dpmpp_2m_sde;
+    ``spacing``: the timestep spacing of the samplers other than DDIM (None: the sampler's default)."""
     device = model.betas.device
     method = demo_method(model, preset, side, steps, eta, scale, sampler)
     first_side = method.sample_shape()[-1]  # a cascade starts at the base size
     name = sampler
-    sampler = make_sampler(name, model, eta=eta) if name == "ddim" or sampler_class(name).stochastic else \
-        make_sampler(name, model)
+    options = {} if spacing is None else {"spacing": spacing}
+    if name == "ddim" or sampler_class(name).stochastic:
+        options["eta"] = eta
+    sampler = make_sampler(name, model, **options)
     out = []
     for start in range(0, len(seeds), batch_size):
         caps, sds = captions[start:start + batch_size], seeds[start:start + batch_size]

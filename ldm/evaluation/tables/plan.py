@@ -127,9 +127,9 @@ def plan(spec: Spec, out, device: str = "auto", prompts_cache: Optional[Dict] = 
         raise ValueError(f"plan(safety=...): {bad} are not safety flags ({sorted(SAFETY_FLAGS)})")
     jobs: Dict[str, Job] = {}
     row_job, base_job, prompt_files, dataset_refs = {}, {}, {}, {}
-    s = spec.sampler
     content_of = _ContentKeys()
     for t in spec.tables:
+        s = t.sampler  # the spec's sampler, or the table's own
         try:
             prompts = t.prompt_list()
         except SpecError:

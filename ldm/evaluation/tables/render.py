@@ -50,7 +50,8 @@ def table_rows(p: Plan, results: Dict) -> List[Dict]:
             stats = job_stats(job)
             rec = {"table": t.id, "row": row.qid, "name": row.name, "method": row.method, "preset": row.preset or "",
                    "options": " ".join(row.options), "model": row.model, "H": row.H, "W": row.W,
-                   "n": images_present(job), "job": job.id}
+                   "n": images_present(job), "job": job.id, "sampler": t.sampler.get("name", "ddim"),
+                   "steps": t.sampler["steps"]}
             for c in t.columns:
                 cell = results["cells"][t.id][row.qid][c.id]
                 rec[c.id] = cell.get("value")
@@ -266,7 +267,8 @@ def render_markdown(p: Plan, results: Dict, meta: Dict, heading: str = "#") -> s
               + (f" ({spec.paper})" if spec.paper else ""),
               f"- **Seed**: {spec.seed} (image p of a row: seed `ldm.pipelines.sweep.derive_seed({spec.seed}, p, 0)`, the same for "
               "every row: rows at one latent size start from the same noise)",
-              f"- **Sampler**: {spec.describe_sampler()}"
+              f"- **Sampler**: " + ("per table (each table's line below)" if spec.samplers_differ()
+                                    else spec.describe_sampler())
               + (f"; every job also gets `{' '.join(spec.common_options)}`" if spec.common_options else ""),
               f"- **Machine**: {meta.get('machine', '?')}"]
     if spec.notes:
@@ -277,6 +279,7 @@ def render_markdown(p: Plan, results: Dict, meta: Dict, heading: str = "#") -> s
         prompt_desc = ("the 12 demo captions in turn" if "builtin" in t.prompts else
                        f"`{t.prompts.get('file')}`" if "file" in t.prompts else "the spec's list")
         lines += ["", f"N = {t.images} images per row, one per prompt ({prompt_desc}, first {t.images})."
+                  + (f" Sampler: {spec.describe_sampler(t)}." if spec.samplers_differ() else "")
                   + (" " + " ".join(t.notes.split()) if t.notes else ""), ""]
         head = ["row", "method", "size", "N"] + [c.name for c in t.columns] + ["s / image", "peak mem (GiB)"]
         lines.append("| " + " | ".join(head) + " |")

@@ -89,7 +89,7 @@ SAMPLER_KEYS = SAMPLER_REQUIRED + tuple(SAMPLER_DEFAULTS)
 ROW_SHARED_KEYS = ("seed", "prompts", "images") + SAMPLER_KEYS
 ROW_KEYS = {"id", "name", "method", "model", "size", "preset", "options", "notes", "published", "optional"} \
     | set(ROW_SHARED_KEYS)
-TABLE_KEYS = {"id", "title", "prompts", "images", "references", "columns", "rows", "notes", "published"}
+TABLE_KEYS = {"id", "title", "prompts", "images", "references", "columns", "rows", "notes", "published", "sampler"}
 TOP_KEYS = {"name", "title", "paper", "notes", "models", "prompts", "images", "seed", "sampler", "common_options",
             "features", "references", "columns", "rows", "tables", "timing", "cpu_run", "sources", "published"}
 # a row's published values: column ids, plus these keys
@@ -180,6 +180,7 @@ class Table:
     rows: List[Row]
     notes: str = ""
     published: Dict = field(default_factory=dict)  # {source: id, notes} | {not_found: why} | {} (not a paper table)
+    sampler: Dict = field(default_factory=dict)    # the spec's sampler with this table's ``sampler:`` keys over it
 
     def prompt_list(self) -> List[str]:
         return resolve_prompts(self.prompts, self.images, f"table {self.id!r}")
@@ -206,11 +207,22 @@ class Spec:
     def rows(self) -> List[Row]:
         return [r for t in self.tables for r in t.rows]
 
-    def describe_sampler(self) -> str:
-        s = self.sampler
-        return (f"{s.get('name', 'ddim')} {s['steps']} steps, eta {s['eta']:g}, classifier-free guidance {s['scale']:g}, batch "
-                f"{s['batch_size']}, precision {s['precision']}" +
-                (f", negative prompt {s['negative_prompt']!r}" if s["negative_prompt"] else ""))
+    def table(self, tid: str) -> Table:
+        return next(t for t in self.tables if t.id == tid)
+
+    def samplers_differ(self) -> bool:
+        """Whether some table samples with other settings than the spec's ``sampler:`` (a table's own ``sampler:``)."""
+        return any(t.sampler != self.sampler for t in self.tables)
+
+    def describe_sampler(self, table: Optional[Table] = None) -> str:
+        return describe_sampler(self.sampler if table is None else table.sampler)
+
+
+def describe_sampler(s: Dict) -> str:
+    """One line of a sampler's settings (a spec's or a table's)."""
+    return (f"{s.get('name', 'ddim')} {s['steps']} steps, eta {s['eta']:g}, classifier-free guidance {s['scale']:g}, batch "
+            f"{s['batch_size']}, precision {s['precision']}" +
+            (f", negative prompt {s['negative_prompt']!r}" if s["negative_prompt"] else ""))
 
 
 def _slug(text) -> str:
@@ -402,7 +414,8 @@ def load_spec(path) -> Spec:
         check_seed(seed, "seed:")
     except UsageError as err:
         raise SpecError(f"{where}: {err}") from None
-    sampler = _sampler(raw.get("sampler"), f"{where}: sampler")
+    raw_sampler = raw.get("sampler")
+    sampler = _sampler(raw_sampler, f"{where}: sampler")
     models = {}
     for mname, m in (raw.get("models") or {}).items():
         w = f"{where}: models.{mname}"
@@ -444,9 +457,15 @@ def load_spec(path) -> Spec:
         columns = _columns(t.get("columns", raw.get("columns")), f"{tw}: columns", refs)
         published = (_table_published(t["published"], f"{tw}: published", sources) if "published" in t
                      else dict(top_published))
+        # a table may sample with its own settings (another sampler, its step count): its keys over the spec's
+        tsampler = sampler
+        if t.get("sampler") is not None:
+            if not isinstance(t["sampler"], dict):
+                raise SpecError(f"{tw}: sampler: expected a mapping, got {t['sampler']!r}")
+            tsampler = _sampler({**dict(raw_sampler or {}), **t["sampler"]}, f"{tw}: sampler")
         rows, ids = [], set()
         for ri, r in enumerate(t.get("rows") or []):
-            rows.append(_row(r, ri, tid, tw, models, seed, sampler, prompts, images, multi))
+            rows.append(_row(r, ri, tid, tw, models, seed, tsampler, prompts, images, multi))
             rows[-1].published = _row_published(r.get("published"), f"{tw}: row {rows[-1].id!r}", published,
                                                 columns, sources)
             if rows[-1].id in ids:
@@ -456,7 +475,7 @@ def load_spec(path) -> Spec:
         if not rows:
             raise SpecError(f"{tw}: no rows")
         tables.append(Table(tid, str(t.get("title", tid)), prompts, images, refs, columns, rows,
-                            str(t.get("notes", "") or ""), published))
+                            str(t.get("notes", "") or ""), published, tsampler))
     return Spec(path, name, str(raw.get("title", name)), str(raw.get("paper", "") or ""),
                 str(raw.get("notes", "") or ""), models, seed, sampler, common, features, tables, timing, multi,
                 cpu_run, sources)
@@ -672,6 +691,7 @@ def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callab
     for row in spec.rows():
         w = f"{spec.path}: row {row.qid!r}"
         is_selected = selected_ids is None or row.qid in selected_ids
+        sampler = spec.table(row.table).sampler
         if row.method not in methods:
             msg = (f"{w}: unknown method {row.method!r}; scripts/txt2img.py --method takes {', '.join(methods)}")
             if is_selected:
@@ -698,19 +718,23 @@ def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callab
             elif ph is not None and (int(ph), int(pw)) != (row.H, row.W):
                 raise SpecError(f"{w}: preset {row.preset} is made for {pw}x{ph} (WxH), the row samples "
                                 f"{row.W}x{row.H}")
-            if preset.get("steps") is not None and int(preset["steps"]) != spec.sampler["steps"]:
-                # the preset's schedules count steps (dilate_tau, ndcfg_tau, ...): another step count changes them
-                raise SpecError(f"{w}: preset {row.preset} is made for steps {preset['steps']} (its schedules count "
-                                f"steps), the table samples with steps {spec.sampler['steps']}")
+            if preset.get("steps") is not None and int(preset["steps"]) != sampler["steps"] and is_selected:
+                # the preset's schedules count its own steps (dilate_tau, ndcfg_tau, ...): txt2img places them on
+                # the table's steps by trajectory fraction (ldm.guidance.TrajectoryClock, docs/samplers.md)
+                warnings_out.append(f"{w}: preset {row.preset} is made for {preset['steps']} steps, the table "
+                                    f"samples {sampler['steps']}: its schedules are placed by trajectory fraction "
+                                    "(docs/samplers.md)")
             if preset.get("negative_prompt") is not None and str(preset["negative_prompt"]) != \
-                    spec.sampler["negative_prompt"] and is_selected:
+                    sampler["negative_prompt"] and is_selected:
                 warnings_out.append(f"{w}: preset {row.preset} was released with negative prompt "
                                     f"{preset['negative_prompt']!r}; the row samples with the table's "
-                                    f"{spec.sampler['negative_prompt']!r}")
-            for key in ("scale", "eta"):
-                if preset.get(key) is not None and float(preset[key]) != float(spec.sampler[key]) and is_selected:
+                                    f"{sampler['negative_prompt']!r}")
+            # eta means nothing to a sampler that draws no noise (the table's eta is then 0 by rule)
+            stochastic = "name" not in sampler or sampler_class(sampler["name"]).stochastic  # DDIM: eta is its own
+            for key in ("scale", "eta") if stochastic else ("scale",):
+                if preset.get(key) is not None and float(preset[key]) != float(sampler[key]) and is_selected:
                     warnings_out.append(f"{w}: preset {row.preset} was released with {key} {preset[key]}; the row "
-                                        f"samples with the table's {key} {spec.sampler[key]} (every row of a table "
+                                        f"samples with the table's {key} {sampler[key]} (every row of a table "
                                         "shares the sampler settings)")
         if option_names is not None:
             check_options(row.options, f"{w}: options", option_names)
