@@ -269,6 +269,15 @@ def test_preset_made_for_another_step_count_is_placed_by_trajectory_fraction(tmp
     assert "row 'dilated'" in out and "made for 25 steps, the table samples 3" in out and "trajectory fraction" in out
 
 
+def test_preset_for_another_model_family_names_the_row_at_load(tmp_path, capsys):
+    """A preset's base_model must be the row's model's family: the dry run says so, naming the row, before any job
+    (the SD 2.1 preset on the demo model)."""
+    rows = _rows(options=[], preset="configs/scalecrafter/sd2.1_1024x1024.yaml")
+    del rows[1]["size"]
+    err = _error(tmp_path, capsys, rows=rows)
+    assert "row 'dilated'" in err and "is a preset for sd2" in err and "is a demo model" in err
+
+
 def _two_sampler_spec(tmp_path, second, rows2=None):
     """The tiny spec as two tables: ``ddim`` (the spec's DDIM sampler) and ``other`` (its own ``sampler:``)."""
     t = {"rows": [{"id": "direct", "method": "direct", "size": [64, 64]}]}

@@ -673,6 +673,19 @@ def _load_preset_for(method, path):
     return methods.method_class(method).read_preset(path)
 
 
+def _model_family(model: Model, cache: Dict) -> Optional[str]:
+    """The family (sd1, sd2, sdxl, demo) of a spec model's config, as txt2img names it; None when the config does
+    not load here untrusted (the job reports that itself)."""
+    if model.name not in cache:
+        from ldm.pipelines.txt2img import model_family
+        from ldm.util import ConfigError, load_config_file
+        try:
+            cache[model.name] = model_family(load_config_file(_rel(model.config), trust=False))
+        except (ConfigError, OSError, ValueError, KeyError, AttributeError):
+            cache[model.name] = None
+    return cache[model.name]
+
+
 def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callable[[List[str]], None]] = None,
                selected: Optional[Sequence[Row]] = None, preset_flags: Optional[Dict[str, str]] = None,
                option_names: Optional[Iterable[str]] = None) -> List[str]:
@@ -684,7 +697,7 @@ def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callab
     warning line (a row for a method that is still being added does not block the other rows)."""
     selected_ids = None if selected is None else {r.qid for r in selected}
     preset_flags = dict(PRESET_FLAGS, **(preset_flags or {}))
-    warnings_out = []
+    warnings_out, families = [], {}
     if option_names is not None:
         option_names = set(option_names)
         check_options(spec.common_options, f"{spec.path}: common_options", option_names)
@@ -710,6 +723,11 @@ def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callab
                 preset = _load_preset_for(row.method, path)
             except Exception as err:  # the loaders raise their own error classes
                 raise SpecError(f"{w}: preset {row.preset} does not load: {err}") from None
+            family = _model_family(spec.models[row.model], families) if preset.get("base_model") else None
+            if family is not None and str(preset["base_model"]) != family:  # what the job would refuse, found now
+                raise SpecError(f"{w}: preset {row.preset} is a preset for {preset['base_model']} but model "
+                                f"{row.model} ({spec.models[row.model].config}) is a {family} model; use a "
+                                f"{family} preset")
             ph, pw = preset.get("height"), preset.get("width")
             if row.H is None:
                 if ph is None or pw is None:
