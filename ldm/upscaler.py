@@ -1,7 +1,7 @@
 """Sampling with the SD 2.x x4 upscaler (``configs/stable-diffusion/x4-upscaling.yaml``; the model classes are in
 ``ldm/modules/diffusionmodules/upscaling.py``).
 
-``Upscaler``: DDIM on the v-parameterized model, classifier-free guidance whose unconditional branch keeps the same
+``Upscaler``: DDIM (or any sampler of ``ldm/samplers``) on the v-parameterized model, classifier-free guidance whose unconditional branch keeps the same
 noised image and level and only swaps the prompt (as the original demo scripts do), optional overlapping windows
 (window-wise guidance, the low-resolution crop matching each window) and tiled VAE decoding for large outputs. The
 command-line options are shared by ``scripts/upscale.py`` and ``scripts/txt2img.py --method sdsr``.
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.upscaling import AUTO_TILING_LATENT_PIXELS, UPSCALER_CONFIG, UPSCALER_TARGET  # noqa: F401
-from ldm.samplers import make_sampler
+from ldm.samplers import SAMPLERS, SPACING_CHOICES, make_sampler, sampler_class
 from ldm.windows import MultiDiffusionGuidance
 
 
@@ -39,7 +39,11 @@ def resize_images(x, hw):
 class Upscaler:
     """Upscale a batch of low-resolution images (B, 3, h, w) in [-1, 1] with a ``LatentUpscaleDiffusion``.
 
-    * ``steps``, ``eta``, ``scale``: DDIM and classifier-free guidance (``scale`` 1: no unconditional branch);
+    * ``steps``, ``eta``, ``scale``: the sampler's steps and noise, classifier-free guidance (``scale`` 1: no
+      unconditional branch);
+    * ``sampler``, ``spacing``: a sampler of ``ldm/samplers`` (DDIM, as the original scripts, by default) and the
+      timestep spacing of the others; ``eta`` None is DDIM's 0 (the original scripts') and the full noise (1) of
+      euler_a / dpmpp_2m_sde;
     * ``noise_level``: the augmentation level (0 .. ``max_noise_level``; 20 in the original demos, about 100
       recommended by the original README for generated inputs);
     * ``window``: ``None`` (auto: the whole latent up to (4 × the training latent size)² pixels, e.g. 512²
@@ -54,12 +58,24 @@ class Upscaler:
     resized to ``out_hw``.
     """
 
-    def __init__(self, model, steps=50, scale=9.0, noise_level=20, eta=0.0, negative_prompt="", window=None,
-                 overlap=None, window_batch=4, tiling="auto"):
+    def __init__(self, model, steps=50, scale=9.0, noise_level=20, eta=None, negative_prompt="", window=None,
+                 overlap=None, window_batch=4, tiling="auto", sampler="ddim", spacing=None):
         if not hasattr(model, "low_scale_model"):
             raise ValueError(f"{type(model).__name__} is not an upscaler (LatentUpscaleDiffusion, "
                              f"{UPSCALER_CONFIG})")
         self.model = model
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+        noisy = sampler == "ddim" or sampler_class(sampler).stochastic
+        if eta is None:
+            eta = 0.0 if sampler == "ddim" or not noisy else 1.0
+        elif not noisy and eta:
+            raise ValueError(f"eta {eta:g}: the sampler {sampler} draws no noise (eta is for ddim, euler_a and "
+                             "dpmpp_2m_sde)")
+        if spacing is not None and sampler == "ddim":
+            raise ValueError(f"spacing {spacing}: DDIM takes its own uniform timesteps; spacing is for the other "
+                             "samplers")
+        self.sampler, self.spacing = sampler, spacing
         self.steps, self.scale, self.eta = int(steps), float(scale), float(eta)
         self.noise_level = int(noise_level)
         max_level = int(getattr(model.low_scale_model, "max_noise_level", 0))
@@ -106,8 +122,15 @@ class Upscaler:
         return {"latent": [hp, wp], "window": window or None, "stride": stride if window else None,
                 "tiling": dict(tiling or {})}
 
+    def make_sampler(self):
+        options = {} if self.spacing is None else {"spacing": self.spacing}
+        if self.sampler == "ddim" or sampler_class(self.sampler).stochastic:
+            options["eta"] = self.eta
+        return make_sampler(self.sampler, self.model, **options)
+
     def describe(self):
-        return {"steps": self.steps, "scale": self.scale, "eta": self.eta, "noise_level": self.noise_level,
+        return {**({} if self.sampler == "ddim" else {"sampler": self.sampler, "spacing": self.spacing}),
+                "steps": self.steps, "scale": self.scale, "eta": self.eta, "noise_level": self.noise_level,
                 "negative_prompt": self.negative_prompt, "factor": self.factor,
                 "window": "auto" if self.window is None else self.window,
                 "window_overlap": "auto" if self.overlap is None else self.overlap,
@@ -145,7 +168,10 @@ class Upscaler:
         guidance = None
         if plan["window"]:
             guidance = WindowedUpscaleGuidance(plan["window"], plan["stride"], self.window_batch)
-        samples = make_sampler("ddim", model, eta=self.eta).run(
+        sampler = self.make_sampler()
+        if x_T is not None:  # the noise, mapped to the sampler's starting latent (DDIM: the noise itself)
+            x_T = sampler.start_latent(x_T, self.steps)
+        samples = sampler.run(
             self.steps, cond, uncond, self.scale, batch_size=b, shape=(model.channels, hp, wp), guidance=guidance,
             generator=generator, x_T=x_T, disable_progress=not progress, callback=callback)
         # the VAE decoder stays in float32, also under autocast (it breaks in half precision, as the original
@@ -200,14 +226,21 @@ def load_upscaler_config(config_path, flag="--config", trust=False):
 def add_args(group, prefix="", defaults=None):
     """The upscaler's sampling options on an argparse group, named ``--{prefix}noise_level`` etc.;
     ``defaults`` overrides the defaults (dict by option name without prefix)."""
-    d = {"noise_level": 20, "steps": 50, "eta": 0.0, "window": None, "window_overlap": None, "window_batch": 4}
+    d = {"noise_level": 20, "steps": 50, "eta": None, "window": None, "window_overlap": None, "window_batch": 4}
     d.update(defaults or {})
     group.add_argument(f"--{prefix}noise_level", type=int, default=d["noise_level"],
                        help="noise augmentation level of the low-resolution image, 0..350 (the original demos use "
                             "20; the original README recommends about 100 for generated images)")
-    group.add_argument(f"--{prefix}steps", type=int, default=d["steps"], help="upscaler DDIM steps")
+    group.add_argument(f"--{prefix}steps", type=int, default=d["steps"], help="upscaler sampling steps")
+    group.add_argument(f"--{prefix}sampler", choices=list(SAMPLERS), default="ddim",
+                       help="the upscaler's sampler (default ddim, as the original scripts; the others: see "
+                            "--sampler of scripts/txt2img.py)")
+    group.add_argument(f"--{prefix}spacing", choices=SPACING_CHOICES, default=None,
+                       help="timestep spacing of the upscaler's sampler when it is not ddim (default: the sampler's)")
     from ldm.util import finite_float
-    group.add_argument(f"--{prefix}eta", type=finite_float, default=d["eta"], help="upscaler DDIM eta in [0, 1]")
+    group.add_argument(f"--{prefix}eta", type=finite_float, default=d["eta"],
+                       help="the upscaler sampler's noise in [0, 1]: DDIM's eta (default 0), or that of euler_a / "
+                            "dpmpp_2m_sde (default 1)")
     group.add_argument(f"--{prefix}window", type=int, default=d["window"],
                        help="denoise the latent in overlapping windows of this side (low-resolution pixels; 0: "
                             "never; default: whole up to 512² low-resolution pixels, 128-pixel windows beyond)")
@@ -229,8 +262,15 @@ def check_args(opt, prefix=""):
                          "upscaler was trained on (20: the original demos' default; ~100 for generated images)")
     if not 1 <= get("steps") <= 1000:
         raise UsageError(f"--{prefix}steps {get('steps')}: must be between 1 and 1000 (50 is usual)")
-    if not 0.0 <= get("eta") <= 1.0:
-        raise UsageError(f"--{prefix}eta {get('eta')} is outside [0, 1] (0: deterministic DDIM)")
+    name, eta, spacing = get("sampler"), get("eta"), get("spacing")
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise UsageError(f"--{prefix}eta {eta} is outside [0, 1] (0: deterministic DDIM, or no ancestral noise)")
+    if eta and name != "ddim" and not sampler_class(name).stochastic:
+        raise UsageError(f"--{prefix}eta {eta:g}: --{prefix}sampler {name} draws no noise; the noise is for ddim, "
+                         "euler_a and dpmpp_2m_sde")
+    if spacing is not None and name == "ddim":
+        raise UsageError(f"--{prefix}spacing {spacing}: DDIM takes its own uniform timesteps; --{prefix}spacing is "
+                         f"for the other --{prefix}sampler values")
     if get("window") is not None and get("window") < 0:
         raise UsageError(f"--{prefix}window {get('window')}: 0 (off) or a positive side in pixels")
     if get("window_overlap") is not None and get("window_overlap") < 0:
@@ -247,4 +287,4 @@ def upscaler_from_args(model, opt, scale, negative_prompt="", tiling="auto", pre
         return getattr(opt, prefix + name)
     return Upscaler(model, steps=get("steps"), scale=scale, noise_level=get("noise_level"), eta=get("eta"),
                     negative_prompt=negative_prompt, window=get("window"), overlap=get("window_overlap"),
-                    window_batch=get("window_batch"), tiling=tiling)
+                    window_batch=get("window_batch"), tiling=tiling, sampler=get("sampler"), spacing=get("spacing"))

@@ -49,3 +49,22 @@ def test_every_method_with_every_kind_of_sampler(ckpts, tmp_path, method):
         meta, image = _run(ckpts, method, sampler, tmp_path / sampler)
         assert meta["sampler"] == sampler_class(sampler).label and meta["steps"] == 3 and meta["method"] == method
         assert np.abs(image - ddim).max() > 0, (method, sampler)
+
+
+def test_sdsr_upscaler_with_its_own_sampler(ckpts, tmp_path):
+    """SD+SR's x4 stage takes its own --sr_sampler (DDIM by default, as the original scripts): recorded, and another
+    image than the DDIM upscaling of the same base image."""
+    config, ckpt = ckpts["sd2"]
+    runs = {}
+    for name in ("ddim", "euler_a"):
+        argv = ["--config", config, "--ckpt", ckpt, "--prompt", "a house", "--steps", "2", "--H", "128", "--W", "128",
+                "--seed", "7", "--method", "sdsr", "--n_samples", "1", "--n_iter", "1", "--skip_grid",
+                "--sr_config", ckpts["x4"][0], "--sr_ckpt", ckpts["x4"][1], "--sr_steps", "2", "--sr_sampler", name,
+                "--outdir", tmp_path / name]
+        assert load_script("txt2img").main([str(a) for a in argv]) == 0
+        png = tmp_path / name / "samples" / "00000.png"
+        runs[name] = (json.loads(Image.open(png).text["parameters"]), np.asarray(Image.open(png), dtype=np.int16))
+    assert "sampler" not in runs["ddim"][0]["sdsr"] and runs["ddim"][0]["sdsr"]["eta"] == 0.0
+    assert runs["euler_a"][0]["sdsr"]["sampler"] == "euler_a" and runs["euler_a"][0]["sdsr"]["eta"] == 1.0
+    assert runs["ddim"][0]["sampler"] == runs["euler_a"][0]["sampler"] == "DDIM"  # the base stage's
+    assert np.abs(runs["ddim"][1] - runs["euler_a"][1]).max() > 0

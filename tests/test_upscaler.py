@@ -12,6 +12,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -341,3 +342,88 @@ def test_txt2img_refuses_the_upscaler_as_base_model(x4_ckpt, tmp_path, capsys):
     assert txt2img.main([str(a) for a in ["--config", TINY_X4, "--ckpt", x4_ckpt, "--steps", "1", "--outdir",
                                           tmp_path / "o", "--H", "64", "--W", "64"]]) == 2
     assert "scripts/upscale.py" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the x4 upscaler with the samplers beyond DDIM
+
+
+@pytest.fixture(scope="module")
+def live_x4(tmp_path_factory):
+    """Every weight drawn (the tiny checkpoints keep the UNet's zero output convolution: v would be 0)."""
+    sd = make_ckpt.make_random_state_dict(OmegaConf.load(TINY_X4), seed=4, std=0.05)
+    return load_model_from_config(OmegaConf.load(TINY_X4),
+                                  make_ckpt.save_checkpoint(sd, tmp_path_factory.mktemp("x4live") / "x4.ckpt"))
+
+
+def test_euler_follows_ddim_on_the_v_model_and_each_ends_as_derived(live_x4):
+    """DDIM (eta 0) and Euler on DDIM's timesteps are the same first-order step in x/sqrt(alpha) and sigma, so on the
+    v-parameterized upscaler the two runs feed the UNet the same latents at the same timesteps; they differ only in
+    their last update, which is derived here from the last guided prediction v at timestep t (alpha = alphas_cumprod):
+    x0 = sqrt(alpha_t) x_t - sqrt(1 - alpha_t) v, eps = sqrt(alpha_t) v + sqrt(1 - alpha_t) x_t;
+    Euler ends at sigma 0 (x0), DDIM at alphas_cumprod[0] (sqrt(a0) x0 + sqrt(1 - a0) eps)."""
+    model = live_x4
+    calls, latents = [], []
+    apply_model, decode = model.apply_model, model.decode_first_stage
+
+    def recording(x, t, cond, *a, **k):
+        out = apply_model(x, t, cond, *a, **k)
+        calls[-1].append((x.double(), t.clone(), out.double()))
+        return out
+
+    def decoding(z, **k):
+        latents.append(z.double())
+        return decode(z, **k)
+    model.apply_model, model.decode_first_stage = recording, decoding
+    try:
+        img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        noise = torch.randn(1, *Upscaler(model).latent_shape(16, 16), generator=torch.Generator().manual_seed(1))
+        scale = 5.0
+        for name in ("ddim", "euler"):
+            calls.append([])
+            Upscaler(model, steps=8, scale=scale, sampler=name)(img, "a cat", x_T=noise,
+                                                                 generator=torch.Generator().manual_seed(3))
+    finally:
+        model.apply_model, model.decode_first_stage = apply_model, decode
+    ddim, euler = calls
+    assert len(ddim) == len(euler) == 8  # one batched call (unconditional, conditional) per step
+    for (xd, td, _), (xe, te, _) in zip(ddim, euler):
+        assert torch.equal(td, te)
+        # float32 rounding of two algebraically equal updates over 8 steps, relative to the latent's size
+        assert (xd - xe).abs().max() <= 1e-5 * xd.abs().max()
+    ac = model.alphas_cumprod.double()
+    for (x, t, out), z, a_end in ((ddim[-1], latents[0], ac[0]), (euler[-1], latents[1], None)):
+        v_u, v_c = out.chunk(2)
+        v = v_u + scale * (v_c - v_u)
+        x_t, a = x.chunk(2)[0], ac[int(t[0])]
+        x0 = a.sqrt() * x_t - (1 - a).sqrt() * v
+        eps = a.sqrt() * v + (1 - a).sqrt() * x_t
+        want = x0 if a_end is None else a_end.sqrt() * x0 + (1 - a_end).sqrt() * eps
+        assert (z - want).abs().max() <= 1e-5 * want.abs().max()
+    # the two last updates differ by far more than the tolerance: the checks above can tell DDIM's from Euler's
+    assert (latents[0] - latents[1]).abs().max() > 10 * 1e-5 * latents[0].abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a"])
+def test_upscale_script_with_a_sampler(x4_ckpt, tmp_path, sampler):
+    """scripts/upscale.py (x4) with --sampler: the PNG records it; flags that do not fit are refused first."""
+    img = tmp_path / "low.png"
+    Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8)).save(img)
+    upscale = load_script("upscale")
+    argv = ["--image", str(img), "--config", str(TINY_X4), "--ckpt", str(x4_ckpt), "--steps", "3", "--device", "cpu",
+            "--prompt", "a cat", "--outdir", str(tmp_path / "out"), "--sampler", sampler]
+    assert upscale.main(argv) == 0
+    meta = json.loads(Image.open(tmp_path / "out" / "00000.png").text["parameters"])
+    from ldm.samplers import sampler_class
+    assert meta["sampler"] == sampler_class(sampler).label and meta["upscaler"]["sampler"] == sampler
+    assert meta["upscaler"]["eta"] == (1.0 if sampler == "euler_a" else 0.0)
+
+
+@pytest.mark.parametrize("flags,needle", [(["--sampler", "heun", "--eta", "0.5"], "draws no noise"),
+                                          (["--spacing", "trailing"], "DDIM takes its own uniform timesteps")])
+def test_upscale_sampler_flags_refused(x4_ckpt, tmp_path, capsys, flags, needle):
+    img = tmp_path / "low.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    argv = ["--image", str(img), "--config", str(TINY_X4), "--ckpt", str(x4_ckpt), "--outdir", str(tmp_path / "out")]
+    assert load_script("upscale").main(argv + flags) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "out").exists()

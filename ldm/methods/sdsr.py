@@ -12,7 +12,7 @@ from ldm.methods.base import GuidanceMethod, Settings
 from ldm.upscaler import UPSCALER_CONFIG, add_args, check_args, load_upscaler, load_upscaler_config, upscaler_from_args
 from ldm.util import cast_for_half_precision, check_size, finite_float
 
-SDSR_OPTIONS = ("sr_ckpt", "sr_config", "sr_scale", "sr_noise_level", "sr_steps", "sr_eta", "sr_window",
+SDSR_OPTIONS = ("sr_ckpt", "sr_config", "sr_scale", "sr_noise_level", "sr_steps", "sr_sampler", "sr_spacing", "sr_eta", "sr_window",
                 "sr_window_overlap", "sr_window_batch")
 
 

@@ -162,7 +162,7 @@ def run(opt):
             finally:
                 bar.close()
             settings = {
-                "sampler": "DDIM", "image": Path(path).name, "input_size": [h, w], "H": H, "W": W,
+                "sampler": up.make_sampler().describe().get("sampler", "DDIM"), "image": Path(path).name, "input_size": [h, w], "H": H, "W": W,
                 "scale": opt.scale if opt.H is None and opt.W is None else None, "config": Path(opt.config).name,
                 "ckpt": Path(opt.ckpt).name, "seed": opt.seed, "n_samples": opt.n_samples,
                 "precision": opt.precision if use_autocast else "full", "device": device.type,
