@@ -308,12 +308,14 @@ def peak_of(res, device):
     return res.get(key)
 
 
-def render_table(rows, device, machine, command, scale, steps):
+def render_table(rows, device, machine, command, scale, steps, torch_mode="pinned"):
     """Markdown: one row per case, ours / theirs for time per image, UNet time and peak memory."""
     mem = "peak allocated GiB (reserved)" if device == "cuda" else "peak RSS GiB"
     cpu = device == "cpu"  # the CPU time of each side too: a shared machine disturbs it far less than the wall time
     cpu_head = " ours image CPU s | theirs image CPU s | ratio |" if cpu else ""
-    lines = [f"### Against the authors' pipelines: {scale} scale, {device}", "",
+    releases_torch = "the releases on their pinned torch" if torch_mode == "pinned" else \
+        "the releases on this environment's torch"
+    lines = [f"### Against the authors' pipelines: {scale} scale, {device}, {releases_torch}", "",
              f"Machine: {machine}. Command: `{command}`. Random weights, the same tensors on both sides; "
              f"{steps} steps, guidance 7.5, seed 42, one image, FreeU off on both sides. *image s*: the pipeline "
              "call (text encoding, sampling, decoding; not the loading); *UNet s*: the time inside the UNet's "
@@ -415,7 +417,7 @@ def run_command(args):
         machine += f", {args.threads} thread(s) per side; ours: torch {torch.__version__}"
     command = "python tools/compare_releases.py " + " ".join(
         shlex.quote(a) for a in (args.argv_shown or []))
-    table = render_table(rows, args.device, machine, command, args.scale, args.steps)
+    table = render_table(rows, args.device, machine, command, args.scale, args.steps, args.torch)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
