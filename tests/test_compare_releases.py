@@ -199,3 +199,6 @@ def test_offline_requirements_leave_torch_to_the_machine():
     freeze = "accelerate==0.16.0\nnumpy==1.25.2\nnvidia-cublas-cu11==11.10.3.66\ntorch==2.0.1\ntriton==2.0.0\n" \
              "tokenizers==0.13.3\nscipy==1.9.3\n-e git+https://x#egg=y\nhuggingface-hub==0.25.2\n"
     assert cr.offline_requirements(freeze) == ["accelerate==0.16.0", "tokenizers==0.13.3", "huggingface-hub==0.25.2"]
+    # what this environment has at the same version stays out; another version comes along
+    assert cr.offline_requirements(freeze, {"Accelerate": "0.16.0", "tokenizers": "0.22.0"}) == \
+        ["tokenizers==0.13.3", "huggingface-hub==0.25.2"]

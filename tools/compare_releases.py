@@ -176,9 +176,14 @@ def make_env(root, pins, torch_mode="pinned", wheels=None, log=print):
     return python
 
 
+# what an exported checkout keeps: code, presets, settings files and transforms (no pictures, notebooks or PDFs,
+# so that checkouts and wheels fit what a call to an offline GPU machine can carry)
+CHECKOUT_SUFFIXES = (".py", ".txt", ".yaml", ".yml", ".mat", ".json", ".md")
+
+
 def release_checkout(path, root):
     """(checkout folder, commit or None): ``path`` itself when it holds files, else the HEAD of a bare git
-    directory exported once into ``root``."""
+    directory exported once into ``root`` (CHECKOUT_SUFFIXES only)."""
     path = Path(path)
     if (path / "requirements.txt").is_file():
         commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -194,7 +199,7 @@ def release_checkout(path, root):
         for entry in filter(None, listing.split("\0")):
             meta, name = entry.split("\t", 1)
             mode, kind, blob = meta.split()
-            if kind != "blob":
+            if kind != "blob" or Path(name).suffix.lower() not in CHECKOUT_SUFFIXES:
                 continue
             data = subprocess.run(["git", "--git-dir", str(path), "cat-file", "blob", blob], capture_output=True)
             if data.returncode == 0:
@@ -428,29 +433,45 @@ def run_command(args):
     return rows
 
 
-def offline_requirements(freeze_text):
+# torch's and triton's own dependencies: a --torch project environment has them with this environment's torch
+TORCH_DEPENDENCIES = ("cmake", "lit", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec",
+                      "typing-extensions")
+
+
+def offline_requirements(freeze_text, installed=None):
     """The ``pip freeze`` lines of a release environment that an offline ``--torch project`` environment must bring
-    along: all but the packages it takes from this environment (FROM_PROJECT) and torch's CUDA wheels."""
+    along: all but the packages it takes from this environment (FROM_PROJECT, torch's dependencies, torch's CUDA
+    wheels) and those ``installed`` ({name: version}) here at the same version."""
+    installed = {k.lower().replace("_", "-"): v for k, v in (installed or {}).items()}
     out = []
     for line in freeze_text.splitlines():
         name = requirement_name(line)
-        if name is None or "==" not in line or name in FROM_PROJECT or name.startswith(("nvidia-", "triton")):
+        if name is None or "==" not in line or name in FROM_PROJECT + TORCH_DEPENDENCIES \
+                or name.startswith(("nvidia-", "triton")):
+            continue
+        if installed.get(name) == line.split("==", 1)[1].strip():
             continue
         out.append(line.strip())
     return out
 
 
+def installed_versions():
+    from importlib.metadata import distributions
+    return {d.metadata["Name"]: d.version for d in distributions() if d.metadata["Name"]}
+
+
 def download_command(args):
     """Wheels for a machine without network (then ``run --torch project --wheels DEST`` there): the exact versions
     that each release's environment resolved here (``pip freeze``; made first when absent), built or downloaded
-    with ``pip wheel --no-deps``; torch, numpy, scipy and the CUDA wheels are left to that machine."""
+    with ``pip wheel --no-deps``; torch and its dependencies, numpy, scipy, the CUDA wheels and what this environment
+    has at the same version are left to that machine (which has this repository's requirements installed)."""
     releases = parse_releases(args.release)
     for name, path in releases.items():
         checkout, _ = release_checkout(path, args.env)
         pins, _ = release_pins((checkout / "requirements.txt").read_text(), name, "pinned")
         python = make_env(args.env, pins, "pinned")
         freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
-        reqs = offline_requirements(freeze.stdout)
+        reqs = offline_requirements(freeze.stdout, installed_versions())
         cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(args.dest)] + reqs
         print("$ " + shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True)
