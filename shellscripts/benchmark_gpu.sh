@@ -3,7 +3,8 @@
 # their values). Each measurement has its own time limit, so one slow case cannot eat the others' time.
 #
 #   shellscripts/benchmark_gpu.sh OUTDIR [all|scalecrafter|dispersion|sdxl|freescale-8192|methods|methods-sd21|methods-sdxl
-#                                         |memory|memory-sd|memory-sdxl|memory-lowvram|memory-freescale|ndcfg|compile]
+#                                         |memory|memory-sd|memory-sdxl|memory-lowvram|memory-freescale|ndcfg|compile
+#                                         |releases|releases-2048|releases-4096]
 #
 # (scalecrafter = dispersion + sdxl + freescale-8192; methods = methods-sd21 + methods-sdxl; memory = the targets of
 # issue #27: memory-sd + memory-sdxl + memory-lowvram + memory-freescale + ndcfg, about 10 minutes in all on an
@@ -11,7 +12,7 @@
 #
 # Writes OUTDIR/benchmarks.md (docs/benchmarks.md with the CUDA sections filled in) and OUTDIR/log.txt.
 set -u
-OUT=${1:?usage: shellscripts/benchmark_gpu.sh OUTDIR [all|scalecrafter|dispersion|sdxl|freescale-8192|methods|methods-sd21|methods-sdxl|memory|memory-sd|memory-sdxl|memory-lowvram|memory-freescale|ndcfg|compile]}
+OUT=${1:?usage: shellscripts/benchmark_gpu.sh OUTDIR [all|scalecrafter|dispersion|sdxl|freescale-8192|methods|methods-sd21|methods-sdxl|memory|memory-sd|memory-sdxl|memory-lowvram|memory-freescale|ndcfg|compile|releases|releases-2048|releases-4096]}
 PART=${2:-all}
 mkdir -p "$OUT"
 DOC="$OUT/benchmarks.md"
@@ -110,5 +111,28 @@ if [ "$PART" = compile ]; then
     # optional: torch.compile of the SDXL UNet with per-step re-dilation processors (recompilations, step time)
     bench 420 compile --device cuda --config configs/stable-diffusion/sdxl-base-inference.yaml --size 128 --steps 6 \
         --key compile-sdxl-cuda
+fi
+# ---- issue #27 item 4: side by side with the authors' pipelines (docs/benchmarks.md "Against the authors'
+# pipelines"): the released SD 2.1-base / SDXL-base architectures, the same random weights (float16) on both
+# sides, 2 steps, time per image and peak memory. Not part of "all": it needs the releases' checkouts
+# (RELEASES=DIR holding ScaleCrafter/, FreeScale/, DemoFusion/) and, on a machine without network, their pinned
+# wheels (WHEELS=DIR, made on a networked machine by `python tools/compare_releases.py download --dest DIR
+# --release ...`; the environments then reuse this machine's torch: --torch project).
+releases() {  # releases SECONDS KEY CASES...
+    local limit=$1 key=$2; shift 2
+    local torch_mode=pinned
+    [ -n "${WHEELS:-}" ] && torch_mode=project
+    echo "== [$(date +%T)] compare_releases.py $*"
+    timeout "$limit" python tools/compare_releases.py run --scale full --device cuda --steps 2 --cases "$@" \
+        --release scalecrafter="${RELEASES:?set RELEASES=DIR with the three checkouts}/ScaleCrafter" \
+        freescale="$RELEASES/FreeScale" demofusion="$RELEASES/DemoFusion" --torch "$torch_mode" \
+        ${WHEELS:+--wheels "$WHEELS"} --env "$OUT/release-envs" --work "$OUT/release-work" --timeout 240 \
+        --json "$OUT/$key.json" --write "$DOC" --key "$key" || echo "!! failed or timed out (limit ${limit}s): $*"
+}
+if [ "$PART" = releases ] || [ "$PART" = releases-2048 ]; then
+    releases 590 releases-full-cuda-2048 scalecrafter-sd21-2048 freescale-sdxl-2048 demofusion-sdxl-2048
+fi
+if [ "$PART" = releases ] || [ "$PART" = releases-4096 ]; then
+    releases 590 releases-full-cuda-4096 scalecrafter-sdxl-4096 freescale-sdxl-4096
 fi
 echo "== [$(date +%T)] done"
