@@ -80,6 +80,27 @@ def test_one_piece_decoder_model_equals_measured_tensor_bytes(cfg):
         assert within(model, measured), (hw, model, measured)
 
 
+def test_inference_path_gives_the_autograd_path_bit_for_bit():
+    """Without autograd the ResnetBlocks and the last norm/SiLU/conv run in place (what the model above counts);
+    the out-of-place ``forward`` under autograd is the reference: the same operations, so the same bits."""
+    from ldm.modules.diffusionmodules.model import ResnetBlock
+    torch.manual_seed(3)
+    for ci, co, temb in ((32, 32, 0), (32, 64, 0), (64, 32, 16)):
+        block = ResnetBlock(in_channels=ci, out_channels=co, temb_channels=temb).eval()
+        x = torch.randn(2, ci, 12, 10)
+        t = torch.randn(2, temb) if temb else None
+        with torch.enable_grad():
+            ref = block(x, t).detach()
+        with torch.no_grad():
+            assert torch.equal(block(x, t), ref), (ci, co, temb)
+    vae = vae_of(TINY)
+    z, x = latent(12, 20), torch.randn(1, 3, 48, 80)
+    with torch.enable_grad():
+        ref_dec, ref_enc = vae.decode(z).detach(), vae.encode(x).mean.detach()
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z), ref_dec) and torch.equal(vae.encode(x).mean, ref_enc)
+
+
 def test_encoder_model_equals_measured_tensor_bytes():
     for cfg in (TINY, ATTN):
         vae = vae_of(cfg)
@@ -200,8 +221,9 @@ def test_plan_prefers_one_piece_then_the_largest_tiles_that_fit():
     plan = vae_memory.plan_decode(vae, shape, torch.float32, int(need) + 1, "cpu")
     assert not plan.tiled and plan.estimate == one
     assert not vae_memory.plan_decode(vae, shape, torch.float32, None, "cpu").tiled  # unknown memory
-    # less than one piece needs: the largest tile size whose whole run fits, everything else too large
-    avail = int(need * 0.8)
+    # less than one piece needs: the largest tile size whose whole run fits, everything else too large (on the CPU
+    # the tiles' stores share the one memory: the smallest tiles need about 0.80 of one piece, 32-pixel ones 0.87)
+    avail = int(need * 0.9)
     plan = vae_memory.plan_decode(vae, shape, torch.float32, avail, "cpu")
     assert plan.tiled and plan.fits and vae_memory._needed(plan.estimate, "cpu") <= avail
     larger = [t for t in vae_memory.TILE_SIZES if plan.tile_size < t < 96]
@@ -223,9 +245,10 @@ def test_cuda_plan_sends_stores_to_host_memory_when_even_tiles_do_not_fit():
     assert est["host"] > 0 and vae_memory._needed(est["device"], "cuda") <= avail * 1.0001
 
 
-@pytest.mark.parametrize("fraction", [0.9, 0.75])
+@pytest.mark.parametrize("fraction", [0.9, 0.85])
 def test_planned_decode_stays_within_the_memory_and_is_the_one_piece_image(fraction, monkeypatch):
-    """On the CPU the stores share the one memory, so tiles save a quarter to a third of the one-piece peak:
+    """On the CPU the stores share the one memory, so tiles save a tenth to a fifth of the one-piece peak (one
+    piece without autograd runs its SiLUs and residual sums in place: 3cN per ResnetBlock, not 4cN):
     memory between the two makes the plan tile, with the largest tiles that fit, and the run stays inside."""
     monkeypatch.setitem(vae_memory.MARGIN, "cpu", (0.10, 0))  # the relative margin only (small sizes here)
     vae = vae_of(TINY)

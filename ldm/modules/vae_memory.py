@@ -7,24 +7,26 @@ resolution, ``c`` its channels; bytes = elements × batch × the compute dtype's
 
 One piece (``Decoder.forward``, ``Encoder.forward``):
 
-* ``ResnetBlock`` (cᵢ → cₒ): ``conv1(silu(norm1(x)))`` holds x, the norm output and the SiLU output (3cᵢN),
-  then x, the SiLU output and conv1's output ((2cᵢ + cₒ)N); ``conv2(silu(norm2(h)))`` holds x, h, the norm and
-  SiLU outputs, then x, h, the SiLU output and conv2's output ((cᵢ + 3cₒ)N); the residual holds x, h, the 1×1
-  shortcut (when cᵢ ≠ cₒ) and the sum ((cᵢ + 3cₒ)N, or (cᵢ + 2cₒ)N with the identity). Peak
-  max(3cᵢ, 2cᵢ + cₒ, cᵢ + 3cₒ)·N: 4cN for a block that keeps its channels.
+* ``ResnetBlock`` (cᵢ → cₒ), as it runs without autograd (``ResnetBlock._forward_inference``: SiLU and the
+  additions in place): ``conv1(silu(norm1(x)))`` holds x and the norm output (2cᵢN), then x, the norm output
+  (SiLU'd in place) and conv1's output ((2cᵢ + cₒ)N); ``norm2(h)`` holds x, h and the norm output
+  ((cᵢ + 2cₒ)N), h is released, conv2 holds x, the norm output and its output ((cᵢ + 2cₒ)N); the residual
+  holds x, h and the 1×1 shortcut when cᵢ ≠ cₒ ((cᵢ + 2cₒ)N; the sum is in place). Peak
+  max(2cᵢ + cₒ, cᵢ + 2cₒ)·N: 3cN for a block that keeps its channels (4cN with autograd's out-of-place
+  ``forward``).
 * ``AttnBlock`` (c, at the latent resolution): x, the norm output, q, k, v (made contiguous), the attention
   output, the transposed copy and the projection: 8cN (the fused kernel of ``scaled_dot_product_attention``
   keeps no N×N matrix; it is chosen because q, k, v have a unit last stride, see ``AttnBlock.attend``).
 * ``Upsample`` (c, N → 4N): the input, the nearest-upsampled copy and the convolution's output: 9cN.
 * ``Downsample`` (encoder): the input, the zero-padded copy and the stride-2 output: about 2.25cN.
-* ``norm_out`` + SiLU + ``conv_out``: h, the norm output and the SiLU output (3cN), then h, the SiLU output and
-  the image.
+* ``norm_out`` + SiLU + ``conv_out``: h and the norm output (2cN), then, h released, the norm output (SiLU'd in
+  place) and the convolution's output.
 * a plain convolution: its input and output.
 
 Plus what is alive for the whole call: the scaled latent (``z / scale_factor``) and, for the decoder,
 ``post_quant_conv``'s output (the decoder's argument). For the SD/SDXL VAE (ch 128, ch_mult 1,2,4,4) the peak
-is the first ResnetBlock of the last level (256 → 128 channels at 8× the latent's side): 3·256·64·N₀ elements
-for a latent of N₀ pixels, 12 GiB in float32 at 2048² (N₀ = 256²), 6 GiB in float16.
+is the first ResnetBlock of the last level (256 → 128 channels at 8× the latent's side): (2·256 + 128)·64·N₀
+elements for a latent of N₀ pixels, 10 GiB in float32 at 2048² (N₀ = 256²), 5 GiB in float16.
 
 Tiled with synchronized GroupNorm (``ldm/modules/tiled_vae.py``, exact halos): the runner's own stage list is
 walked. At stage i the accelerator holds the inter-stage tensors ("stores") that are still to be read, placed
@@ -101,7 +103,7 @@ def _one_piece(layers, hw, in_channels, scale_in=1) -> Tuple[float, Tuple[int, i
             c = co
         elif kind == "res":
             sc = co if ci != co else 0
-            peak = max(peak, n * max(3 * ci, 2 * ci + co, ci + 2 * co + sc, ci + 3 * co))
+            peak = max(peak, n * max(2 * ci + co, ci + 2 * co, ci + co + sc))
             c = co
         elif kind == "attn":
             peak = max(peak, 8 * c * n)
@@ -120,12 +122,12 @@ def _one_piece(layers, hw, in_channels, scale_in=1) -> Tuple[float, Tuple[int, i
             h, w = ho, wo
             c = co
         elif kind == "normact":
-            # h stays alive until the convolution that follows has returned (one expression in forward())
+            # the norm's input is released before its SiLU (in place) goes through the convolution that follows
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            peak = max(peak, 3 * c * n)
+            peak = max(peak, 2 * c * n)
             if nxt is not None and nxt[0] == "conv":
                 co2 = nxt[1].out_channels
-                peak = max(peak, 2 * c * n + co2 * n)
+                peak = max(peak, c * n + co2 * n)
                 c = co2
                 i += 1
         elif kind == "fn":
