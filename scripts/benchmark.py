@@ -930,7 +930,9 @@ def simulate_methods(args):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = placeholder_ckpt(args, tmp)
-        extra, given = methods_extra(args, ckpt)
+        # SD+SR's x4 upscaler runs --steps steps too (its memory does not depend on them; 50 by default)
+        extra, given = methods_extra(argparse.Namespace(extra=[f"sdsr=--sr_steps {args.steps}"] + list(args.extra)),
+                                     ckpt)
         for gib, card_flags in cards:
             rows, main = [], []
             with Simulation(gib * GiB) as sim:
@@ -980,7 +982,8 @@ def simulate_methods(args):
                             batches=sim.batches, images=[list(s) for s in sim.images])
                         rec["fits"] = rec["peak_gib"] <= gib
                         main = used[:1]
-                        del used, seen
+                        used.clear()
+                        seen.clear()
                         sim.forget_models(keep=main)
                         rec["after_gib"] = sim.current_bytes / GiB  # what the run left on the GPU (the weights)
                     except Exception as err:  # noqa: BLE001 - one method's failure is a row, not the end of the table
@@ -991,6 +994,14 @@ def simulate_methods(args):
                     print("RESULT " + json.dumps({"card_gib": gib, **rec}), flush=True)
                     rows.append(rec)
             results[gib] = rows
+    publish(simulated_methods_table(args, cards, results, H, W),
+            args, f"methods-simulated-{Path(args.config).stem}-{H}x{W}")
+    return results
+
+
+def simulated_methods_table(args, cards, results, H, W):
+    """The markdown of ``simulate_methods``'s results: one table per card."""
+    import shlex
     lines = [f"### Estimated peak CUDA memory of every method: {Path(args.config).name}, {W}x{H}", "",
              "Simulated on a CPU (`scripts/benchmark.py methods --simulate`, `tools/simulation.py`): the real "
              "`scripts/txt2img.py` run of each method (`ldm.pipelines.txt2img.run`, random weights) on fake CUDA "
@@ -1016,7 +1027,8 @@ def simulate_methods(args):
         for r in rows:
             preset = Path(r["preset"]).name if r.get("preset") else "–"
             if "error" in r:
-                lines.append(f"| {r['method']} | {preset} | failed: {r['error']} |" + " |" * 11)
+                what = r["error"] if r["error"].startswith("not simulated") else f"failed: {r['error']}"
+                lines.append(f"| {r['method']} | {preset} | {what} |" + " |" * 11)
                 continue
             ph = r["phases"]
             cell = (lambda k: f"{ph[k]:.2f}" if k in ph else "–")  # noqa: E731
@@ -1035,9 +1047,7 @@ def simulate_methods(args):
                          + f" | {cell('loading')} | {cell('other')} | {cell('text encoders')} | {cell('sampling')} | {cell('decoding')} | {cell('upscaling')} | "
                          f"{r['peak_gib']:.2f} | {'yes' if r['fits'] else '**no**'} | {batch_text} | {plan_text} |")
         lines.append("")
-    table = "\n".join(lines)
-    publish(table, args, f"methods-simulated-{Path(args.config).stem}-{H}x{W}")
-    return results
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
