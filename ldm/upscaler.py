@@ -183,9 +183,10 @@ class Upscaler:
 
 
 def load_upscaler(config_path, ckpt, device="cpu", allow_unsafe=False, use_ema=True, trust=False,
-                  flag="--config", ckpt_flag="--ckpt", loader=None):
+                  flag="--config", ckpt_flag="--ckpt", loader=None, weights_dtype=None):
     """The upscaler model from its config and checkpoint; a config of another kind is a UsageError naming
-    the right one, a checkpoint of another family a CheckpointError (ldm.checkpoint) naming its config."""
+    the right one, a checkpoint of another family a CheckpointError (ldm.checkpoint) naming its config.
+    ``weights_dtype``: the loader casts the UNet and text encoder to it before moving the model to ``device``."""
     from pathlib import Path
 
     from ldm.checkpoint import check_checkpoint_file, load_model_from_config
@@ -196,7 +197,9 @@ def load_upscaler(config_path, ckpt, device="cpu", allow_unsafe=False, use_ema=T
                          "checkpoints/README.md)")
     check_checkpoint_file(ckpt)
     return (loader or load_model_from_config)(config, ckpt, device=device, allow_unsafe=allow_unsafe,
-                                              use_ema=use_ema, config_name=str(Path(config_path)), trust=trust)
+                                              use_ema=use_ema, config_name=str(Path(config_path)), trust=trust,
+                                              **({"weights_dtype": weights_dtype} if weights_dtype is not None
+                                                 else {}))
 
 
 def load_upscaler_config(config_path, flag="--config", trust=False):

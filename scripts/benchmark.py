@@ -697,9 +697,58 @@ def add_methods_parser(sub):
     m.add_argument("--prompt", default="a professional photograph of an astronaut riding a horse")
     m.add_argument("--flags", default="", help="more txt2img flags for every method, e.g. '--lowvram'")
     m.add_argument("--cap_gib", type=positive_float, default=None,
-                   help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction)")
+                   help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction); with "
+                        "--simulate: the card simulated (default 24)")
+    m.add_argument("--simulate", action="store_true",
+                   help="no GPU needed: the real txt2img run of every method on fake CUDA tensors (random weights, "
+                        "tools/simulation.py); estimated peak CUDA memory per phase, the decoding plan and the "
+                        "window batches each method chose for the card")
+    m.add_argument("--cards", nargs="+", default=None, metavar="GIB[:FLAGS]",
+                   help="with --simulate: one simulated run of every method per card, e.g. '8:--lowvram "
+                        "--precision half' '12:--precision half' (FLAGS after --flags; default: --cap_gib)")
     m.add_argument("--write", default=None)
     m.add_argument("--key", default=None)
+
+
+def placeholder_ckpt(args, folder):
+    """``args.ckpt``, else an empty safetensors file in ``folder`` for the pipeline's checks that a checkpoint
+    exists (the random-weight loaders ignore it)."""
+    if args.ckpt is not None:
+        return args.ckpt
+    from safetensors.torch import save_file
+    ckpt = str(Path(folder) / "random.safetensors")
+    save_file({}, ckpt)
+    return ckpt
+
+
+def methods_extra(args, ckpt):
+    """(flags per method: SD+SR's upscaler and the ``--extra`` flags, the ``--extra`` flags alone)."""
+    import shlex
+    extra = {"sdsr": ["--sr_config", str(REPO_ROOT / "configs/stable-diffusion/x4-upscaling.yaml"),
+                      "--sr_ckpt", ckpt]}
+    given = {}  # the --extra flags, shown in the table
+    for item in args.extra:  # after the defaults (a flag given again overrides them)
+        name, _, flags = item.partition("=")
+        given[name] = shlex.split(flags)
+        extra[name] = extra.get(name, []) + given[name]
+    return extra, given
+
+
+def method_argv(args, method, H, W, ckpt, outdir, prefix, device, flags):
+    """scripts/txt2img.py's arguments for one method of the ``methods`` benchmark: one image of H x W, the
+    method's preset made for that size where one exists (``prefix``: the presets' family prefix), ``flags`` last."""
+    from ldm import methods as registry
+    argv = ["--prompt", args.prompt, "--config", args.config, "--ckpt", ckpt,
+            "--H", str(H), "--W", str(W), "--steps", str(args.steps), "--method", method,
+            "--n_samples", "1", "--n_iter", "1", "--seed", "42", "--skip_grid", "--device", device,
+            "--outdir", str(outdir)]
+    cls = registry.method_class(method)
+    if cls.preset_flag:  # the method's preset made for the benchmark's size, where one exists
+        name = "demo" if "configs/demo/" in Path(args.config).resolve().as_posix() else prefix
+        preset = REPO_ROOT / "configs" / cls.preset_dir / f"{name}_{W}x{H}.yaml"
+        if preset.is_file():
+            argv += [cls.preset_flag, str(preset)]
+    return argv + list(flags)
 
 
 def methods_table(args):
@@ -772,33 +821,15 @@ def methods_table(args):
             return out
 
     tmp_dir = tempfile.TemporaryDirectory()
-    ckpt = args.ckpt
-    if ckpt is None:  # a placeholder file for the checks that a checkpoint exists; the loader ignores it
-        from safetensors.torch import save_file
-        ckpt = str(Path(tmp_dir.name) / "random.safetensors")
-        save_file({}, ckpt)
-    extra = {"sdsr": ["--sr_config", str(REPO_ROOT / "configs/stable-diffusion/x4-upscaling.yaml"),
-                      "--sr_ckpt", ckpt]}
-    given = {}  # the --extra flags, shown in the table
-    for item in args.extra:
-        name, _, flags = item.partition("=")
-        extra[name] = given[name] = shlex.split(flags)
+    ckpt = placeholder_ckpt(args, tmp_dir.name)
+    extra, given = methods_extra(args, ckpt)
     methods = args.methods or list(registry.names())
     methods = methods if "direct" in methods else ["direct"] + methods  # the reference of every ratio
     rows = []
     with tmp_dir as tmp:
         def argv_for(method):
-            argv = ["--prompt", args.prompt, "--config", args.config, "--ckpt", ckpt,
-                    "--H", str(H), "--W", str(W), "--steps", str(args.steps), "--method", method,
-                    "--n_samples", "1", "--n_iter", "1", "--seed", "42", "--skip_grid", "--device", args.device,
-                    "--outdir", str(Path(tmp) / method)]
-            cls = registry.method_class(method)
-            if cls.preset_flag:  # the method's preset made for the benchmark's size, where one exists
-                name = "demo" if "configs/demo/" in Path(args.config).resolve().as_posix() else prefix
-                preset = REPO_ROOT / "configs" / cls.preset_dir / f"{name}_{W}x{H}.yaml"
-                if preset.is_file():
-                    argv += [cls.preset_flag, str(preset)]
-            return argv + extra.get(method, []) + shlex.split(args.flags)
+            return method_argv(args, method, H, W, ckpt, Path(tmp) / method, prefix, args.device,
+                               extra.get(method, []) + shlex.split(args.flags))
 
         def one(method):
             opt = txt2img.build_parser().parse_args(argv_for(method))
@@ -861,6 +892,162 @@ def methods_table(args):
     return rows
 
 
+
+
+def parse_cards(args):
+    """``--cards GIB[:FLAGS]`` as [(GiB, [flags])]; without it one card of ``--cap_gib`` (default 24)."""
+    import shlex
+    from ldm.errors import UsageError
+    cards = []
+    for item in args.cards or [f"{args.cap_gib or 24.0:g}"]:
+        size, _, flags = item.partition(":")
+        try:
+            gib = positive_float(size)
+        except (argparse.ArgumentTypeError, ValueError):
+            raise UsageError(f"--cards {item!r}: the card's memory must be a positive number of GiB, then "
+                             "optionally ':' and txt2img flags, e.g. '8:--lowvram --precision half'") from None
+        cards.append((gib, shlex.split(flags)))
+    return cards
+
+
+def simulate_methods(args):
+    """``methods --simulate``: the txt2img run (``ldm.pipelines.txt2img.run``) of every method on fake CUDA tensors
+    for each simulated card (``tools/simulation.py``): the methods' own memory decisions (decoding plan, window
+    batches, text encoders off the GPU) are made for that card. Returns {card GiB: [rows]}."""
+    import shlex
+    import tempfile
+    from ldm import memory
+    from ldm import methods as registry
+    from ldm.pipelines import txt2img
+    from ldm.util import load_config_file
+    from tools.simulation import GiB, Simulation
+    cards = parse_cards(args)
+    H, W = (args.size[0], args.size[0]) if len(args.size) == 1 else args.size[:2]
+    config = load_config_file(args.config, flag="--config")
+    family = txt2img.model_family(config)
+    prefix = {"sdxl": "sdxl", "sd2": "sd2.1", "sd1": "sd1.5"}.get(family, family)
+    methods = list(args.methods or registry.names())
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = placeholder_ckpt(args, tmp)
+        # SD+SR's x4 upscaler runs --steps steps too (its memory does not depend on them; 50 by default)
+        extra, given = methods_extra(argparse.Namespace(extra=[f"sdsr=--sr_steps {args.steps}"] + list(args.extra)),
+                                     ckpt)
+        for gib, card_flags in cards:
+            rows, main = [], []
+            with Simulation(gib * GiB) as sim:
+                for method in methods:
+                    flags = extra.get(method, []) + shlex.split(args.flags) + card_flags
+                    argv = method_argv(args, method, H, W, ckpt, Path(tmp) / f"{gib:g}" / method, prefix, "cuda", flags)
+                    rec = {"method": method, "flags": given.get(method, []) + shlex.split(args.flags) + card_flags,
+                           "preset": next((a for a in argv if a.endswith(".yaml") and "configs/" in a
+                                           and a not in (args.config, *extra.get(method, []))), None)}
+                    try:
+                        opt = txt2img.build_parser().parse_args(argv)
+                        sim.forget_models(keep=main)  # the base model is kept between methods, the x4 upscaler not
+                        sim.start_run()
+                        used, resident = [], []
+
+                        def loader(*a, **k):
+                            m = sim.loader(*a, **k)
+                            used.append(m)
+                            return m
+
+                        class Resident:  # the sampler seam: what is on the GPU when sampling starts
+                            def __init__(self, sampler):
+                                self.sampler = sampler
+
+                            def __getattr__(self, name):
+                                return getattr(self.sampler, name)
+
+                            def run(self, *a, **k):
+                                if not resident:
+                                    resident.append(sim.current_bytes)
+                                with sim.phase("sampling"):
+                                    return self.sampler.run(*a, **k)
+
+                        txt2img.run(opt, loader=loader, wrap_sampler=Resident, to_image=sim.to_image)
+                        phases = sim.finish_run()
+                        seen = []
+                        for m in used:
+                            if not any(m is x for x in seen):
+                                seen.append(m)
+                        rec.update(
+                            weights_gib=sum(memory.module_bytes(m) for m in seen) / GiB,
+                            resident_gib=resident[0] / GiB if resident else None,
+                            phases={k: v / GiB for k, v in phases.items()},
+                            peak_gib=max(phases.values()) / GiB,
+                            plans=[{"latent": list(shape[-2:]) if shape else None, "plan": plan}
+                                   for shape, plan in sim.plans],
+                            batches=sim.batches, images=[list(s) for s in sim.images])
+                        rec["fits"] = rec["peak_gib"] <= gib
+                        main = used[:1]
+                        used.clear()
+                        seen.clear()
+                        sim.forget_models(keep=main)
+                        rec["after_gib"] = sim.current_bytes / GiB  # what the run left on the GPU (the weights)
+                    except Exception as err:  # noqa: BLE001 - one method's failure is a row, not the end of the table
+                        if os.environ.get("SIMULATE_TRACEBACK"):
+                            import traceback
+                            traceback.print_exc()
+                        rec["error"] = f"{type(err).__name__}: {err}"[:300]
+                    print("RESULT " + json.dumps({"card_gib": gib, **rec}), flush=True)
+                    rows.append(rec)
+            results[gib] = rows
+    publish(simulated_methods_table(args, cards, results, H, W),
+            args, f"methods-simulated-{Path(args.config).stem}-{H}x{W}")
+    return results
+
+
+def simulated_methods_table(args, cards, results, H, W):
+    """The markdown of ``simulate_methods``'s results: one table per card."""
+    import shlex
+    lines = [f"### Estimated peak CUDA memory of every method: {Path(args.config).name}, {W}x{H}", "",
+             "Simulated on a CPU (`scripts/benchmark.py methods --simulate`, `tools/simulation.py`): the real "
+             "`scripts/txt2img.py` run of each method (`ldm.pipelines.txt2img.run`, random weights) on fake CUDA "
+             "tensors, so that each method's own memory decisions (decoding plan, window batches, text encoders "
+             "off the GPU) are made for the simulated card, whose free memory is its size less the simulated "
+             "allocations. Live tensor bytes at the peak, weights included, attention as the fused kernels "
+             "allocate it: a lower bound of `torch.cuda.max_memory_allocated()` (no cuDNN workspaces, no allocator "
+             f"fragmentation). {args.steps} DDIM step(s) (per stage for the cascades), batch 1, the preset made for "
+             "this size where the method has one. *weights*: every model the run loads (the x4 upscaler's for "
+             "SD+SR); *when sampling starts*: what is on the GPU then (`--lowvram`: the text encoders are in host "
+             "memory); the phases: loading (a model built on its first use: the base model in the first method's "
+             "run, the x4 upscaler in SD+SR's), other (setting up, moving weights, resizing latents between cascade "
+             "stages), text encoders (prompt encoding), sampling (the sampler's runs), decoding (every VAE decode: the cascades' intermediate ones and the x4 "
+             "upscaler's too), upscaling (SD+SR's x4 sampling); *window batches*: windows per UNet call chosen "
+             "from the free memory (`ldm.memory.fitting_batch`, chosen of requested; the smallest of the run).", ""]
+    for gib, card_flags in cards:
+        rows = results[gib]
+        lines += [f"#### {gib:g} GiB card, flags `{' '.join(shlex.split(args.flags) + card_flags) or 'none'}`", "",
+                  "| method | preset | weights (GiB) | when sampling starts (GiB) | loading peak (GiB) | other peak "
+                  "(GiB) | text encoders peak (GiB) | sampling peak (GiB) | decoding peak (GiB) | upscaling peak (GiB) "
+                  f"| peak (GiB) | within {gib:g} GiB | window batches | decoding plan (largest latent) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            preset = Path(r["preset"]).name if r.get("preset") else "–"
+            if "error" in r:
+                what = r["error"] if r["error"].startswith("not simulated") else f"failed: {r['error']}"
+                lines.append(f"| {r['method']} | {preset} | {what} |" + " |" * 11)
+                continue
+            ph = r["phases"]
+            cell = (lambda k: f"{ph[k]:.2f}" if k in ph else "–")  # noqa: E731
+            batches = {}
+            for b in r["batches"]:
+                key = b["caller"].rsplit(".", 1)[-1]
+                if key not in batches or b["chosen"] / b["requested"] < batches[key][0] / batches[key][1]:
+                    batches[key] = (b["chosen"], b["requested"])
+            batch_text = ", ".join(f"{k}: {c} of {q}" for k, (c, q) in batches.items()) or "–"
+            plans = [p for p in r["plans"] if p["latent"]]
+            largest = max(plans, key=lambda p: p["latent"][0] * p["latent"][1]) if plans else None
+            plan_text = (f"{largest['latent'][1]}x{largest['latent'][0]} latent: {largest['plan']}"
+                         if largest and largest["plan"] else "–")
+            lines.append(f"| {r['method']} | {preset} | {r['weights_gib']:.2f} | "
+                         + (f"{r['resident_gib']:.2f}" if r["resident_gib"] is not None else "–")
+                         + f" | {cell('loading')} | {cell('other')} | {cell('text encoders')} | {cell('sampling')} | {cell('decoding')} | {cell('upscaling')} | "
+                         f"{r['peak_gib']:.2f} | {'yes' if r['fits'] else '**no**'} | {batch_text} | {plan_text} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1267,7 +1454,7 @@ def run_command(args):
     if args.cmd == "dispersion-layers":
         return dispersion_layers(args)
     if args.cmd == "methods":
-        return methods_table(args)
+        return simulate_methods(args) if args.simulate else methods_table(args)
     if args.cmd == "memory":
         return memory_table(args)
     if args.cmd == "rss":

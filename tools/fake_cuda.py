@@ -24,11 +24,12 @@ import weakref
 from contextlib import contextmanager
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["FakeCuda", "LiveCudaBytes", "cast_parameters_", "fused_attention", "unset_fake_temporarily"]
+__all__ = ["FakeCuda", "LiveCudaBytes", "KnownValues", "cast_parameters_", "fused_attention", "move_parameters_",
+           "unset_fake_temporarily"]
 
 ALLOCATOR_GRANULARITY = 512  # bytes: the CUDA caching allocator rounds every block up to this
 
@@ -74,6 +75,61 @@ class LiveCudaBytes(TorchDispatchMode):
         return out
 
 
+class KnownValues(TorchDispatchMode):
+    """The values of the small fake tensors that can be known: an operation whose tensor inputs all have known
+    values (real tensors, or fake ones recorded here) and whose result is small (at most ``limit`` elements) is
+    also computed on real CPU tensors, and that result is kept beside the fake one. Reading a scalar of such a
+    tensor (``float(t[0])``, ``int(t)``, ``.item()``) then gives the real number instead of the fake mode's
+    DataDependentOutputException. This covers what a method reads to decide what to do: the timestep of the
+    sampler's timestep batch (``torch.full((b,), t)``), random draws from a CPU generator (``torch.randint(...,
+    generator=g)``, which advance ``g`` as a real run does). An in-place operation forgets its inputs' values."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+
+    def __init__(self, limit=4096):
+        super().__init__()
+        self.limit = limit
+        self._values = {}  # id(fake tensor) -> real CPU tensor; a weakref finalizer removes the entry
+
+    def value(self, t):
+        """The real CPU tensor of ``t``'s values, or None where they are not known."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        if not is_fake(t):
+            return t
+        return self._values.get(id(t))
+
+    def _record(self, t, real):
+        key = id(t)
+        if key not in self._values:
+            weakref.finalize(t, self._values.pop, key, None)
+        self._values[key] = real
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.READS and self.value(args[0]) is not None:
+            with unset_fake_temporarily():
+                return func(self.value(args[0]))
+        out = func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        if func._schema.is_mutable:
+            for a in flat:
+                if isinstance(a, torch.Tensor):
+                    self._values.pop(id(a), None)
+            return out
+        if not isinstance(out, torch.Tensor) or out.numel() > self.limit or not is_fake(out):
+            return out
+        real = [self.value(a) if isinstance(a, torch.Tensor) else a for a in flat]
+        if any(r is None for r, a in zip(real, flat) if isinstance(a, torch.Tensor)):
+            return out
+        real = [torch.device("cpu") if isinstance(a, torch.device) else a for a in real]
+        with unset_fake_temporarily():
+            real_args, real_kwargs = tree_unflatten(real, spec)
+            real_out = func(*real_args, **real_kwargs)
+        self._record(out, real_out)
+        return out
+
+
 def cast_parameters_(module: torch.nn.Module, dtype: torch.dtype):
     """``module.to(dtype)`` for fake tensors (Module.to would try to swap tensors that fake mode holds
     weak references to): replaces floating-point parameters and buffers with converted ones."""
@@ -84,6 +140,19 @@ def cast_parameters_(module: torch.nn.Module, dtype: torch.dtype):
         for name, b in list(m._buffers.items()):
             if b is not None and b.is_floating_point():
                 m._buffers[name] = b.to(dtype)
+    return module
+
+
+def move_parameters_(module: torch.nn.Module, device):
+    """``module.to(device)`` for fake tensors (see ``cast_parameters_``): parameters and buffers replaced by copies
+    on ``device``."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(p.detach().to(device), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = b.to(device)
     return module
 
 

@@ -89,22 +89,26 @@ class ModelCache:
         st = path.stat()
         return str(path), st.st_size, st.st_mtime_ns
 
-    def key(self, config, ckpt, device=None, allow_unsafe=False, use_ema=True, config_name=None, trust=False):
+    def key(self, config, ckpt, device=None, allow_unsafe=False, use_ema=True, config_name=None, trust=False,
+            weights_dtype=None):
         if config_name and Path(config_name).is_file():
             config_key = self._file_key(config_name)
         else:
             from omegaconf import OmegaConf
             config_key = OmegaConf.to_yaml(config)
-        return (config_key, self._file_key(ckpt), str(device), bool(allow_unsafe), bool(use_ema), bool(trust))
+        return (config_key, self._file_key(ckpt), str(device), bool(allow_unsafe), bool(use_ema), bool(trust),
+                str(weights_dtype))
 
-    def load(self, config, ckpt, device=None, allow_unsafe=False, use_ema=True, config_name=None, trust=False):
-        key = self.key(config, ckpt, device, allow_unsafe, use_ema, config_name, trust)
+    def load(self, config, ckpt, device=None, allow_unsafe=False, use_ema=True, config_name=None, trust=False,
+             weights_dtype=None):
+        key = self.key(config, ckpt, device, allow_unsafe, use_ema, config_name, trust, weights_dtype)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
             model = self.load_fn(config, ckpt, device=device, allow_unsafe=allow_unsafe, use_ema=use_ema,
-                                 config_name=config_name, trust=trust)
+                                 config_name=config_name, trust=trust,
+                                 **({"weights_dtype": weights_dtype} if weights_dtype is not None else {}))
             self.loads += 1
             self._models[key] = model
             while len(self._models) > self.capacity:

@@ -103,10 +103,12 @@ class SDSR(GuidanceMethod):
         """Load the upscaler named by --sr_config/--sr_ckpt (the base model's tiled-decoding settings are used for
         the upscaler's VAE too, else automatic tiling)."""
         opt, device = self.opt, self.model.betas.device
+        half = opt.precision == "half" and device.type == "cuda"
         model = load_upscaler(opt.sr_config, opt.sr_ckpt, device=device, allow_unsafe=opt.unsafe_load,
                               use_ema=not opt.no_ema, trust=opt.trust_config, flag="--sr_config",
-                              ckpt_flag="--sr_ckpt", loader=self.loader)
-        if opt.precision == "half" and device.type == "cuda":
+                              ckpt_flag="--sr_ckpt", loader=self.loader,
+                              weights_dtype=getattr(torch, opt.autocast_dtype) if half else None)
+        if half:  # (a loader that ignores weights_dtype)
             cast_for_half_precision(model, getattr(torch, opt.autocast_dtype))
         up = upscaler_from_args(model, opt, opt.sr_scale, opt.negative_prompt,
                                 tiling=dict(self.tiling) if self.tiling else "auto", prefix="sr_")

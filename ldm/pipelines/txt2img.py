@@ -196,8 +196,17 @@ def size_conditioning(opt, settings):
     return original, opt.crop_coords_top_left or (0, 0), target or settings.size
 
 
+def half_weights(opt, device):
+    """The loader's ``weights_dtype`` for ``--precision half`` on CUDA (cast in host memory before the move, so the
+    GPU never holds the float32 weights), else nothing (loaders that do not take it keep working)."""
+    if opt.precision == "half" and torch.device(device).type == "cuda":
+        return {"weights_dtype": getattr(torch, opt.autocast_dtype)}
+    return {}
+
+
 def prepare_model(opt, model, device, settings):
-    """Model-family settings after loading: half-precision weights, SDXL's size conditioning (returned)."""
+    """Model-family settings after loading: half-precision weights (already cast by a loader that takes
+    ``weights_dtype``), SDXL's size conditioning (returned)."""
     if opt.precision == "half" and device.type == "cuda":
         from ldm.util import cast_for_half_precision
         cast_for_half_precision(model, getattr(torch, opt.autocast_dtype))
@@ -363,7 +372,7 @@ def load_run(opt, plan, device, loader, wrap_sampler=None):
     config_path, config, info, method_cls, settings = plan
     t0 = time.time()
     model = loader(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load, use_ema=not opt.no_ema,
-                   config_name=str(config_path), trust=opt.trust_config)
+                   config_name=str(config_path), trust=opt.trust_config, **half_weights(opt, device))
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
     apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
     conditioning = prepare_model(opt, model, device, settings)
@@ -386,9 +395,10 @@ def freeu_scope_of(model, freeu):
 
 
 def iter_images(opt, model, sampler, method, data, tiling, start_code, settings_meta, precision_scope, freeu_scope,
-                callback=None):
+                callback=None, to_image=to_pil):
     """The plain (not sweep) sampling loop: yields (PIL image, its PNG metadata, [PIL images of its earlier
-    stages]) per image, in order. ``callback(step)`` is called after every sampler step (raising stops the run)."""
+    stages]) per image, in order. ``callback(step)`` is called after every sampler step (raising stops the run);
+    ``to_image(x)`` turns one decoded (C, H, W) tensor in [-1, 1] into the PIL image (default ``to_pil``)."""
     with torch.no_grad(), precision_scope, freeu_scope, method.scope(), low_memory_of(opt, model, method):
         for n in tqdm(range(opt.n_iter), desc="Sampling", disable=opt.n_iter == 1):
             for batch_idx, batch_prompts in enumerate(tqdm(data, desc="data", disable=len(data) == 1)):
@@ -407,7 +417,7 @@ def iter_images(opt, model, sampler, method, data, tiling, start_code, settings_
                     meta = {"prompt": prompt, "seed": str(opt.seed),
                             "parameters": {**settings_meta, "iteration": n, "batch": batch_idx,
                                            "position_in_batch": j}}
-                    yield to_pil(img_t), meta, [to_pil(stage[j]) for stage in stage_images]
+                    yield to_image(img_t), meta, [to_image(stage[j]) for stage in stage_images]
 
 
 def low_memory_of(opt, model, method):
@@ -441,10 +451,12 @@ def generate(opt, loader=None, wrap_sampler=None, callback=None, plan=None):
                             freeu_scope_of(model, freeu), callback=callback))
 
 
-def run(opt, loader=None, wrap_sampler=None):
-    """The txt2img run of the options ``opt`` (``build_parser()``). Two seams for tools (the benchmark):
-    ``loader(config, ckpt, **kw)`` builds every model the run loads (default: ``load_model_from_config``), and
-    ``wrap_sampler(sampler)`` may wrap the sampler (e.g. to time its runs)."""
+def run(opt, loader=None, wrap_sampler=None, to_image=None):
+    """The txt2img run of the options ``opt`` (``build_parser()``). Three seams for tools (the benchmark):
+    ``loader(config, ckpt, **kw)`` builds every model the run loads (default: ``load_model_from_config``),
+    ``wrap_sampler(sampler)`` may wrap the sampler (e.g. to time its runs), and ``to_image(x)`` turns each decoded
+    (C, H, W) tensor in [-1, 1] into the PIL image that is written (default ``to_pil``; the benchmark's memory
+    simulation, whose tensors hold shapes only, gives a placeholder)."""
     loader = loader or load_model_from_config
     plan = plan_run(opt)
     config_path = plan[0]
@@ -487,7 +499,7 @@ def run(opt, loader=None, wrap_sampler=None):
     total = opt.n_iter * sum(len(b) for b in data)
     try:
         for img, meta, stages in iter_images(opt, model, sampler, method, data, tiling, start_code, settings_meta,
-                                               precision_scope, freeu_scope):
+                                               precision_scope, freeu_scope, to_image=to_image or to_pil):
             for k, stage in enumerate(stages, start=1):
                 save_png(stage, sample_path / f"{base_count:05}-stage{k}.png", {**meta, "stage": k})
             save_png(img, sample_path / f"{base_count:05}.png", meta)

@@ -405,7 +405,7 @@ def img2img_runs(opt, planned, loader=None, callback=None, wrap_sampler=None):
                                                 bytes_per_value=2 if use_autocast else 4), device)
     t0 = time.time()
     model = loader(config, opt.ckpt, device=device, allow_unsafe=opt.unsafe_load, use_ema=not opt.no_ema,
-                   config_name=str(config_path), trust=opt.trust_config)
+                   config_name=str(config_path), trust=opt.trust_config, **txt2img.half_weights(opt, device))
     print(f"Loaded {opt.ckpt} with {config_path} in {time.time() - t0:.1f}s on {device}")
     apply_loras(model, getattr(opt, "lora", None), allow_unsafe=opt.unsafe_load)  # before any method
     sampler = samplers.from_options(opt, model, plans[0]["settings"].sampler)
