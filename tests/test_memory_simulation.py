@@ -3,6 +3,8 @@
 what the run must hold whatever the code decides (the weights from the configs' parameter counts and the casting
 rule, the text encoders off the GPU with --lowvram, the image size) and against its own measurements under two
 cards (a smaller card gives fewer windows per UNet call, a smaller measured sampling peak and a tiled decode)."""
+import os
+
 import torch
 from omegaconf import OmegaConf
 
@@ -35,7 +37,20 @@ def expected_weights(config_path):
 
 
 def simulate(*args):
-    return load_script("benchmark").main(["methods", "--simulate", "--config", str(TINY), "--steps", "1", *args])
+    """The simulation in a process of its own: fake CUDA mode leaves process state behind (the runs after it in the
+    same process sampled other images: seen in tests/test_pinned_outputs.py), so it never runs in the test's."""
+    import json
+    import subprocess
+    import sys
+    code = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from conftest import load_script; "
+            "res = load_script('benchmark').main(sys.argv[3:]); "
+            "print('SIMULATION ' + json.dumps({repr(k): v for k, v in res.items()}))")
+    argv = ["methods", "--simulate", "--config", str(TINY), "--steps", "1", *args]
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "tests"), str(REPO), *argv], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("SIMULATION ")][-1]
+    return {float(k): v for k, v in json.loads(line[len("SIMULATION "):]).items()}
 
 
 def test_every_method_within_a_small_card_with_lowvram():
