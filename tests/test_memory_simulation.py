@@ -37,8 +37,9 @@ def expected_weights(config_path):
 
 
 def simulate(*args):
-    """The simulation in a process of its own: fake CUDA mode leaves process state behind (the runs after it in the
-    same process sampled other images: seen in tests/test_pinned_outputs.py), so it never runs in the test's."""
+    """The simulation in a process of its own: fake CUDA mode leaves process state behind (random checkpoints made
+    after it in the same process get other weights, so tests/test_pinned_outputs.py's images differed; loading,
+    encoding and sampling a given checkpoint are unaffected), so it never runs in the test's process."""
     import json
     import subprocess
     import sys
