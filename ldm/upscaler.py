@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.upscaling import AUTO_TILING_LATENT_PIXELS, UPSCALER_CONFIG, UPSCALER_TARGET  # noqa: F401
-from ldm.samplers import SAMPLERS, SPACING_CHOICES, make_sampler, sampler_class
+from ldm.samplers import SAMPLERS, SPACING_CHOICES, make_sampler, takes_eta
 from ldm.windows import MultiDiffusionGuidance
 
 
@@ -66,7 +66,7 @@ class Upscaler:
         self.model = model
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-        noisy = sampler == "ddim" or sampler_class(sampler).stochastic
+        noisy = takes_eta(sampler)
         if eta is None:
             eta = 0.0 if sampler == "ddim" or not noisy else 1.0
         elif not noisy and eta:
@@ -124,7 +124,7 @@ class Upscaler:
 
     def make_sampler(self):
         options = {} if self.spacing is None else {"spacing": self.spacing}
-        if self.sampler == "ddim" or sampler_class(self.sampler).stochastic:
+        if takes_eta(self.sampler):
             options["eta"] = self.eta
         return make_sampler(self.sampler, self.model, **options)
 
@@ -268,7 +268,7 @@ def check_args(opt, prefix=""):
     name, eta, spacing = get("sampler"), get("eta"), get("spacing")
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise UsageError(f"--{prefix}eta {eta} is outside [0, 1] (0: deterministic DDIM, or no ancestral noise)")
-    if eta and name != "ddim" and not sampler_class(name).stochastic:
+    if eta and not takes_eta(name):
         raise UsageError(f"--{prefix}eta {eta:g}: --{prefix}sampler {name} draws no noise; the noise is for ddim, "
                          "euler_a and dpmpp_2m_sde")
     if spacing is not None and name == "ddim":

@@ -28,7 +28,7 @@ from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.evaluation.repetition import count_objects  # noqa: E402
 from ldm.inference import (UsageError, check_seed, finite_float, pick_device, save_png, seed_arg,  # noqa: E402
                            unit_float)
-from ldm.samplers import add_args as add_sampler_args, options_of, sampler_class  # noqa: E402
+from ldm.samplers import add_args as add_sampler_args, options_of, sampler_class, takes_eta  # noqa: E402
 from ldm.pipelines.demo import (DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_CAPTIONS, ETA, SCALE, SETTINGS, STEPS,  # noqa: E402
                                 comparison_grid, load_demo_model, sample_images)
 
@@ -40,7 +40,7 @@ def run(opt):
     # draw their full noise unless --eta says otherwise
     sampler, sampler_options = options_of(argparse.Namespace(**{**vars(opt), "ddim_eta": opt.ddim_eta or 0.0}))
     eta = sampler_options.get("eta", (ETA if opt.ddim_eta is None else opt.ddim_eta) if sampler == "ddim" else 1.0)
-    stochastic = sampler == "ddim" or sampler_class(sampler).stochastic
+    stochastic = takes_eta(sampler)
     sampler_label = "DDIM" if sampler == "ddim" else sampler_class(sampler).label
     torch.set_num_threads(opt.threads)
     device = pick_device(opt.device)

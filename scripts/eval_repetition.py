@@ -37,7 +37,7 @@ from ldm import reports  # noqa: E402
 from ldm.evaluation import shape_features  # noqa: E402
 from ldm.evaluation.metrics import fid_from_features  # noqa: E402
 from ldm.pipelines import demo  # noqa: E402  (model loading, sampling, grid)
-from ldm.samplers import SAMPLERS, sampler_class  # noqa: E402
+from ldm.samplers import SAMPLERS, takes_eta  # noqa: E402
 from ldm.data.shapes import CAPTIONS  # noqa: E402
 from ldm.evaluation import repetition  # noqa: E402
 from ldm.inference import finite_float, nonneg_float, pick_device, seed_arg  # noqa: E402
@@ -175,7 +175,7 @@ def main(argv=None):
         p.error("--write-docs writes the committed docs/ files: give it without --out, --grid and --no_docs")
     opt.out = opt.out or (DOCS_OUT if opt.write_docs else DEFAULT_OUT)
     sampler_title = "DDIM" if opt.sampler == "ddim" else f"`{opt.sampler}`"
-    eta_used = opt.ddim_eta if opt.sampler == "ddim" or sampler_class(opt.sampler).stochastic else 0.0
+    eta_used = opt.ddim_eta if takes_eta(opt.sampler) else 0.0
     opt.grid = opt.grid or (DOCS_GRID if opt.write_docs else DEFAULT_GRID)
 
     torch.set_num_threads(opt.threads)

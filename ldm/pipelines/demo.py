@@ -14,7 +14,7 @@ from ldm.checkpoint import load_model_from_config
 from ldm.inference import UsageError
 from ldm import methods
 from ldm.pipelines import txt2img
-from ldm.samplers import make_sampler, sampler_class
+from ldm.samplers import make_sampler, sampler_class, takes_eta
 from ldm.util import load_config_file, missing_file_reason, read_yaml_mapping
 
 DEFAULT_CONFIG = "configs/demo/shapes32.yaml"
@@ -125,7 +125,7 @@ def sample_images(model, captions, seeds, side, preset=None, steps=STEPS, eta=ET
     first_side = method.sample_shape()[-1]  # a cascade starts at the base size
     name = sampler
     options = {} if spacing is None else {"spacing": spacing}
-    if name == "ddim" or sampler_class(name).stochastic:
+    if takes_eta(name):
         options["eta"] = eta
     sampler = make_sampler(name, model, **options)
     out = []

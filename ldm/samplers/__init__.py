@@ -24,6 +24,12 @@ def sampler_class(name):
     return getattr(importlib.import_module(module), cls)
 
 
+def takes_eta(name):
+    """Whether the sampler ``name`` draws noise scaled by an eta: DDIM (its eta) and the stochastic samplers
+    (euler_a, dpmpp_2m_sde: the ancestral/SDE noise)."""
+    return name == "ddim" or sampler_class(name).stochastic
+
+
 def make_sampler(name, model, **options):
     return sampler_class(name)(model, **options)
 

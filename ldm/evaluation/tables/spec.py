@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ldm.samplers import SAMPLERS as SAMPLER_NAMES, sampler_class
+from ldm.samplers import SAMPLERS as SAMPLER_NAMES, sampler_class, takes_eta
 
 from .. import shape_features
 
@@ -748,7 +748,7 @@ def check_spec(spec: Spec, methods: Sequence[str], option_check: Optional[Callab
                                     f"{preset['negative_prompt']!r}; the row samples with the table's "
                                     f"{sampler['negative_prompt']!r}")
             # eta means nothing to a sampler that draws no noise (the table's eta is then 0 by rule)
-            stochastic = "name" not in sampler or sampler_class(sampler["name"]).stochastic  # DDIM: eta is its own
+            stochastic = takes_eta(sampler.get("name", "ddim"))
             for key in ("scale", "eta") if stochastic else ("scale",):
                 if preset.get(key) is not None and float(preset[key]) != float(sampler[key]) and is_selected:
                     warnings_out.append(f"{w}: preset {row.preset} was released with {key} {preset[key]}; the row "
